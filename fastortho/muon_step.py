@@ -1,0 +1,299 @@
+r"""Fused element-wise parts of a Muon step, over lists of tensors.
+
+A Muon step is ``momentum -> Newton-Schulz -> scaled update``. The two element-wise ends are pure
+memory traffic, so they are fused into one pass each over a whole parameter list:
+
+``muon_momentum_`` (before NS), per tensor :math:`i`, element-wise in fp32 (``g``: grad, ``B``: buffer,
+:math:`\beta`: momentum):
+
+=================  ===============================================  =========================================
+convention         buffer update                                    NS input :math:`u` (nesterov / not)
+=================  ===============================================  =========================================
+``"ema"``          :math:`B \leftarrow \beta B + (1-\beta) g`        :math:`u = (1-\beta) g + \beta B` / :math:`u = B`
+                   torch: ``B.lerp_(g, 1-β)``                        torch: ``g.lerp(B, β)``
+``"sum"``          :math:`B \leftarrow \beta B + g`                  :math:`u = g + \beta B` / :math:`u = B`
+                   torch: ``B.mul_(β).add_(g)``                      torch: ``g.add(B, alpha=β)``
+=================  ===============================================  =========================================
+
+Who uses which (the formulas above are exactly theirs, operation for operation):
+
+* ``"ema"``: ``torch.optim.Muon`` (``buf.lerp_(grad, 1 - momentum)``; ``grad.lerp(buf, momentum)``) and
+  KellerJordan/Muon (same, but it overwrites ``grad`` in place for the Nesterov blend: we never write
+  the grad). ``lerp`` is evaluated as torch does: for weight :math:`w`,
+  ``fma(w, e - s, s)`` if :math:`|w| < 0.5` else ``fma(w - 1, e - s, e)``.
+* ``"sum"``: Moonlight (``buf.mul_(momentum).add_(g)``; ``g.add(buf, alpha=momentum)``, i.e.
+  ``fma(β, B, g)``) and microsoft/dion (``_foreach_mul_(M, mu); _foreach_add_(M, G)``, then
+  ``U = M*mu; U += G``). dion's Nesterov rounds ``β·B`` before the add; we follow Moonlight's single
+  rounding, so dion's and ours differ by at most half an ulp of ``β·B`` per element.
+
+``muon_apply_`` (after NS), per tensor: :math:`p \leftarrow p\,(1 - \eta\lambda) - \eta\, s_i\, O_i`, in fp32
+and rounded once to ``p``'s dtype (torch.optim.Muon rounds twice for bf16 params:
+``p.mul_(1-lr*wd); p.add_(O, alpha=-lr*s)``; in fp32 the two agree bit for bit).
+
+Backends: ``"c"`` is ``torch.ops.fastortho`` from the compiled ``fastortho._C`` (one launch over a whole
+list; CPU and CUDA kernels share their per-element math); ``"foreach"`` is plain PyTorch ``_foreach``
+ops, the reference and the fallback; ``"auto"`` takes ``"c"`` when it has a kernel for the device.
+Both backends give bit-identical fp32 buffers and NS inputs (see ``tests/test_csrc.py`` for the
+cases where they do not, and the bounds there).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastortho import _C_loader
+
+__all__ = ["muon_momentum_", "muon_apply_"]
+
+Backend = Literal["auto", "c", "foreach"]
+
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BUF_DTYPES = (torch.float32, torch.bfloat16)
+_OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_UPDATE_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _check_lists(
+    name_a: str, a: Sequence[Tensor], name_b: str, b: Sequence[Tensor],
+    dtypes_a: tuple[torch.dtype, ...], dtypes_b: tuple[torch.dtype, ...],
+) -> torch.device | None:
+    """Validate two parallel tensor lists; return their common device (None for empty lists)."""
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}")
+    device = None
+    for i, (x, y) in enumerate(zip(a, b)):
+        for name, t, ok in ((name_a, x, dtypes_a), (name_b, y, dtypes_b)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{i}] must be a Tensor, got {type(t).__name__}")
+            if t.layout != torch.strided:
+                raise ValueError(f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors are supported")
+            if t.dtype not in ok:
+                raise TypeError(f"{name}[{i}] has dtype {t.dtype}; supported: {', '.join(map(str, ok))}")
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"{name}[{i}] is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
+                    "pass t.contiguous() (the kernels walk memory linearly)"
+                )
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device} but the first tensor is on {device}; "
+                                 "all tensors of one call must share a device")
+        if x.shape != y.shape:
+            raise ValueError(f"{name_a}[{i}] has shape {tuple(x.shape)} but {name_b}[{i}] has {tuple(y.shape)}")
+    return device
+
+
+def _pick_backend(backend: str, device: torch.device | None) -> str:
+    if backend not in ("auto", "c", "foreach"):
+        raise ValueError(f"backend must be 'auto', 'c' or 'foreach', got {backend!r}")
+    if device is None or backend == "foreach":
+        return "foreach"
+    if backend == "c":
+        _C_loader.require_c(device.type)
+        return "c"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    ok = key is not None and all(_C_loader.has_kernel(op, key) for op in _C_loader.OPS)
+    return "c" if ok else "foreach"
+
+
+def _groups(*lists: Sequence[Tensor]) -> dict[tuple[torch.dtype, ...], list[int]]:
+    """Indices grouped by the dtypes of the i-th tensor of each list (one C launch per group)."""
+    out: dict[tuple[torch.dtype, ...], list[int]] = {}
+    for i in range(len(lists[0])):
+        out.setdefault(tuple(lst[i].dtype for lst in lists), []).append(i)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# momentum
+# ----------------------------------------------------------------------------------------------
+def muon_momentum_(
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+    convention: Literal["ema", "sum"] = "ema",
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: Backend = "auto",
+) -> tuple[list[Tensor], Tensor]:
+    r"""Update momentum buffers in place and form the Newton-Schulz inputs, in one pass.
+
+    Per tensor :math:`i` and element, in fp32 (:math:`\beta` = ``momentum``, ``g`` read in its dtype and
+    widened, ``B`` the buffer):
+
+    * ``convention="ema"``: :math:`B \leftarrow \beta B + (1-\beta) g` (``B.lerp_(g, 1-β)``);
+      ``u = g.lerp(B, β)`` :math:`= (1-\beta) g + \beta B` if ``nesterov`` else :math:`u = B`.
+    * ``convention="sum"``: :math:`B \leftarrow \beta B + g` (``B.mul_(β).add_(g)``, two roundings);
+      ``u = g.add(B, alpha=β)`` :math:`= g + \beta B` (one fma) if ``nesterov`` else :math:`u = B`.
+
+    The Nesterov blend uses the fp32 value of the new buffer before it is rounded to a bf16 buffer.
+
+    Args:
+        grads: gradients (fp32/bf16/fp16, contiguous). Never written.
+        bufs: momentum buffers, same shapes (fp32 or bf16; a bf16 buffer is updated in fp32 and
+            rounded once). Updated in place.
+        momentum: :math:`\beta`.
+        nesterov: use the Nesterov blend as the NS input.
+        convention: ``"ema"`` (torch.optim.Muon, KellerJordan) or ``"sum"`` (Moonlight, dion).
+        out_dtype: dtype of the returned NS inputs (bf16, fp32 or fp16).
+        backend: ``"c"`` (compiled kernels), ``"foreach"`` (pure torch) or ``"auto"``.
+
+    Returns:
+        ``(ns_inputs, sumsq)``: ``ns_inputs[i]`` is :math:`u_i` rounded to ``out_dtype`` (a new tensor,
+        never aliasing a buffer); ``sumsq`` is an fp32 tensor of shape ``(len(grads),)`` on the grads'
+        device with :math:`\sum u_i^2` computed from the fp32 :math:`u_i` **before** rounding to
+        ``out_dtype``, for the Frobenius normalization :math:`\|u_i\|_F = \sqrt{\text{sumsq}_i}`. A
+        NaN/Inf anywhere in :math:`u_i` makes ``sumsq[i]`` non-finite: that is the health check,
+        with no extra pass. The reduction order differs between backends (relative differences of
+        a few fp32 ulps).
+    """
+    if convention not in ("ema", "sum"):
+        raise ValueError(f"convention must be 'ema' or 'sum', got {convention!r}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    momentum = float(momentum)
+    nesterov = bool(nesterov)
+    device = _check_lists("grads", grads, "bufs", bufs, _GRAD_DTYPES, _BUF_DTYPES)
+    be = _pick_backend(backend, device)
+    if device is None:
+        return [], torch.zeros(0, dtype=torch.float32)
+    outs = [torch.empty(g.shape, dtype=out_dtype, device=device) for g in grads]
+    sumsq = torch.empty(len(grads), dtype=torch.float32, device=device)
+    if be == "c":
+        op = torch.ops.fastortho.muon_momentum_
+        groups = _groups(grads, bufs)
+        if len(groups) == 1:
+            op(list(grads), list(bufs), outs, sumsq, momentum, nesterov, convention == "ema")
+        else:
+            for idx in groups.values():
+                part = torch.empty(len(idx), dtype=torch.float32, device=device)
+                op([grads[i] for i in idx], [bufs[i] for i in idx], [outs[i] for i in idx], part,
+                   momentum, nesterov, convention == "ema")
+                sumsq[idx] = part
+        return outs, sumsq
+    _momentum_foreach(list(grads), list(bufs), outs, sumsq, momentum, nesterov, convention)
+    return outs, sumsq
+
+
+def _momentum_foreach(grads, bufs, outs, sumsq, momentum, nesterov, convention) -> None:
+    """Reference: the peers' own torch formulas on fp32 copies (fp32 tensors are used as they are)."""
+    g32 = [g.float() for g in grads]  # .float() of an fp32 tensor is the tensor itself: never written
+    b32 = [b if b.dtype == torch.float32 else b.float() for b in bufs]
+    if convention == "ema":
+        torch._foreach_lerp_(b32, g32, 1.0 - momentum)
+        u32 = torch._foreach_lerp(g32, b32, momentum) if nesterov else b32
+    else:
+        torch._foreach_mul_(b32, momentum)
+        torch._foreach_add_(b32, g32)
+        u32 = torch._foreach_add(g32, b32, alpha=momentum) if nesterov else b32
+    # sum of squares of the fp32 u, before rounding to out_dtype
+    norms = torch._foreach_norm(u32, 2)
+    sumsq.copy_(torch.stack(norms).square_())
+    for b, b_new in zip(bufs, b32):
+        if b is not b_new:
+            b.copy_(b_new)
+    torch._foreach_copy_(outs, u32)
+
+
+# ----------------------------------------------------------------------------------------------
+# apply
+# ----------------------------------------------------------------------------------------------
+def muon_apply_(
+    params: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
+    scales: Sequence[float] | Tensor,
+    backend: Backend = "auto",
+) -> None:
+    r"""Decoupled weight decay and the scaled orthogonalized update, in one pass.
+
+    Per tensor :math:`i`: :math:`p_i \leftarrow p_i (1 - \eta\lambda) - \eta s_i O_i`, computed in fp32 as
+    ``fma(-a_i, O, p * d)`` with :math:`d = 1 - \eta\lambda` and :math:`a_i = \eta s_i`, rounded once to
+    ``p``'s dtype.
+
+    Scalars: when ``lr``, ``weight_decay`` and ``scales`` are Python numbers, :math:`d` and :math:`a_i`
+    are computed in float64 and rounded to fp32 (exactly what ``p.mul_(1 - lr*wd)`` and
+    ``p.add_(O, alpha=-lr*s)`` do, so fp32 params match torch.optim.Muon bit for bit). When any of
+    them is a tensor (0-dim ``lr``/``weight_decay``, or ``scales`` of shape ``(n,)``), they are read
+    on the device, with no host sync (CUDA-graph friendly), and :math:`d`, :math:`a_i` are computed in
+    fp32.
+
+    Args:
+        params: parameters (fp32/bf16/fp16, contiguous), updated in place.
+        updates: orthogonalized updates :math:`O_i` (bf16/fp32/fp16), same shapes. Not written.
+        lr: :math:`\eta`, a number or a 0-dim tensor.
+        weight_decay: :math:`\lambda`, a number or a 0-dim tensor.
+        scales: :math:`s_i`, one per tensor (e.g. :math:`\sqrt{\max(1, m/n)}`), a sequence of numbers
+            or a 1-D tensor.
+        backend: ``"c"``, ``"foreach"`` or ``"auto"``.
+    """
+    device = _check_lists("params", params, "updates", updates, _PARAM_DTYPES, _UPDATE_DTYPES)
+    n = len(params)
+    if isinstance(scales, Tensor):
+        if scales.shape != (n,):
+            raise ValueError(f"scales must have shape ({n},), got {tuple(scales.shape)}")
+    elif len(scales) != n:
+        raise ValueError(f"scales has {len(scales)} entries for {n} tensors")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(v, Tensor) and v.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+    be = _pick_backend(backend, device)
+    if n == 0:
+        return
+    tensor_scalars = any(isinstance(v, Tensor) for v in (lr, weight_decay, scales))
+
+    def dev_f32(v):
+        return v.to(device=device, dtype=torch.float32) if isinstance(v, Tensor) else v
+
+    if be == "c":
+        op = torch.ops.fastortho.muon_apply_
+        lr_t = dev_f32(lr).reshape(()) if isinstance(lr, Tensor) else None
+        wd_t = dev_f32(weight_decay).reshape(()) if isinstance(weight_decay, Tensor) else None
+        sc_t = dev_f32(scales) if isinstance(scales, Tensor) else None
+        lr_f = 0.0 if lr_t is not None else float(lr)
+        wd_f = 0.0 if wd_t is not None else float(weight_decay)
+        sc_list = [] if sc_t is not None else [float(s) for s in scales]
+        for idx in _groups(params, updates).values():
+            sub_sc_t = sc_t[idx] if (sc_t is not None and len(idx) != n) else sc_t
+            op([params[i] for i in idx], [updates[i] for i in idx], lr_f, wd_f,
+               [sc_list[i] for i in idx] if sc_t is None else [], lr_t, wd_t, sub_sc_t)
+        return
+    _apply_foreach(list(params), list(updates), lr, weight_decay, scales, tensor_scalars, dev_f32)
+
+
+def _apply_foreach(params, updates, lr, weight_decay, scales, tensor_scalars, dev_f32) -> None:
+    """Reference: ``p.mul_(d); p.add_(O, alpha=-a)`` on fp32 copies, one rounding to p's dtype."""
+    p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+    o32 = [o.float() for o in updates]
+    if not tensor_scalars:
+        d = 1.0 - float(lr) * float(weight_decay)
+        torch._foreach_mul_(p32, d)
+        for p, o, s in zip(p32, o32, scales):
+            p.add_(o, alpha=-(float(lr) * float(s)))  # fma(O, -a, p*d), as torch.optim.Muon
+    else:
+        lr_t = dev_f32(lr) if isinstance(lr, Tensor) else np.float32(lr)
+        wd_t = dev_f32(weight_decay) if isinstance(weight_decay, Tensor) else np.float32(weight_decay)
+        lr_t = torch.as_tensor(lr_t, dtype=torch.float32, device=p32[0].device).reshape(())
+        wd_t = torch.as_tensor(wd_t, dtype=torch.float32, device=p32[0].device).reshape(())
+        d = 1.0 - lr_t * wd_t  # fp32, like the kernel
+        sc = dev_f32(scales) if isinstance(scales, Tensor) else torch.tensor(
+            [float(s) for s in scales], dtype=torch.float32, device=p32[0].device)
+        neg_a = (lr_t * sc).neg_()  # a_i = lr * s_i in fp32
+        torch._foreach_mul_(p32, d)
+        # one rounding of a*O before the add (the kernel fuses it): see the bound in tests/test_csrc.py
+        torch._foreach_add_(p32, torch._foreach_mul(o32, list(neg_a.unbind(0))))
+    for p, p_new in zip(params, p32):
+        if p is not p_new:
+            p.copy_(p_new)
