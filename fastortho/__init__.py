@@ -1,0 +1,39 @@
+"""fastortho: fast, exact matrix orthogonalization for PyTorch.
+
+``newton_schulz(G)`` approximates the polar factor U Vᵀ of G = U S Vᵀ (Muon's update direction);
+``polar(G)`` computes it accurately (Higham's scaled Newton iteration, or float64 SVD).
+
+Importing this package needs only torch: Triton kernels and the ``fastortho._C`` extension are
+optional, and a missing backend raises a clear error only when it is asked for.
+"""
+from __future__ import annotations
+
+import functools
+
+from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_schedule
+from .orthogonalize import newton_schulz, polar
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "newton_schulz",
+    "polar",
+    "reference",
+    "Schedule",
+    "SCHEDULES",
+    "get_schedule",
+    "polar_express_schedule",
+    "ns_triton_available",
+]
+
+
+@functools.cache
+def ns_triton_available() -> bool:
+    """True when the Triton Newton–Schulz kernels can be imported (Triton installed)."""
+    try:
+        from . import ns_triton  # noqa: F401
+        from .kernels import HAS_TRITON
+    except ImportError:
+        return False
+    return HAS_TRITON
