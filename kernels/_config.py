@@ -1,0 +1,91 @@
+"""Tile configurations of the Newton–Schulz kernels: a small table, no autotune stall.
+
+Two kernels need a config (``kernels/newton_schulz.py``):
+
+* ``sym``: C = α·P·Sᵀ + β·Y on a k×k output, square BLOCK_M×BLOCK_M tiles (mirroring needs
+  square tiles), reduction over the long side L in steps of BLOCK_K;
+* ``apply``: X' = Q·X + a·X on a k×L output, BLOCK_M×BLOCK_N tiles, reduction over k.
+
+The table is keyed on (k, L, storage dtype, arch) and never on the batch size: a matrix must see
+the same tiles alone or inside any batch (batch invariance, checked with ``torch.equal``).
+The opt-in autotuner (``FASTORTHO_TRITON_AUTOTUNE=1``) searches the same list, pruned of configs
+whose shared-memory footprint exceeds the device.
+
+Footprint model: a pipelined ``tl.dot`` keeps ``num_stages`` copies of both operand tiles in
+shared memory, ``stages · (BM·BK + BN·BK) · bytes``; Triton may reuse that space for the epilogue,
+so this is the number the AOT check (``tests/test_kernels_compile.py``) compares with
+``metadata.shared`` and the device limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Per-block shared-memory limits (opt-in maximum) in bytes.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+    def smem_bytes(self, elem_bytes: int) -> int:
+        """Estimated shared memory of the operand pipeline (see module docstring)."""
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * elem_bytes
+
+    def fits(self, arch: int, elem_bytes: int) -> bool:
+        return self.smem_bytes(elem_bytes) <= SMEM_LIMIT.get(arch, 99 * 1024)
+
+
+# Candidate lists (the autotune space). Sym configs have block_n == block_m.
+SYM_CONFIGS: tuple[Config, ...] = (
+    Config(64, 64, 64, 4, 4),
+    Config(64, 64, 128, 4, 3),
+    Config(128, 128, 32, 8, 4),
+    Config(128, 128, 64, 8, 3),
+    Config(128, 128, 64, 8, 4),
+    Config(256, 256, 32, 8, 3),   # too big in registers for 8 warps: kept to show pruning/spills
+)
+APPLY_CONFIGS: tuple[Config, ...] = (
+    Config(64, 64, 64, 4, 4),
+    Config(64, 128, 64, 4, 4),
+    Config(128, 128, 32, 8, 4),
+    Config(128, 128, 64, 8, 3),
+    Config(128, 256, 64, 8, 3),
+    Config(128, 256, 64, 8, 4),
+)
+
+# Under the interpreter every program is numpy work: small tiles keep tests at interpreter sizes
+# (48×80) exercising several tiles, the triangle mapping and the masks.
+INTERPRET_SYM = Config(16, 16, 16, 1, 1)
+INTERPRET_APPLY = Config(16, 32, 16, 1, 1, group_m=2)
+
+
+def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Config:
+    """Table lookup for C = α·P·Sᵀ + β·Y, P, S of logical shape k×L."""
+    if interpret:
+        return INTERPRET_SYM
+    # Small outputs: 64-tiles keep enough programs in flight (a 512² output is 36 triangle tiles
+    # of 64 but only 10 of 128) and waste less work on diagonal tiles (factor (T+1)/(2T)).
+    if k <= 1024:
+        cfg = SYM_CONFIGS[1] if L >= 2 * k else SYM_CONFIGS[0]
+    else:
+        cfg = SYM_CONFIGS[3]
+    return cfg if cfg.fits(arch, elem_bytes) else SYM_CONFIGS[0]
+
+
+def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Config:
+    """Table lookup for X' = Q·X + a·X, Q k×k, X k×L."""
+    if interpret:
+        return INTERPRET_APPLY
+    if k * L <= 1024 * 1024:
+        cfg = APPLY_CONFIGS[1]
+    elif arch >= 90:
+        cfg = APPLY_CONFIGS[4]
+    else:
+        cfg = APPLY_CONFIGS[3]
+    return cfg if cfg.fits(arch, elem_bytes) else APPLY_CONFIGS[0]

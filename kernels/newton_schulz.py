@@ -1,0 +1,243 @@
+"""Triton kernels for one quintic Newton–Schulz step in bf16 storage with fp32 accumulation.
+
+For X of logical shape k×L (k ≤ L, the short side first) one step with coefficients (a, b, c) is
+
+    A = X Xᵀ,   B = b·A + c·A²,   X ← a·X + B·X.
+
+Two kernels cover it (and the Gram-space iteration in ``kernels/ns_gram.py``):
+
+* ``_sym_mm_kernel``: C = α·(P·Sᵀ) + β·Y for k×k outputs that are symmetric in exact arithmetic
+  (P = S = X gives A; P = S = Y = A gives B; in Gram space P·S are commuting polynomials in R).
+  Only tiles on or above the diagonal are computed; each is stored twice (mirrored), so the
+  output is exactly symmetric and costs (T+1)/(2T) of a full product for T tiles per side.
+* ``_apply_kernel``: X' = Q·X + a·X with the a·X term added to the fp32 accumulator.
+
+Both epilogues form the linear combination in fp32 and round once to the storage dtype: that is
+what makes bf16 NS about 3× more accurate than eager PyTorch, which rounds b·A, c·A², their sum,
+a·X, B·X and the final sum separately (``shared/research/anchors-performance.md`` §3.3).
+
+Tall inputs need no transposed copy: every operand is addressed through (batch, row, col) strides,
+so the XᵀX variant is the same kernel called with the strides of Gᵀ. Triton specializes strides
+equal to 1, so both orientations compile to contiguous loads along the memory-contiguous axis.
+
+The first step may read the caller's tensor G directly (any float dtype, any strides) with a
+per-matrix scale s: operand tiles are loaded as round_c(s·G), reproducing X₀ = round(G/ν) without
+materializing it; with ``ROUND_DTYPE = float32`` (``fp32_first_gram``) the bf16 input-rounding
+floor disappears for the first Gram product.
+
+Batching: programs are numbered batch-major over a 1-D grid (no 65 535 limit on the batch), with
+int64 offsets, so a matrix is computed by the same programs, tiles and reduction order whatever
+the batch: outputs are bit-identical alone or inside any batch.
+
+Dot operands are cast to ``DOT_DTYPE``: the storage dtype on a GPU, float32 under the Triton
+interpreter, whose ``tl.dot`` on bf16 multiplies raw bits (triton issue #11584). The loaded
+values are already rounded to storage precision, so the interpreter sees the same rounding model.
+"""
+from __future__ import annotations
+
+
+from . import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["HAS_TRITON", "_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel"]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _triangle_tile(t):
+        """Map t ∈ [0, T(T+1)/2) to the upper-triangle tile (i, j), i ≤ j, column by column:
+        j = ⌊(√(8t+1) − 1)/2⌋, i = t − j(j+1)/2. The float estimate is corrected by ±1."""
+        j = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)
+        j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
+        i = t - j * (j + 1) // 2
+        return i, j
+
+    @triton.jit
+    def _sym_mm_kernel(
+        # pointers: P, S operands (logical k×L), Y addend and C output (k×k), per-matrix scale
+        P, S, Y, C, SCALE,
+        # sizes: k (output side), L (reduction length), number of triangle tiles per matrix
+        K_OUT, L, N_TRI,
+        # strides (batch, row, col)
+        sp_b, sp_r, sp_c,
+        ss_b, ss_r, ss_c,
+        sy_b, sy_r, sy_c,
+        sc_b, sc_r, sc_c,
+        # epilogue coefficients: C = alpha·P·Sᵀ + beta·Y
+        alpha, beta,
+        # meta-parameters
+        HAS_SCALE: tl.constexpr,    # operands are loaded as round(SCALE[b]·P)
+        HAS_Y: tl.constexpr,
+        ROUND_DTYPE: tl.constexpr,  # storage precision the operands are rounded to after scaling
+        DOT_DTYPE: tl.constexpr,    # tl.dot operand dtype (fp32 under the interpreter)
+        INPUT_PRECISION: tl.constexpr,
+        OUT_ROUND: tl.constexpr,    # dtype the result is rounded to before the store
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """C[b] = α·P[b]·S[b]ᵀ + β·Y[b] on the upper-triangle tiles, mirrored on store.
+
+        Valid when the exact result is symmetric (P = S, or P, S commuting symmetric matrices and
+        Y symmetric). Accumulation in fp32; α·acc + β·Y formed in fp32 and rounded once."""
+        pid = tl.program_id(0)
+        pid_b = (pid // N_TRI).to(tl.int64)
+        ti, tj = _triangle_tile(pid % N_TRI)
+        rows = ti.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tj.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok = rows < K_OUT
+        col_ok = cols < K_OUT
+
+        p_ptrs = P + pid_b * sp_b + rows[:, None] * sp_r + ks[None, :] * sp_c
+        s_ptrs = S + pid_b * ss_b + cols[None, :] * ss_r + ks[:, None] * ss_c   # Sᵀ tile: BK×BM
+        if HAS_SCALE:
+            s = tl.load(SCALE + pid_b)
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, L, BLOCK_K):
+            k_ok = (k0 + ks) < L
+            p = tl.load(p_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            q = tl.load(s_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_SCALE:
+                p = p.to(tl.float32) * s
+                q = q.to(tl.float32) * s
+            p = p.to(ROUND_DTYPE).to(DOT_DTYPE)
+            q = q.to(ROUND_DTYPE).to(DOT_DTYPE)
+            acc = tl.dot(p, q, acc, input_precision=INPUT_PRECISION)
+            p_ptrs += BLOCK_K * sp_c
+            s_ptrs += BLOCK_K * ss_c
+
+        out = acc * alpha
+        mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_Y:
+            y = tl.load(Y + pid_b * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
+            out += beta * y.to(tl.float32)
+        out = out.to(OUT_ROUND)
+        # Element (r, c) is stored at (r, c) and (c, r). In a diagonal tile only r ≤ c is kept, so
+        # C is exactly symmetric: measured under the interpreter, letting the diagonal tiles'
+        # rounding asymmetry through made fp32 Gram-space NS 15× less accurate (1.5e-4 vs 1.0e-5
+        # vs fp64 on 48×80, PE; torch fp32 Gram-NS: 2.8e-5), since Q·Zᵀ and Z·RZᵀ
+        # equal Q·Z and Z·RZ only for symmetric factors).
+        off_diag = ti != tj
+        upper = off_diag | (rows[:, None] <= cols[None, :])
+        strict = off_diag | (rows[:, None] < cols[None, :])
+        c_base = C + pid_b * sc_b
+        tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask & upper)
+        tl.store(c_base + rows[:, None] * sc_c + cols[None, :] * sc_r, out, mask=mask & strict)
+
+    @triton.jit
+    def _apply_kernel(
+        # pointers: Q (k×k), X (k×L), output O (k×L), per-matrix scale of X
+        Q, X, O, SCALE,
+        # sizes
+        K_IN, L, TILES_M, TILES_N,
+        # strides (batch, row, col)
+        sq_b, sq_r, sq_c,
+        sx_b, sx_r, sx_c,
+        so_b, so_r, so_c,
+        a,
+        HAS_AX: tl.constexpr,
+        HAS_SCALE: tl.constexpr,    # X is read as round(SCALE[b]·X)
+        ROUND_DTYPE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        OUT_ROUND: tl.constexpr,    # storage rounding before the (possibly wider) output store
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """O[b] = Q[b]·X[b] + a·X[b], fp32 accumulation, a·X added in fp32, one rounding.
+
+        Programs are grouped GROUP_M tile-rows at a time so consecutive programs share X column
+        panels in L2 (Triton tutorial 03)."""
+        pid = tl.program_id(0)
+        per_b = TILES_M * TILES_N
+        pid_b = (pid // per_b).to(tl.int64)
+        t = pid % per_b
+        width = GROUP_M * TILES_N
+        first_m = (t // width) * GROUP_M
+        gsize = tl.minimum(TILES_M - first_m, GROUP_M)
+        tm = first_m + (t % width) % gsize
+        tn = (t % width) // gsize
+
+        rows = tm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok = rows < K_IN
+        col_ok = cols < L
+        q_ptrs = Q + pid_b * sq_b + rows[:, None] * sq_r + ks[None, :] * sq_c
+        x_ptrs = X + pid_b * sx_b + ks[:, None] * sx_r + cols[None, :] * sx_c
+        if HAS_SCALE:
+            s = tl.load(SCALE + pid_b)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_IN, BLOCK_K):
+            k_ok = (k0 + ks) < K_IN
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_SCALE:
+                x = x.to(tl.float32) * s
+            acc = tl.dot(q.to(DOT_DTYPE), x.to(ROUND_DTYPE).to(DOT_DTYPE), acc,
+                         input_precision=INPUT_PRECISION)
+            q_ptrs += BLOCK_K * sq_c
+            x_ptrs += BLOCK_K * sx_r
+
+        mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_AX:
+            x = tl.load(X + pid_b * sx_b + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=mask, other=0.0)
+            if HAS_SCALE:
+                x = x.to(tl.float32) * s
+            acc += a * x.to(ROUND_DTYPE).to(tl.float32)
+        out = acc.to(OUT_ROUND)
+        tl.store(O + pid_b * so_b + rows[:, None] * so_r + cols[None, :] * so_c, out, mask=mask)
+
+    @triton.jit
+    def _sumsq_partial_kernel(
+        X, PART,
+        R, N, SPLIT,
+        sx_b, sx_r, sx_c,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """PART[b, p] = Σ x² over row blocks p, p+SPLIT, p+2·SPLIT, … of X[b] (fp32).
+
+        A fixed split and a fixed traversal order per matrix keep the norm batch-invariant
+        (a library reduction over a batch may change its order with the batch size)."""
+        pid = tl.program_id(0)
+        pid_b = (pid // SPLIT).to(tl.int64)
+        part = pid % SPLIT
+        rr = tl.arange(0, BLOCK_R)
+        cc = tl.arange(0, BLOCK_C)
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        base = X + pid_b * sx_b
+        for r0 in range(part * BLOCK_R, R, SPLIT * BLOCK_R):
+            rows = (r0 + rr).to(tl.int64)
+            for c0 in range(0, N, BLOCK_C):
+                cols = (c0 + cc).to(tl.int64)
+                m = (rows[:, None] < R) & (cols[None, :] < N)
+                x = tl.load(base + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=m, other=0.0)
+                x = x.to(tl.float32)
+                acc += x * x
+        tl.store(PART + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+    @triton.jit
+    def _scale_kernel(PART, SCALE, SPLIT, safety, eps, ROOT: tl.constexpr, BLOCK_S: tl.constexpr):
+        """SCALE[b] = 1 / max(safety·ν_b, eps) with ν_b = (Σ_p PART[b, p])^(1/ROOT).
+
+        ROOT = 2 gives ‖G‖_F; ROOT = 4 applied to the sums of squares of GGᵀ gives ‖GGᵀ‖_F^{1/2}.
+        NaN survives the max (comparison written so NaN < eps is false), Inf gives s = 0 and
+        then 0·Inf = NaN downstream; a zero matrix gives s = 1/eps and stays zero."""
+        b = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_S)
+        v = tl.load(PART + b * SPLIT + offs, mask=offs < SPLIT, other=0.0)
+        total = tl.sum(v, axis=0)
+        nu = tl.sqrt(total)
+        if ROOT == 4:
+            nu = tl.sqrt(nu)
+        d = safety * nu
+        d = tl.where(d < eps, eps, d)
+        tl.store(SCALE + b, 1.0 / d)

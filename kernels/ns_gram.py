@@ -1,0 +1,142 @@
+"""Newton–Schulz iterations built from the launchers: standard (X-space) and Gram-space.
+
+Standard, per step (a, b, c) on X (k×L, k ≤ L):
+    A = X Xᵀ (sym_mm),  B = b·A + c·A² (sym_mm, β-term in the epilogue),  X ← B·X + a·X (apply_q).
+Matmul FLOPs per step with symmetric tiles: ≈ k²L + k³ + 2k²L (naive 4k²L + 2k³).
+
+Gram-space (Zhang, Amsel, Chen, Dao 2026, "Gram Newton–Schulz"): with R = XXᵀ, one step maps
+X ↦ (aI + bR + cR²)·X, so the whole iteration is X_k = Q·X₀ with Q a polynomial in R₀, and every
+product involves only k×k symmetric matrices that commute:
+    Z = b·R + c·R²,   Q ← Q·Z + a·Q  (Q = Z + aI at a (re)start),
+    RZ = R·Z + a·R,   R ← Z·RZ + a·RZ    (= p(R)·R·p(R), the Gram matrix of the next X).
+The long side L is touched only by R₀ = X₀X₀ᵀ, at restarts (X ← Q·X, R ← XXᵀ) and by the final
+Q·X: 6k²L + ~14k³ FLOPs for 5 steps with one restart instead of 15k²L + 5k³, a win for L ≳ 1.5k.
+Errors in R compound through the polynomial (R's eigenvalues are σ², so relative errors double
+each step); restarts recompute R from X, and storage must be fp16 (10-bit mantissa): in bf16
+σ_max overshoots to ≈ 1.6 (anchors §3.3).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .ns_launch import apply_q, inv_norm_scale, sym_mm
+
+Triple = tuple[float, float, float]
+
+
+def default_restarts(steps: int) -> tuple[int, ...]:
+    """Restart Gram-space every third step, starting before step 2 (the GNS default [2] for 5)."""
+    return tuple(range(2, steps, 3))
+
+
+def first_gram(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, cdt: torch.dtype,
+               fp32_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A₀, s): s = 1/max(safety·ν, eps) per matrix and A₀ = round(X₀X₀ᵀ), X₀ = s·G.
+
+    "fro": ν = ‖G‖_F, and the scale is applied while loading G. "spectral": ν = ‖GGᵀ‖_F^{1/2},
+    read off the unscaled Gram product (fp32 buffer), then A₀ = round(s²·GGᵀ).
+    ``fp32_first``: the Gram product reads G in fp32 (3xTF32 on a GPU), no input rounding."""
+    B, k, _ = Gv.shape
+    rd = torch.float32 if fp32_first else cdt
+    if normalize == "fro":
+        s = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
+        A = torch.empty(B, k, k, device=Gv.device, dtype=cdt)
+        sym_mm(Gv, Gv, A, scale=s, round_dtype=rd, first_fp32=fp32_first)
+        return A, s
+    if normalize == "spectral":
+        raw = torch.empty(B, k, k, device=Gv.device, dtype=torch.float32)
+        sym_mm(Gv, Gv, raw, round_dtype=rd, first_fp32=fp32_first)
+        s = inv_norm_scale(raw, safety=safety, eps=eps, root=4)
+        return (raw * (s * s)[:, None, None]).to(cdt), s
+    raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
+
+
+def _poly(R: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """b·R + c·R² (fp32 epilogue, one rounding); c = 0 needs no product."""
+    if c == 0.0:
+        return (R.float() * b).to(R.dtype)
+    return sym_mm(R, R, torch.empty_like(R), Y=R, alpha=c, beta=b)
+
+
+def ns_standard(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple], *, normalize: str,
+                safety: float, eps: float, cdt: torch.dtype, fp32_first: bool) -> torch.Tensor:
+    """Standard quintic NS on the logical wide view Gv (B, k, L); writes out (same logical view)."""
+    A, s = first_gram(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
+    steps = len(coefficients)
+    if steps == 0:
+        out.copy_((Gv.float() * s[:, None, None]).to(cdt))
+        return out
+    bufs = [torch.empty(Gv.shape, device=Gv.device, dtype=cdt) for _ in range(min(2, steps - 1))]
+    X, Xscale = Gv, s
+    for i, (a, b, c) in enumerate(coefficients):
+        if i > 0:
+            A = sym_mm(X, X, A)
+        Bm = _poly(A, b, c)
+        dst = out if i == steps - 1 else bufs[i % 2]
+        apply_q(Bm, X, dst, a=a, scale=Xscale, round_dtype=cdt)
+        X, Xscale = dst, None
+    return out
+
+
+def ns_gram(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple], *, normalize: str,
+            safety: float, eps: float, cdt: torch.dtype, fp32_first: bool,
+            restarts: Sequence[int] | None = None) -> torch.Tensor:
+    """Gram-space NS (module docstring) on the logical wide view Gv (B, k, L) in storage ``cdt``."""
+    steps = len(coefficients)
+    restarts = set(default_restarts(steps) if restarts is None else restarts) - {0}
+    R, s = first_gram(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
+    if steps == 0:
+        out.copy_((Gv.float() * s[:, None, None]).to(cdt))
+        return out
+    X, Xscale = Gv, s
+    Q = None
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:
+            Xn = torch.empty(Gv.shape, device=Gv.device, dtype=cdt)
+            apply_q(Q, X, Xn, scale=Xscale, round_dtype=cdt)
+            X, Xscale, Q = Xn, None, None
+            R = sym_mm(X, X, R)
+        Z = _poly(R, b, c)
+        if Q is None:
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        else:
+            Q = sym_mm(Q, Z, torch.empty_like(Q), Y=Q, alpha=1.0, beta=a)
+        if i < steps - 1 and (i + 1) not in restarts:
+            RZ = sym_mm(R, Z, torch.empty_like(R), Y=R, alpha=1.0, beta=a)
+            R = sym_mm(Z, RZ, torch.empty_like(R), Y=RZ, alpha=1.0, beta=a)
+    apply_q(Q, X, out, scale=Xscale, round_dtype=cdt)
+    return out
+
+
+def matmul_flops(k: int, L: int, steps: int, *, gram: bool, tile: int | None = None,
+                 restarts: Sequence[int] | None = None) -> float:
+    """Matmul FLOPs the kernels perform for one call on a k×L input (k ≤ L), c ≠ 0 assumed.
+
+    Symmetric products cost the fraction f of a full product that their computed tiles cover:
+    tile=None counts the exact upper triangle (k+1)/(2k) (the convention of the anchors note);
+    an integer tile size counts whole triangle tiles, (T+1)/(2T) with T = ⌈k/tile⌉ (what the
+    kernels actually execute)."""
+    if tile is None:
+        f = (k + 1) / (2 * k)
+    else:
+        T = -(-k // tile)
+        f = (T + 1) / (2 * T)
+    sym_rect, sym_sq, rect = f * 2 * k * k * L, f * 2 * k ** 3, 2 * k * k * L
+    if not gram:
+        return steps * (sym_rect + sym_sq + rect)
+    restarts = set(default_restarts(steps) if restarts is None else restarts) - {0}
+    tot, q_started = sym_rect, False
+    for i in range(steps):
+        if i in restarts:
+            tot += rect + sym_rect
+            q_started = False
+        tot += sym_sq                       # Z
+        if q_started:
+            tot += sym_sq                   # Q·Z
+        q_started = True
+        if i < steps - 1 and (i + 1) not in restarts:
+            tot += 2 * sym_sq               # R·Z, Z·RZ
+    return tot + rect                       # final Q·X

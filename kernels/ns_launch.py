@@ -1,0 +1,178 @@
+"""Launchers of the Newton–Schulz kernels: shape checks, config choice, grid, launch.
+
+Every launcher takes *logical* 3-D views (batch, rows, cols) with arbitrary strides, so a caller
+passes ``G.mT`` for a tall input and no copy is made. Outputs are written into ``out`` (allocated
+by the caller, so iteration buffers can be reused). Configs come from ``kernels/_config.py``
+(first call: no autotune stall); ``FASTORTHO_TRITON_AUTOTUNE=1`` times the pruned candidate list
+once per (k, L, dtype, arch) key — never per batch size, which keeps batch invariance.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import HAS_TRITON, interpreter_enabled
+from . import _config
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .newton_schulz import _apply_kernel, _scale_kernel, _sumsq_partial_kernel, _sym_mm_kernel
+
+    _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+_TUNED: dict[tuple, _config.Config] = {}
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("fastortho's Triton backend needs the `triton` package (pip install triton)")
+
+
+def tl_dtype(dtype: torch.dtype):
+    _require_triton()
+    try:
+        return _TL[dtype]
+    except KeyError:
+        raise TypeError(f"unsupported storage dtype {dtype}; use bfloat16, float16 or float32") from None
+
+
+def _arch(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def dot_setup(round_dtype: torch.dtype, device: torch.device, first_fp32: bool = False):
+    """(DOT_DTYPE, INPUT_PRECISION) for operands stored in ``round_dtype``.
+
+    GPU: tensor-core dots in the storage dtype; fp32 storage uses IEEE fp32 unless torch allows
+    TF32; an fp32 first Gram product uses 3xTF32 (≈ fp32 accuracy at tensor-core speed).
+    Interpreter: always fp32 operands (bf16 ``tl.dot`` is wrong there, triton #11584)."""
+    if interpreter_enabled() or device.type != "cuda":
+        return tl.float32, "ieee"
+    if round_dtype == torch.float32:
+        if first_fp32:
+            return tl.float32, "tf32x3"
+        return tl.float32, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    return tl_dtype(round_dtype), "ieee"
+
+
+def _autotune_on() -> bool:
+    return os.environ.get("FASTORTHO_TRITON_AUTOTUNE", "0") not in ("", "0")
+
+
+def _choose(kind: str, k: int, L: int, dtype: torch.dtype, t: torch.Tensor, launch) -> _config.Config:
+    interp = interpreter_enabled() or t.device.type != "cuda"
+    arch = _arch(t)
+    eb = torch.finfo(dtype).bits // 8
+    pick = _config.pick_sym if kind == "sym" else _config.pick_apply
+    if interp or not _autotune_on():
+        return pick(k, L, eb, arch, interp)
+    key = (kind, k, L, dtype, arch)
+    if key not in _TUNED:
+        cands = [c for c in (_config.SYM_CONFIGS if kind == "sym" else _config.APPLY_CONFIGS) if c.fits(arch, eb)]
+        times = []
+        for c in cands:
+            try:
+                times.append((triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20), c))
+            except Exception:  # noqa: BLE001 - a config the compiler rejects (resources) is skipped
+                continue
+        _TUNED[key] = min(times, key=lambda x: x[0])[1] if times else pick(k, L, eb, arch, False)
+    return _TUNED[key]
+
+
+def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tensor | None = None,
+           alpha: float = 1.0, beta: float = 0.0, scale: torch.Tensor | None = None,
+           round_dtype: torch.dtype | None = None, first_fp32: bool = False) -> torch.Tensor:
+    """out[b] = α·P[b]·S[b]ᵀ + β·Y[b], computed on the upper-triangle tiles and mirrored.
+
+    Requires the exact result to be symmetric (P = S, or P and S commuting and symmetric).
+    P, S: (B, k, L); Y, out: (B, k, k). ``scale`` (B,) fp32: operands read as round(scale[b]·P).
+    ``round_dtype``: precision operands are rounded to (default: out's dtype, or P's when out
+    is fp32)."""
+    _require_triton()
+    if P.dim() != 3 or S.shape != P.shape:
+        raise ValueError(f"sym_mm: P and S must be the same 3-D shape, got {tuple(P.shape)}, {tuple(S.shape)}")
+    B, k, L = P.shape
+    if out.shape != (B, k, k) or (Y is not None and Y.shape != (B, k, k)):
+        raise ValueError("sym_mm: out and Y must be (B, k, k)")
+    if scale is not None and (scale.shape != (B,) or scale.dtype != torch.float32):
+        raise ValueError("sym_mm: scale must be a (B,) float32 tensor")
+    rd = round_dtype or (out.dtype if out.dtype != torch.float32 else P.dtype)
+    dot_dt, prec = dot_setup(rd, P.device, first_fp32)
+    Yt = Y if Y is not None else out
+    dummy = scale if scale is not None else out
+
+    def launch(cfg: _config.Config) -> None:
+        T = triton.cdiv(k, cfg.block_m)
+        n_tri = T * (T + 1) // 2
+        _sym_mm_kernel[(B * n_tri,)](
+            P, S, Yt, out, dummy, k, L, n_tri,
+            *P.stride(), *S.stride(), *Yt.stride(), *out.stride(),
+            float(alpha), float(beta),
+            HAS_SCALE=scale is not None, HAS_Y=Y is not None,
+            ROUND_DTYPE=tl_dtype(rd), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
+            OUT_ROUND=tl_dtype(out.dtype), BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if B > 0 and k > 0:
+        launch(_choose("sym", k, L, rd, P, launch))
+    return out
+
+
+def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0.0,
+            scale: torch.Tensor | None = None, round_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[b] = round(Q[b]·X̂[b] + a·X̂[b]) with X̂ = round(scale[b]·X[b]) (or X).
+
+    Q: (B, k, k) in storage dtype; X, out: (B, k, L). The result is rounded to ``round_dtype``
+    (storage, default Q's dtype) and then stored in out's dtype."""
+    _require_triton()
+    if Q.dim() != 3 or X.dim() != 3 or Q.shape[0] != X.shape[0] or Q.shape[1:] != (X.shape[1], X.shape[1]):
+        raise ValueError(f"apply_q: need Q (B, k, k) and X (B, k, L), got {tuple(Q.shape)}, {tuple(X.shape)}")
+    if out.shape != X.shape:
+        raise ValueError("apply_q: out must have X's shape")
+    B, k, L = X.shape
+    rd = round_dtype or Q.dtype
+    dot_dt, prec = dot_setup(rd, X.device)
+    dummy = scale if scale is not None else out
+
+    def launch(cfg: _config.Config) -> None:
+        tm, tn = triton.cdiv(k, cfg.block_m), triton.cdiv(L, cfg.block_n)
+        _apply_kernel[(B * tm * tn,)](
+            Q, X, out, dummy, k, L, tm, tn,
+            *Q.stride(), *X.stride(), *out.stride(), float(a),
+            HAS_AX=a != 0.0, HAS_SCALE=scale is not None,
+            ROUND_DTYPE=tl_dtype(rd), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
+            OUT_ROUND=tl_dtype(rd), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if B > 0 and k > 0 and L > 0:
+        launch(_choose("apply", k, L, rd, X, launch))
+    return out
+
+
+def _split(rows: int, cols: int) -> int:
+    """Row-block split of the norm reduction: depends on the shape only (batch invariance)."""
+    return max(1, min(64, (rows * cols) // (1 << 18)))
+
+
+def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2) -> torch.Tensor:
+    """(B,) fp32 tensor s_b = 1 / max(safety·ν_b, eps), ν_b = (Σ X[b]²)^(1/root), no host sync.
+
+    root = 2: Frobenius norm of X[b]; root = 4 on X = GGᵀ: ‖GGᵀ‖_F^{1/2} ≥ σ_max(G)."""
+    _require_triton()
+    B, R, N = X.shape
+    split = _split(R, N)
+    block_r, block_c = (16, 32) if interpreter_enabled() else (32, 128)
+    part = torch.empty(B * split, device=X.device, dtype=torch.float32)
+    scale = torch.empty(B, device=X.device, dtype=torch.float32)
+    if B == 0:
+        return scale
+    _sumsq_partial_kernel[(B * split,)](X, part, R, N, split, *X.stride(), BLOCK_R=block_r, BLOCK_C=block_c)
+    _scale_kernel[(B,)](part, scale, split, float(safety), float(eps), ROOT=root,
+                        BLOCK_S=triton.next_power_of_2(split))
+    return scale
