@@ -47,6 +47,7 @@ __all__ = [
     "get_schedule",
     "optimal_quintic",
     "polar_express_schedule",
+    "composed_band",
 ]
 
 
@@ -235,3 +236,25 @@ def get_schedule(
             raise ValueError(f"coefficients must be (a, b, c) triples, got {coefficients!r}") from None
         sched = Schedule("custom", triples, 1.0, "user")
     return sched.take(steps), sched.safety
+
+
+def composed_band(
+    coefficients: Sequence[Triple], safety: float = 1.0, lower: float = 0.0, upper: float = 1.0,
+    points: int = 200_001,
+) -> tuple[float, float]:
+    """[min, max] of the composed polynomial p_k∘…∘p_1(x / safety) for x in [lower, upper], float64.
+
+    In exact arithmetic this is the band of the singular values of ``newton_schulz(G)`` for any G
+    whose normalized singular values σ/ν(G) lie in [lower, upper] (upper = 1 always holds for the
+    Frobenius and Gram bounds). Evaluated on a dense grid (log-spaced near 0, where the early
+    polynomials are steep).
+    """
+    if not 0 <= lower <= upper:
+        raise ValueError(f"need 0 <= lower <= upper, got {lower}, {upper}")
+    lin = np.linspace(lower, upper, points // 2)
+    log = np.geomspace(max(lower, 1e-12), upper, points // 2) if upper > 0 else lin
+    x = np.concatenate([lin, log]) / safety
+    for a, b, c in coefficients:
+        x2 = x * x
+        x = x * (a + x2 * (b + c * x2))
+    return float(x.min()), float(x.max())
