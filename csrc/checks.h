@@ -1,0 +1,27 @@
+// Argument checks shared by every backend of the fastortho ops (CPU, CUDA, Meta), so that a bad call
+// fails the same way everywhere (and under torch.compile's fake tensors). Torch headers: .cpp only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace fastortho {
+
+// grads (fp32/bf16/fp16), bufs (fp32/bf16), outs (bf16/fp32/fp16): one dtype per list, same shapes,
+// contiguous, one device; sumsq: fp32, contiguous, shape (n,), same device.
+void check_momentum_args(at::TensorList grads, at::TensorList bufs, at::TensorList outs,
+                         const at::Tensor& sumsq);
+
+// params (fp32/bf16/fp16), updates (bf16/fp32/fp16): one dtype per list, same shapes, contiguous,
+// one device. Host scales: n floats (or none when scales_tensor is given); tensors: fp32, numel 1
+// for lr/wd, shape (n,) for scales, on the params' device or (0-dim lr/wd only) on the CPU.
+void check_apply_args(at::TensorList params, at::TensorList updates, c10::ArrayRef<double> scales,
+                      const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& wd_tensor,
+                      const c10::optional<at::Tensor>& scales_tensor);
+
+// Dtype codes used by the launchers (identical in the CUDA launcher API, see cuda/launch.h).
+int dtype_code(at::ScalarType t);  // 0 fp32, 1 bf16, 2 fp16
+
+}  // namespace fastortho

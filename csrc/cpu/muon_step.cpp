@@ -1,0 +1,261 @@
+// CPU twins of the CUDA kernels: same chunks (kChunk elements), same per-element math (muon_step.h),
+// at::parallel_for over the (tensor, chunk) work items of the whole list.
+//
+// Compiled with -ffp-contract=off (see setup.py): the header's separate roundings must stay separate.
+// The hot loops are cloned for x86-64-v3 (AVX2 + FMA) and baseline x86-64, picked at load time
+// (GCC target_clones), so a baseline build still vectorizes and fmaf() is one instruction.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../muon_step.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#define FO_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FO_CLONES
+#endif
+#if defined(__GNUC__)
+#define FO_INLINE inline __attribute__((always_inline))
+#else
+#define FO_INLINE inline
+#endif
+
+namespace fastortho {
+namespace {
+
+// Lanes of the sum-of-squares accumulator: independent partial sums let the compiler vectorize the
+// loop without reassociating (u*u is exact in double, so the only rounding is the double adds).
+constexpr int kLanes = 16;
+
+struct Item {
+  int32_t tensor;
+  int64_t begin;  // first element of the chunk
+  int64_t size;   // elements in the chunk (<= kChunk)
+};
+
+// Work items for a list of numels; first[t] is the index of tensor t's first item.
+void make_items(const std::vector<int64_t>& numels, std::vector<Item>& items, std::vector<int64_t>& first) {
+  first.assign(numels.size() + 1, 0);
+  for (size_t t = 0; t < numels.size(); ++t) {
+    first[t] = static_cast<int64_t>(items.size());
+    for (int64_t b = 0; b < numels[t]; b += kChunk) {
+      items.push_back({static_cast<int32_t>(t), b, std::min(kChunk, numels[t] - b)});
+    }
+  }
+  first[numels.size()] = static_cast<int64_t>(items.size());
+}
+
+// Enough items per task that a task moves ~64K elements (tiny tensors would otherwise pay the
+// scheduling cost per tensor).
+int64_t grain_for(int64_t n_items, int64_t total_elems) {
+  if (total_elems <= 0) return 1;
+  return std::max<int64_t>(1, (n_items * 65536 + total_elems - 1) / total_elems);
+}
+
+// ----------------------------------------------------------------------------------------------
+// momentum
+// ----------------------------------------------------------------------------------------------
+struct MomentumJob {
+  const Item* items;
+  void* const* g;
+  void* const* b;
+  void* const* u;
+  double* partial;
+  MomentumScalars m;
+};
+
+template <typename G, typename B, typename U, bool EMA, bool NEST>
+FO_INLINE void momentum_items(const MomentumJob& job, int64_t begin, int64_t end) {
+  MomentumScalars m = job.m;
+  m.ema = EMA;  // compile-time constants: the per-element branches vanish
+  m.nesterov = NEST;
+  for (int64_t it = begin; it < end; ++it) {
+    const Item item = job.items[it];
+    const G* __restrict__ g = static_cast<const G*>(job.g[item.tensor]) + item.begin;
+    B* __restrict__ b = static_cast<B*>(job.b[item.tensor]) + item.begin;
+    U* __restrict__ u = static_cast<U*>(job.u[item.tensor]) + item.begin;
+    const int64_t n = item.size;
+    double acc[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) {
+        float bn, uu;
+        momentum_elem(static_cast<float>(g[i + k]), static_cast<float>(b[i + k]), m, bn, uu);
+        b[i + k] = static_cast<B>(bn);
+        u[i + k] = static_cast<U>(uu);
+        acc[k] += static_cast<double>(uu) * static_cast<double>(uu);
+      }
+    }
+    for (int k = 0; i < n; ++i, ++k) {
+      float bn, uu;
+      momentum_elem(static_cast<float>(g[i]), static_cast<float>(b[i]), m, bn, uu);
+      b[i] = static_cast<B>(bn);
+      u[i] = static_cast<U>(uu);
+      acc[k] += static_cast<double>(uu) * static_cast<double>(uu);
+    }
+    double s = 0.0;
+    for (int k = 0; k < kLanes; ++k) s += acc[k];
+    job.partial[it] = s;
+  }
+}
+
+// dtype codes: 0 fp32, 1 bf16, 2 fp16
+#define FO_MOM_CASE(GC, G, BC, B, UC, U)                                                  \
+  case (GC) * 9 + (BC) * 3 + (UC):                                                        \
+    if (job.m.ema) {                                                                      \
+      if (job.m.nesterov) momentum_items<G, B, U, true, true>(job, begin, end);           \
+      else momentum_items<G, B, U, true, false>(job, begin, end);                         \
+    } else {                                                                              \
+      if (job.m.nesterov) momentum_items<G, B, U, false, true>(job, begin, end);          \
+      else momentum_items<G, B, U, false, false>(job, begin, end);                        \
+    }                                                                                     \
+    break;
+#define FO_MOM_U(GC, G, BC, B)                    \
+  FO_MOM_CASE(GC, G, BC, B, 0, float)             \
+  FO_MOM_CASE(GC, G, BC, B, 1, c10::BFloat16)     \
+  FO_MOM_CASE(GC, G, BC, B, 2, c10::Half)
+#define FO_MOM_B(GC, G)                  \
+  FO_MOM_U(GC, G, 0, float)              \
+  FO_MOM_U(GC, G, 1, c10::BFloat16)
+
+FO_CLONES void momentum_range(int combo, const MomentumJob& job, int64_t begin, int64_t end) {
+  switch (combo) {
+    FO_MOM_B(0, float)
+    FO_MOM_B(1, c10::BFloat16)
+    FO_MOM_B(2, c10::Half)
+    default: break;  // unreachable: combos come from checked dtypes
+  }
+}
+
+void muon_momentum_cpu(at::TensorList grads, at::TensorList bufs, at::TensorList outs, at::Tensor sumsq,
+                       double momentum, bool nesterov, bool ema) {
+  check_momentum_args(grads, bufs, outs, sumsq);
+  const size_t n = grads.size();
+  if (n == 0) return;
+  TORCH_CHECK(grads[0].device().is_cpu(), "muon_momentum_ (CPU kernel) got a ", grads[0].device(), " tensor");
+  std::vector<int64_t> numels(n);
+  std::vector<void*> gp(n), bp(n), up(n);
+  int64_t total = 0;
+  for (size_t t = 0; t < n; ++t) {
+    numels[t] = grads[t].numel();
+    total += numels[t];
+    gp[t] = const_cast<void*>(grads[t].data_ptr());
+    bp[t] = bufs[t].data_ptr();
+    up[t] = outs[t].data_ptr();
+  }
+  std::vector<Item> items;
+  std::vector<int64_t> first;
+  make_items(numels, items, first);
+  std::vector<double> partial(items.size(), 0.0);
+  const int combo = dtype_code(grads[0].scalar_type()) * 9 + dtype_code(bufs[0].scalar_type()) * 3 +
+                    dtype_code(outs[0].scalar_type());
+  const MomentumJob job{items.data(), gp.data(), bp.data(), up.data(), partial.data(),
+                        make_momentum_scalars(momentum, nesterov, ema)};
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(items.size(), total),
+                   [&](int64_t b, int64_t e) { momentum_range(combo, job, b, e); });
+  // fixed-order reduction over a tensor's chunks: the result does not depend on the thread count
+  float* out = sumsq.data_ptr<float>();
+  for (size_t t = 0; t < n; ++t) {
+    double s = 0.0;
+    for (int64_t it = first[t]; it < first[t + 1]; ++it) s += partial[it];
+    out[t] = static_cast<float>(s);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// apply
+// ----------------------------------------------------------------------------------------------
+struct ApplyJob {
+  const Item* items;
+  void* const* p;
+  void* const* o;
+  const float* coef;  // per tensor: a_i (host scalars) or s_i
+  ApplyScalars s;
+};
+
+template <typename P, typename O>
+FO_INLINE void apply_items(const ApplyJob& job, int64_t begin, int64_t end) {
+  for (int64_t it = begin; it < end; ++it) {
+    const Item item = job.items[it];
+    float d, neg_a;
+    apply_coefs(job.s, item.tensor, job.coef[item.tensor], d, neg_a);
+    P* __restrict__ p = static_cast<P*>(job.p[item.tensor]) + item.begin;
+    const O* __restrict__ o = static_cast<const O*>(job.o[item.tensor]) + item.begin;
+    for (int64_t i = 0; i < item.size; ++i) {
+      p[i] = static_cast<P>(apply_elem(static_cast<float>(p[i]), static_cast<float>(o[i]), d, neg_a));
+    }
+  }
+}
+
+#define FO_APPLY_CASE(PC, P, OC, O) \
+  case (PC) * 3 + (OC): apply_items<P, O>(job, begin, end); break;
+#define FO_APPLY_O(PC, P)             \
+  FO_APPLY_CASE(PC, P, 0, float)      \
+  FO_APPLY_CASE(PC, P, 1, c10::BFloat16) \
+  FO_APPLY_CASE(PC, P, 2, c10::Half)
+
+FO_CLONES void apply_range(int combo, const ApplyJob& job, int64_t begin, int64_t end) {
+  switch (combo) {
+    FO_APPLY_O(0, float)
+    FO_APPLY_O(1, c10::BFloat16)
+    FO_APPLY_O(2, c10::Half)
+    default: break;
+  }
+}
+
+// A CPU copy of a one-element float tensor's value for the host side (a CPU tensor: no sync).
+const float* cpu_scalar_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void muon_apply_cpu(at::TensorList params, at::TensorList updates, double lr, double weight_decay,
+                    c10::ArrayRef<double> scales, const c10::optional<at::Tensor>& lr_tensor,
+                    const c10::optional<at::Tensor>& wd_tensor, const c10::optional<at::Tensor>& scales_tensor) {
+  check_apply_args(params, updates, scales, lr_tensor, wd_tensor, scales_tensor);
+  const size_t n = params.size();
+  if (n == 0) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "muon_apply_ (CPU kernel) got a ", params[0].device(), " tensor");
+  ApplyScalars s{};
+  s.host_scalars = !lr_tensor.has_value() && !wd_tensor.has_value() && !scales_tensor.has_value();
+  s.lr = static_cast<float>(lr);
+  s.wd = static_cast<float>(weight_decay);
+  s.d_host = static_cast<float>(1.0 - lr * weight_decay);
+  s.lr_ptr = cpu_scalar_ptr(lr_tensor);
+  s.wd_ptr = cpu_scalar_ptr(wd_tensor);
+  s.scales_ptr = scales_tensor.has_value() ? scales_tensor->data_ptr<float>() : nullptr;
+  std::vector<float> coef(n, 0.0f);
+  for (size_t t = 0; t < n && !scales_tensor.has_value(); ++t) {
+    coef[t] = s.host_scalars ? static_cast<float>(lr * scales[t]) : static_cast<float>(scales[t]);
+  }
+  std::vector<int64_t> numels(n);
+  std::vector<void*> pp(n), op(n);
+  int64_t total = 0;
+  for (size_t t = 0; t < n; ++t) {
+    numels[t] = params[t].numel();
+    total += numels[t];
+    pp[t] = params[t].data_ptr();
+    op[t] = const_cast<void*>(updates[t].data_ptr());
+  }
+  std::vector<Item> items;
+  std::vector<int64_t> first;
+  make_items(numels, items, first);
+  const int combo = dtype_code(params[0].scalar_type()) * 3 + dtype_code(updates[0].scalar_type());
+  const ApplyJob job{items.data(), pp.data(), op.data(), coef.data(), s};
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(items.size(), total),
+                   [&](int64_t b, int64_t e) { apply_range(combo, job, b, e); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastortho, CPU, m) {
+  m.impl("muon_momentum_", &muon_momentum_cpu);
+  m.impl("muon_apply_", &muon_apply_cpu);
+}
+
+}  // namespace fastortho
