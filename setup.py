@@ -158,7 +158,6 @@ def _extensions():
         include_dirs += _nvidia_wheel_includes()
         nvcc_flags = [
             "-O3",
-            "-std=c++17",
             # explicit fmaf() only: a*b+c must not be contracted (see csrc/muon_step.h)
             "--fmad=false",
             "-lineinfo",

@@ -1,0 +1,80 @@
+// CUDA registrations of the fastortho ops: checks, tensor -> struct conversion, the current stream,
+// the float64 partials workspace (from the caching allocator: no sync, graph-capturable), then the
+// torch-free launchers of muon_step.cu.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "launch.h"
+
+namespace fastortho {
+namespace {
+
+void muon_momentum_cuda(at::TensorList grads, at::TensorList bufs, at::TensorList outs, at::Tensor sumsq,
+                        double momentum, bool nesterov, bool ema) {
+  check_momentum_args(grads, bufs, outs, sumsq);
+  const int n = static_cast<int>(grads.size());
+  if (n == 0) return;
+  TORCH_CHECK(grads[0].is_cuda(), "muon_momentum_ (CUDA kernel) got a ", grads[0].device(), " tensor");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  std::vector<cuda::MomentumTensor> ts(n);
+  for (int i = 0; i < n; ++i) {
+    ts[i] = {grads[i].const_data_ptr(), bufs[i].data_ptr(), outs[i].data_ptr(), grads[i].numel()};
+  }
+  const int64_t ws_len = std::max<int64_t>(1, cuda::momentum_workspace_len(ts.data(), n));
+  at::Tensor partials = at::empty({ws_len}, sumsq.options().dtype(at::kDouble));
+  C10_CUDA_CHECK(cuda::launch_muon_momentum(
+      ts.data(), n, dtype_code(grads[0].scalar_type()), dtype_code(bufs[0].scalar_type()),
+      dtype_code(outs[0].scalar_type()), make_momentum_scalars(momentum, nesterov, ema),
+      partials.data_ptr<double>(), sumsq.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+void muon_apply_cuda(at::TensorList params, at::TensorList updates, double lr, double weight_decay,
+                     c10::ArrayRef<double> scales, const c10::optional<at::Tensor>& lr_tensor,
+                     const c10::optional<at::Tensor>& wd_tensor, const c10::optional<at::Tensor>& scales_tensor) {
+  check_apply_args(params, updates, scales, lr_tensor, wd_tensor, scales_tensor);
+  const int n = static_cast<int>(params.size());
+  if (n == 0) return;
+  TORCH_CHECK(params[0].is_cuda(), "muon_apply_ (CUDA kernel) got a ", params[0].device(), " tensor");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  ApplyScalars s{};
+  s.host_scalars = !lr_tensor.has_value() && !wd_tensor.has_value() && !scales_tensor.has_value();
+  s.lr = static_cast<float>(lr);
+  s.wd = static_cast<float>(weight_decay);
+  s.d_host = static_cast<float>(1.0 - lr * weight_decay);
+  // A 0-dim CPU tensor is read here (no device sync); a CUDA one is read by the kernel.
+  if (lr_tensor.has_value()) {
+    if (lr_tensor->is_cuda()) s.lr_ptr = lr_tensor->const_data_ptr<float>();
+    else s.lr = *lr_tensor->const_data_ptr<float>();
+  }
+  if (wd_tensor.has_value()) {
+    if (wd_tensor->is_cuda()) s.wd_ptr = wd_tensor->const_data_ptr<float>();
+    else s.wd = *wd_tensor->const_data_ptr<float>();
+  }
+  if (scales_tensor.has_value()) s.scales_ptr = scales_tensor->const_data_ptr<float>();
+  std::vector<cuda::ApplyTensor> ts(n);
+  for (int i = 0; i < n; ++i) {
+    const float coef = scales_tensor.has_value() ? 0.0f
+                       : s.host_scalars         ? static_cast<float>(lr * scales[i])
+                                                : static_cast<float>(scales[i]);
+    ts[i] = {params[i].data_ptr(), updates[i].const_data_ptr(), params[i].numel(), coef};
+  }
+  C10_CUDA_CHECK(cuda::launch_muon_apply(ts.data(), n, dtype_code(params[0].scalar_type()),
+                                         dtype_code(updates[0].scalar_type()), s,
+                                         c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastortho, CUDA, m) {
+  m.impl("muon_momentum_", &muon_momentum_cuda);
+  m.impl("muon_apply_", &muon_apply_cuda);
+}
+
+}  // namespace fastortho
