@@ -167,9 +167,11 @@ def polar(
         ``"svd"``: exact, float64 (``fastortho.reference.polar_svd``).
         ``"newton_schulz"``: delegates to :func:`newton_schulz` with ``ns_kwargs``.
 
-    Rank-deficient G: the canonical polar factor U_r V_rᵀ (singular values ≤ rtol·σ_max map to 0,
-    as in Newton–Schulz); for "higham" the default rtol is 4·u·√max(m, n) of the working dtype
-    (directions below it cannot be resolved there), for "svd" max(m, n)·2⁻⁵².
+    Rank-deficient G: the canonical polar factor U_r V_rᵀ (small singular values map to 0, as in
+    Newton–Schulz). For "higham", ``rtol`` applies to the Gram eigenvalues σ²/σ_max² (default
+    4u√m of the working dtype: float32 resolves σ/σ_max ≳ 2e-3, float64 ≳ 5e-8, below which a
+    direction counts as zero; pass float64 input or ``dtype=torch.float64`` for ill-conditioned G);
+    for "svd" it applies to σ/σ_max (default max(m, n)·2⁻⁵²).
     NaN/Inf input raises ``ValueError`` (this path is for accuracy, not hot loops).
 
     Returns:
