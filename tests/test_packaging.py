@@ -1,0 +1,63 @@
+"""The package installs like a user gets it: a wheel with fastortho and fastortho.kernels, importable
+without triton, a compiler or a GPU."""
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    env = dict(os.environ, FASTORTHO_BUILD_EXT="0")  # the pure-Python wheel: no compiler involved
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        check=True, env=env, capture_output=True, text=True,
+    )
+    (whl,) = out.glob("fastortho-*.whl")
+    return whl
+
+
+def test_wheel_imports_in_a_clean_venv(wheel, tmp_path):
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastortho/__init__.py" in names and "fastortho/kernels/__init__.py" in names
+    assert not any(n.startswith("kernels/") for n in names), "kernels/ must install as fastortho.kernels"
+
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+        capture_output=True, text=True,
+    ).stdout.strip()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", site, str(wheel)],
+        check=True, capture_output=True, text=True,
+    )
+    # torch comes from the test environment's site-packages, appended *after* the clean venv's, so
+    # this environment's editable fastortho (a .pth hook there) is never activated.
+    here = sysconfig.get_paths()["purelib"]
+    (Path(site) / "_torch_from_test_env.pth").write_text(here + "\n")
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import must work without triton
+        import fastortho, fastortho.kernels, torch
+        assert fastortho.__file__.startswith(sys.prefix), fastortho.__file__
+        assert not fastortho.ns_triton_available()
+        X = fastortho.newton_schulz(torch.randn(8, 12))
+        print(fastortho.__file__, tuple(X.shape))
+        """
+    )
+    res = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "(8, 12)" in res.stdout
