@@ -1,0 +1,98 @@
+"""Accuracy of every Newton–Schulz schedule × 3..8 steps, and CPU time per call against peers.
+
+Writes the first table of bench/RESULTS.md (``--markdown``). Matrices (float64, fixed seeds):
+1024×1024 and 1024×4096 Gaussian, 1024×4096 with σ log-spaced over [1e-4, 1]. For each: σ band
+and ‖X − UVᵀ‖_F/‖UVᵀ‖_F against the float64 SVD, in fp32 (torch backend) and in the bf16 storage
+model (``fastortho.bench.ns_bf16_model``: bf16 operands, fp32 accumulation and epilogue, one
+rounding per product; a real CPU bf16 matmul runs ~175× slower and agrees with it,
+tests/test_bench.py).
+
+Timing (same run): ``fastortho.newton_schulz`` (torch backend, fp32, "keller" × 5) against a plain
+PyTorch loop with the same coefficients (Keller-style: ``A = X@X.T; B = b*A + c*A@A; X = a*X + B@X``)
+and ``torch.optim.Muon``'s internal NS (``torch.optim._muon._zeropower_via_newtonschulz``), which
+forces bf16: on CPU it runs only at the small size.
+
+    python bench/bench_schedules.py [--tiny] [--markdown]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_string, timeit  # noqa: E402
+
+import fastortho  # noqa: E402
+from fastortho.bench import format_rows, gaussian, log_spaced, schedule_rows  # noqa: E402
+
+KJ = (3.4445, -4.7750, 2.0315)
+
+
+def plain_loop(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Keller Jordan's loop, fp32, as users write it (separate ops, each rounds)."""
+    a, b, c = KJ
+    X = G.float()
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if G.size(-2) > G.size(-1) else X
+
+
+def torch_muon_ns(G: torch.Tensor) -> torch.Tensor:
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return _zeropower_via_newtonschulz(G, KJ, 5, 1e-7)
+
+
+def timing_rows(shapes, torch_muon_max_elems: int) -> list[dict]:
+    rows = []
+    for m, n in shapes:
+        G = gaussian(m, n).float()
+        cands = {
+            "fastortho.newton_schulz (torch, fp32)": lambda: fastortho.newton_schulz(G, 5, "keller", dtype=torch.float32),
+            "plain PyTorch loop (fp32)": lambda: plain_loop(G),
+        }
+        if m * n <= torch_muon_max_elems:
+            cands["torch.optim.Muon NS (bf16, forced)"] = lambda: torch_muon_ns(G)
+        for name, fn in cands.items():
+            t = timeit(fn, "cpu", warmup=1, reps=5, max_time_s=60)
+            flops = 5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3)
+            rows.append(dict(shape=f"{m}x{n}", impl=name, p50_ms=t.p50, p20_ms=t.p20, p80_ms=t.p80,
+                             gflops=flops / (t.p50 * 1e-3) / 1e9))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small sizes (CI)")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    args = p.parse_args()
+    if args.tiny:
+        mats = {"64x64 Gaussian": gaussian(64, 64), "64x256 Gaussian": gaussian(64, 256),
+                "64x256 log-spaced 1..1e-4": log_spaced(64, 256)}
+        shapes, tm_max = [(64, 256)], 64 * 256
+    else:
+        mats = {"1024x1024 Gaussian": gaussian(1024, 1024), "1024x4096 Gaussian": gaussian(1024, 4096),
+                "1024x4096 log-spaced 1..1e-4": log_spaced(1024, 4096)}
+        shapes, tm_max = [(256, 1024), (1024, 1024), (1024, 4096)], 256 * 1024
+    print(f"# {device_string('cpu')}")
+    for label, G in mats.items():
+        for dtype in ("fp32", "bf16-model"):
+            print(f"\n### {label}, {dtype}\n")
+            print(format_rows(schedule_rows(G, dtype=dtype, reps=1)))
+    print("\n### CPU time per call, 5 steps of (3.4445, -4.7750, 2.0315)\n")
+    print("| shape | implementation | p50 ms | p20 ms | p80 ms | GFLOP/s (naive 4m²n+2m³ per step) |")
+    print("|---|---|---|---|---|---|")
+    for r in timing_rows(shapes, tm_max):
+        print(f"| {r['shape']} | {r['impl']} | {r['p50_ms']:.1f} | {r['p20_ms']:.1f} | {r['p80_ms']:.1f} | {r['gflops']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
