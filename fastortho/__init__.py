@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import functools
 
-from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_schedule
-from .orthogonalize import newton_schulz, polar
 from . import reference
+from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_schedule
+from .optim import Muon
+from .orthogonalize import newton_schulz, polar
+from .param_groups import muon_param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
     "newton_schulz",
     "polar",
+    "Muon",
+    "muon_param_groups",
     "reference",
     "Schedule",
     "SCHEDULES",
