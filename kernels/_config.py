@@ -59,16 +59,24 @@ APPLY_CONFIGS: tuple[Config, ...] = (
     Config(128, 256, 64, 8, 4),
 )
 
-# Under the interpreter every program is numpy work: small tiles keep tests at interpreter sizes
-# (48×80) exercising several tiles, the triangle mapping and the masks.
-INTERPRET_SYM = Config(16, 16, 16, 1, 1)
-INTERPRET_APPLY = Config(16, 32, 16, 1, 1, group_m=2)
+# Under the interpreter every program is numpy work, so the block count sets the run time: small
+# tiles on test-sized inputs (48×80 still spans several tiles, the triangle map and the masks),
+# large tiles on the 512×2048 accuracy matrices. Keyed on shape only, like the GPU table.
+def _interpret_sym(k: int) -> Config:
+    t = 16 if k <= 64 else (32 if k <= 128 else 128)
+    return Config(t, t, t, 1, 1)
+
+
+def _interpret_apply(k: int, L: int) -> Config:
+    if k <= 64:
+        return Config(16, 32, 16, 1, 1, group_m=2)
+    return Config(128, 128, 128, 1, 1, group_m=2)
 
 
 def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Config:
     """Table lookup for C = α·P·Sᵀ + β·Y, P, S of logical shape k×L."""
     if interpret:
-        return INTERPRET_SYM
+        return _interpret_sym(k)
     # Small outputs: 64-tiles keep enough programs in flight (a 512² output is 36 triangle tiles
     # of 64 but only 10 of 128) and waste less work on diagonal tiles (factor (T+1)/(2T)).
     if k <= 1024:
@@ -81,7 +89,7 @@ def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Con
 def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Config:
     """Table lookup for X' = Q·X + a·X, Q k×k, X k×L."""
     if interpret:
-        return INTERPRET_APPLY
+        return _interpret_apply(k, L)
     if k * L <= 1024 * 1024:
         cfg = APPLY_CONFIGS[1]
     elif arch >= 90:

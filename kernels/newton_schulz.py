@@ -121,7 +121,7 @@ if HAS_TRITON:
         # C is exactly symmetric: measured under the interpreter, letting the diagonal tiles'
         # rounding asymmetry through made fp32 Gram-space NS 15× less accurate (1.5e-4 vs 1.0e-5
         # vs fp64 on 48×80, PE; torch fp32 Gram-NS: 2.8e-5), since Q·Zᵀ and Z·RZᵀ
-        # equal Q·Z and Z·RZ only for symmetric factors).
+        # equal Q·Z and Z·RZ only for symmetric factors.
         off_diag = ti != tj
         upper = off_diag | (rows[:, None] <= cols[None, :])
         strict = off_diag | (rows[:, None] < cols[None, :])
@@ -142,7 +142,7 @@ if HAS_TRITON:
         a,
         HAS_AX: tl.constexpr,
         HAS_SCALE: tl.constexpr,    # X is read as round(SCALE[b]·X)
-        ROUND_DTYPE: tl.constexpr,
+        ROUND_DTYPE: tl.constexpr,  # precision X is rounded to after scaling (fp32: first step)
         DOT_DTYPE: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         OUT_ROUND: tl.constexpr,    # storage rounding before the (possibly wider) output store

@@ -125,11 +125,14 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
 
 
 def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0.0,
-            scale: torch.Tensor | None = None, round_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out[b] = round(Q[b]·X̂[b] + a·X̂[b]) with X̂ = round(scale[b]·X[b]) (or X).
+            scale: torch.Tensor | None = None, round_dtype: torch.dtype | None = None,
+            x_round_dtype: torch.dtype | None = None, first_fp32: bool = False) -> torch.Tensor:
+    """out[b] = round(Q[b]·X̂[b] + a·X̂[b]) with X̂ = round_x(scale[b]·X[b]) (or X).
 
     Q: (B, k, k) in storage dtype; X, out: (B, k, L). The result is rounded to ``round_dtype``
-    (storage, default Q's dtype) and then stored in out's dtype."""
+    (storage, default Q's dtype) and then stored in out's dtype. ``x_round_dtype`` (default
+    ``round_dtype``) is the precision of X̂: float32 for the first step of ``fp32_first_gram``,
+    whose input G must not be rounded to bf16 on either side of the product."""
     _require_triton()
     if Q.dim() != 3 or X.dim() != 3 or Q.shape[0] != X.shape[0] or Q.shape[1:] != (X.shape[1], X.shape[1]):
         raise ValueError(f"apply_q: need Q (B, k, k) and X (B, k, L), got {tuple(Q.shape)}, {tuple(X.shape)}")
@@ -137,7 +140,8 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
         raise ValueError("apply_q: out must have X's shape")
     B, k, L = X.shape
     rd = round_dtype or Q.dtype
-    dot_dt, prec = dot_setup(rd, X.device)
+    xrd = x_round_dtype or rd
+    dot_dt, prec = dot_setup(xrd, X.device, first_fp32)
     dummy = scale if scale is not None else out
 
     def launch(cfg: _config.Config) -> None:
@@ -146,12 +150,12 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
             Q, X, out, dummy, k, L, tm, tn,
             *Q.stride(), *X.stride(), *out.stride(), float(a),
             HAS_AX=a != 0.0, HAS_SCALE=scale is not None,
-            ROUND_DTYPE=tl_dtype(rd), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
+            ROUND_DTYPE=tl_dtype(xrd), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
             OUT_ROUND=tl_dtype(rd), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0 and L > 0:
-        launch(_choose("apply", k, L, rd, X, launch))
+        launch(_choose("apply", k, L, xrd, X, launch))
     return out
 
 
