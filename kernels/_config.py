@@ -11,10 +11,11 @@ the same tiles alone or inside any batch (batch invariance, checked with ``torch
 The opt-in autotuner (``FASTORTHO_TRITON_AUTOTUNE=1``) searches the same list, pruned of configs
 whose shared-memory footprint exceeds the device.
 
-Footprint model: a pipelined ``tl.dot`` keeps ``num_stages`` copies of both operand tiles in
-shared memory, ``stages · (BM·BK + BN·BK) · bytes``; Triton may reuse that space for the epilogue,
-so this is the number the AOT check (``tests/test_kernels_compile.py``) compares with
-``metadata.shared`` and the device limit.
+Footprint model: a pipelined ``tl.dot`` keeps operand tiles of (BM·BK + BN·BK) elements in
+shared memory, ``num_stages`` copies on sm_90 (TMA/wgmma pipeline) and ``num_stages − 1`` on
+sm_80 (cp.async ring); Triton reuses that space for the epilogue. The AOT check
+(``tests/test_kernels_compile.py``) verifies that this model bounds ``metadata.shared`` for every
+config and that a config it prunes really does not fit.
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ class Config:
     num_stages: int
     group_m: int = 8
 
-    def smem_bytes(self, elem_bytes: int) -> int:
-        """Estimated shared memory of the operand pipeline (see module docstring)."""
-        return self.num_stages * (self.block_m + self.block_n) * self.block_k * elem_bytes
+    def smem_bytes(self, elem_bytes: int, arch: int = 90) -> int:
+        """Shared memory of the operand pipeline (see module docstring)."""
+        buffers = self.num_stages if arch >= 90 else max(1, self.num_stages - 1)
+        return buffers * (self.block_m + self.block_n) * self.block_k * elem_bytes
 
     def fits(self, arch: int, elem_bytes: int) -> bool:
-        return self.smem_bytes(elem_bytes) <= SMEM_LIMIT.get(arch, 99 * 1024)
+        return self.smem_bytes(elem_bytes, arch) <= SMEM_LIMIT.get(arch, 99 * 1024)
 
 
 # Candidate lists (the autotune space). Sym configs have block_n == block_m.
@@ -48,7 +50,7 @@ SYM_CONFIGS: tuple[Config, ...] = (
     Config(128, 128, 32, 8, 4),
     Config(128, 128, 64, 8, 3),
     Config(128, 128, 64, 8, 4),
-    Config(256, 256, 32, 8, 3),   # too big in registers for 8 warps: kept to show pruning/spills
+    Config(128, 128, 128, 8, 3),
 )
 APPLY_CONFIGS: tuple[Config, ...] = (
     Config(64, 64, 64, 4, 4),
