@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._polar_step import frobenius_start, fused_update, gram
+
 __all__ = ["higham_polar"]
 
 
@@ -66,8 +68,7 @@ def higham_polar(
     # Gram eigenvalues carry an absolute error of about u·√m·λ_max: below that, a direction is noise.
     rtol = 4 * u * m**0.5 if rtol is None else rtol
 
-    nrm = torch.linalg.vector_norm(Gs, dim=(-2, -1), keepdim=True)
-    X = Gs / nrm.clamp_min(torch.finfo(dtype).tiny)
+    X = frobenius_start(Gs)
     # Deflate: rotate into the eigenbasis of the Gram matrix and zero the rows whose eigenvalue is
     # rounding noise. Exact zero rows stay exactly zero through Cholesky and the solves, so the
     # iteration runs on the numerical range only and never inverts noise.
@@ -77,25 +78,21 @@ def higham_polar(
     eye = torch.eye(m, dtype=dtype, device=G.device)
     iters = torch.zeros(B, dtype=torch.int64, device=G.device)
     active = torch.ones(B, dtype=torch.bool, device=G.device)
-    scale_on = torch.full((B, 1, 1), scaling == "norm", dtype=torch.bool, device=G.device)
+    scale_on = torch.full((B,), scaling == "norm", dtype=torch.bool, device=G.device)
     last_delta = torch.zeros(B, dtype=dtype, device=G.device)
     for _ in range(max_iter):
-        Y = X @ X.mT
+        Y = gram(X)
         delta = (m * u * Y.diagonal(dim1=-2, dim2=-1).amax(-1)).clamp_min(torch.finfo(dtype).tiny)
         L, _ = torch.linalg.cholesky_ex(Y + delta[:, None, None] * eye)
         Z = torch.cholesky_solve(X, L)
-        xn = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-        zn = torch.linalg.vector_norm(Z, dim=(-2, -1), keepdim=True)
+        xn = torch.linalg.vector_norm(X, dim=(-2, -1))
+        zn = torch.linalg.vector_norm(Z, dim=(-2, -1))
         mu = torch.where(scale_on & (xn > 0), (zn / xn.clamp_min(torch.finfo(dtype).tiny)).sqrt(), 1.0)
-        Xn = 0.5 * (mu * X + Z / mu)
-        step = torch.linalg.vector_norm(Xn - X, dim=(-2, -1)) / torch.linalg.vector_norm(
-            Xn, dim=(-2, -1)
-        ).clamp_min(torch.finfo(dtype).tiny)
-        # A non-finite step (e.g. a failed factorization) must not freeze a matrix as "converged".
-        X = torch.where(active[:, None, None], Xn, X)
+        # ½(μX + μ⁻¹Z), frozen where converged; a non-finite step never counts as converged.
+        X, step = fused_update(X, Z, 0.5 * mu, 0.5 / mu, active)
         last_delta = torch.where(active, delta, last_delta)
         iters = iters + active.to(torch.int64)
-        scale_on = scale_on & (step > 1e-2)[:, None, None]
+        scale_on = scale_on & (step > 1e-2)
         active = active & ~(step <= tol)
         if not bool(active.any()):
             break
