@@ -175,6 +175,8 @@ class Muon(Optimizer):
         bias_correction: bool = True,
         zero_init: bool = True,
         telemetry: bool = False,
+        process_group: Any = None,
+        strategy: str = "auto",
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -213,6 +215,9 @@ class Muon(Optimizer):
         self._telemetry: list[dict[str, Any]] = []
         self._nonfinite_count: Tensor | None = None
         super().__init__(params, defaults)
+        from fastortho import distributed  # DTensor params or a process group: see fastortho.distributed
+
+        self._dist_engine = distributed.make_engine(self, process_group, strategy)
 
     # ------------------------------------------------------------------------------------------
     # groups and state
@@ -265,11 +270,12 @@ class Muon(Optimizer):
         state = self.state[p]
         if group["algorithm"] == "muon":
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                # zeros_like: a DTensor parameter gets a DTensor buffer with its placements (sharded state)
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         elif "exp_avg" not in state:
             state["step"] = torch.tensor(0.0)  # CPU, as torch.optim.AdamW (not capturable)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -277,6 +283,7 @@ class Muon(Optimizer):
         self.__dict__.setdefault("telemetry", False)
         self.__dict__.setdefault("_telemetry", [])
         self.__dict__.setdefault("_nonfinite_count", None)
+        self.__dict__.setdefault("_dist_engine", None)
         adamw = self.__dict__.setdefault("_adamw_defaults", dict(
             lr=self.defaults.get("lr", 1e-3), weight_decay=0.0, betas=(0.9, 0.999), adamw_eps=1e-8,
             bias_correction=True, zero_init=True))
@@ -306,6 +313,14 @@ class Muon(Optimizer):
         """How many parameter updates were skipped as non-finite (reading it syncs with the device)."""
         return 0 if self._nonfinite_count is None else int(self._nonfinite_count)
 
+    @property
+    def comm_stats(self) -> dict[str, Any]:
+        """Communication of the last step (see :mod:`fastortho.distributed`): ``bytes`` and ``collectives``
+        per kind (``a2a``, ``owner``, ``gather``, ``flags``) sent by this rank, the analytic ``ideal`` bytes
+        per strategy, ``numel`` of the Muon matrices per strategy, ``ns_flops`` run by this rank.
+        Empty in single-process mode."""
+        return {} if self._dist_engine is None else self._dist_engine.stats
+
     # ------------------------------------------------------------------------------------------
     # step
     # ------------------------------------------------------------------------------------------
@@ -330,6 +345,9 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._dist_engine is not None:
+            self._dist_engine.step()
+            return loss
 
         muon_groups: list[tuple[int, dict[str, Any], list[F.MatrixUnit], F.contiguous_params]] = []
         all_units: list[F.MatrixUnit] = []
