@@ -2,23 +2,29 @@
 // at::parallel_for over the (tensor, chunk) work items of the whole list.
 //
 // Compiled with -ffp-contract=off (see setup.py): the header's separate roundings must stay separate.
-// The hot loops are cloned for x86-64-v3 (AVX2 + FMA) and baseline x86-64, picked at load time
-// (GCC target_clones), so a baseline build still vectorizes and fmaf() is one instruction.
+// The hot loops exist twice, for baseline x86-64 and for AVX2 + FMA (picked at run time), so a
+// portable build still gets 256-bit vectors and one-instruction fmaf() on current CPUs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "../checks.h"
 #include "../muon_step.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
-#define FO_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+// A second copy of each hot loop compiled for AVX2 + FMA, chosen at run time. (Not target_clones
+// with "arch=x86-64-v3": a different `arch` stops GCC from inlining the per-element functions, and
+// the loops then run 10x slower.)
+#define FO_HAVE_AVX2_COPY 1
+#define FO_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define FO_CLONES
+#define FO_HAVE_AVX2_COPY 0
+#define FO_AVX2
 #endif
 #if defined(__GNUC__)
 #define FO_INLINE inline __attribute__((always_inline))
@@ -32,6 +38,18 @@ namespace {
 // Lanes of the sum-of-squares accumulator: independent partial sums let the compiler vectorize the
 // loop without reassociating (u*u is exact in double, so the only rounding is the double adds).
 constexpr int kLanes = 16;
+
+// fp32 -> storage dtype, round to nearest even. bf16 is spelled out branch-free (bit-identical to
+// c10::BFloat16(float), NaN -> 0x7FC0) because c10's branchy version blocks vectorization.
+template <typename T>
+FO_INLINE T store_as(float x) { return static_cast<T>(x); }
+template <>
+FO_INLINE c10::BFloat16 store_as<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
 
 struct Item {
   int32_t tensor;
@@ -56,6 +74,15 @@ void make_items(const std::vector<int64_t>& numels, std::vector<Item>& items, st
 int64_t grain_for(int64_t n_items, int64_t total_elems) {
   if (total_elems <= 0) return 1;
   return std::max<int64_t>(1, (n_items * 65536 + total_elems - 1) / total_elems);
+}
+
+bool cpu_has_avx2_fma() {
+#if FO_HAVE_AVX2_COPY
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -87,16 +114,16 @@ FO_INLINE void momentum_items(const MomentumJob& job, int64_t begin, int64_t end
       for (int k = 0; k < kLanes; ++k) {
         float bn, uu;
         momentum_elem(static_cast<float>(g[i + k]), static_cast<float>(b[i + k]), m, bn, uu);
-        b[i + k] = static_cast<B>(bn);
-        u[i + k] = static_cast<U>(uu);
+        b[i + k] = store_as<B>(bn);
+        u[i + k] = store_as<U>(uu);
         acc[k] += static_cast<double>(uu) * static_cast<double>(uu);
       }
     }
     for (int k = 0; i < n; ++i, ++k) {
       float bn, uu;
       momentum_elem(static_cast<float>(g[i]), static_cast<float>(b[i]), m, bn, uu);
-      b[i] = static_cast<B>(bn);
-      u[i] = static_cast<U>(uu);
+      b[i] = store_as<B>(bn);
+      u[i] = store_as<U>(uu);
       acc[k] += static_cast<double>(uu) * static_cast<double>(uu);
     }
     double s = 0.0;
@@ -124,13 +151,17 @@ FO_INLINE void momentum_items(const MomentumJob& job, int64_t begin, int64_t end
   FO_MOM_U(GC, G, 0, float)              \
   FO_MOM_U(GC, G, 1, c10::BFloat16)
 
-FO_CLONES void momentum_range(int combo, const MomentumJob& job, int64_t begin, int64_t end) {
+FO_INLINE void momentum_range_impl(int combo, const MomentumJob& job, int64_t begin, int64_t end) {
   switch (combo) {
     FO_MOM_B(0, float)
     FO_MOM_B(1, c10::BFloat16)
     FO_MOM_B(2, c10::Half)
     default: break;  // unreachable: combos come from checked dtypes
   }
+}
+void momentum_range_base(int combo, const MomentumJob& job, int64_t b, int64_t e) { momentum_range_impl(combo, job, b, e); }
+FO_AVX2 void momentum_range_avx2(int combo, const MomentumJob& job, int64_t b, int64_t e) {
+  momentum_range_impl(combo, job, b, e);
 }
 
 void muon_momentum_cpu(at::TensorList grads, at::TensorList bufs, at::TensorList outs, at::Tensor sumsq,
@@ -158,7 +189,9 @@ void muon_momentum_cpu(at::TensorList grads, at::TensorList bufs, at::TensorList
   const MomentumJob job{items.data(), gp.data(), bp.data(), up.data(), partial.data(),
                         make_momentum_scalars(momentum, nesterov, ema)};
   at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(items.size(), total),
-                   [&](int64_t b, int64_t e) { momentum_range(combo, job, b, e); });
+                   [&, avx2 = cpu_has_avx2_fma()](int64_t b, int64_t e) {
+                     avx2 ? momentum_range_avx2(combo, job, b, e) : momentum_range_base(combo, job, b, e);
+                   });
   // fixed-order reduction over a tensor's chunks: the result does not depend on the thread count
   float* out = sumsq.data_ptr<float>();
   for (size_t t = 0; t < n; ++t) {
@@ -188,7 +221,7 @@ FO_INLINE void apply_items(const ApplyJob& job, int64_t begin, int64_t end) {
     P* __restrict__ p = static_cast<P*>(job.p[item.tensor]) + item.begin;
     const O* __restrict__ o = static_cast<const O*>(job.o[item.tensor]) + item.begin;
     for (int64_t i = 0; i < item.size; ++i) {
-      p[i] = static_cast<P>(apply_elem(static_cast<float>(p[i]), static_cast<float>(o[i]), d, neg_a));
+      p[i] = store_as<P>(apply_elem(static_cast<float>(p[i]), static_cast<float>(o[i]), d, neg_a));
     }
   }
 }
@@ -200,7 +233,7 @@ FO_INLINE void apply_items(const ApplyJob& job, int64_t begin, int64_t end) {
   FO_APPLY_CASE(PC, P, 1, c10::BFloat16) \
   FO_APPLY_CASE(PC, P, 2, c10::Half)
 
-FO_CLONES void apply_range(int combo, const ApplyJob& job, int64_t begin, int64_t end) {
+FO_INLINE void apply_range_impl(int combo, const ApplyJob& job, int64_t begin, int64_t end) {
   switch (combo) {
     FO_APPLY_O(0, float)
     FO_APPLY_O(1, c10::BFloat16)
@@ -208,6 +241,9 @@ FO_CLONES void apply_range(int combo, const ApplyJob& job, int64_t begin, int64_
     default: break;
   }
 }
+void apply_range_base(int combo, const ApplyJob& job, int64_t b, int64_t e) { apply_range_impl(combo, job, b, e); }
+FO_AVX2 void apply_range_avx2(int combo, const ApplyJob& job, int64_t b, int64_t e) { apply_range_impl(combo, job, b, e); }
+
 
 // A CPU copy of a one-element float tensor's value for the host side (a CPU tensor: no sync).
 const float* cpu_scalar_ptr(const c10::optional<at::Tensor>& t) {
@@ -248,7 +284,9 @@ void muon_apply_cpu(at::TensorList params, at::TensorList updates, double lr, do
   const int combo = dtype_code(params[0].scalar_type()) * 3 + dtype_code(updates[0].scalar_type());
   const ApplyJob job{items.data(), pp.data(), op.data(), coef.data(), s};
   at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(items.size(), total),
-                   [&](int64_t b, int64_t e) { apply_range(combo, job, b, e); });
+                   [&, avx2 = cpu_has_avx2_fma()](int64_t b, int64_t e) {
+                     avx2 ? apply_range_avx2(combo, job, b, e) : apply_range_base(combo, job, b, e);
+                   });
 }
 
 }  // namespace
