@@ -69,7 +69,7 @@ def compile_kernel(kind: str, cfg: Config, arch: int, dtype: str = "bf16"):
         sig.update({n: "i32" for n in ints})
         sig.update({"alpha": "fp32", "beta": "fp32"})
         const = dict(HAS_SCALE=False, HAS_Y=True, ROUND_DTYPE=tdt, DOT_DTYPE=tdt, INPUT_PRECISION="ieee",
-                     OUT_ROUND=tdt, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k)
+                     OUT_ROUND=tdt, SOFT_BF16=False, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k)
         div = ["P", "S", "Y", "C", "K_OUT", "L", "sp_b", "sp_r", "ss_b", "ss_r", "sy_b", "sy_r", "sc_b", "sc_r"]
     elif kind == "apply":
         fn = _apply_kernel
@@ -80,7 +80,7 @@ def compile_kernel(kind: str, cfg: Config, arch: int, dtype: str = "bf16"):
         sig.update({n: "i32" for n in ints})
         sig["a"] = "fp32"
         const = dict(HAS_AX=True, HAS_SCALE=False, ROUND_DTYPE=tdt, DOT_DTYPE=tdt, INPUT_PRECISION="ieee",
-                     OUT_ROUND=tdt, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                     OUT_ROUND=tdt, SOFT_BF16=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                      GROUP_M=cfg.group_m)
         div = ["Q", "X", "O", "K_IN", "L", "sq_b", "sq_r", "sx_b", "sx_r", "so_b", "so_r"]
     else:

@@ -116,7 +116,7 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
             float(alpha), float(beta),
             HAS_SCALE=scale is not None, HAS_Y=Y is not None,
             ROUND_DTYPE=tl_dtype(rd), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
-            OUT_ROUND=tl_dtype(out.dtype), BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+            OUT_ROUND=tl_dtype(out.dtype), SOFT_BF16=interpreter_enabled(), BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0:
@@ -151,7 +151,7 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
             *Q.stride(), *X.stride(), *out.stride(), float(a),
             HAS_AX=a != 0.0, HAS_SCALE=scale is not None,
             ROUND_DTYPE=tl_dtype(xrd), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
-            OUT_ROUND=tl_dtype(rd), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            OUT_ROUND=tl_dtype(rd), SOFT_BF16=interpreter_enabled(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0 and L > 0:
