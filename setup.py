@@ -147,6 +147,7 @@ def _extensions():
         # Separate roundings in csrc/muon_step.h must stay separate (bit-exact twins of torch's ops).
         "-ffp-contract=off",
         "-fvisibility=hidden",
+        "-g0",  # Python's CFLAGS add -g: debug info triples the object size and slows the build
     ]
     sources = ["csrc/fastortho.cpp", "csrc/cpu/muon_step.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
