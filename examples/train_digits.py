@@ -183,8 +183,8 @@ def main() -> None:
 
     grids = {
         "AdamW": [1e-3, 3e-3, 1e-2],
-        "fastortho.Muon": [1e-2, 3e-2, 1e-1],
-        "torch.optim.Muon": [1e-2, 3e-2, 1e-1],
+        "fastortho.Muon": [3e-3, 1e-2, 3e-2],
+        "torch.optim.Muon": [3e-3, 1e-2, 3e-2],
     }
     print(f"digits: {len(Xtr)} train / {len(Xva)} validation, MLP 64-{args.hidden}-{args.hidden}-"
           f"{args.hidden}-10, {args.steps} steps of batch {args.batch}, {args.threads} thread(s)")

@@ -501,6 +501,9 @@ def test_auto_split_routes_vectors_to_adamw():
     algos = [(g["algorithm"], g["lr"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups]
     assert algos[0][0] == "muon" and algos[0][1] == 0.02 and all(len(s) == 2 for s in algos[0][2])
     assert algos[1][0] == "adamw" and algos[1][1] == 3e-4 and all(len(s) == 1 for s in algos[1][2])
+    named = Muon(model.named_parameters())  # torch's (name, param) pairs split the same way
+    assert [g["param_names"] for g in named.param_groups] == [
+        ["0.weight", "2.weight", "4.weight"], ["0.bias", "2.bias", "4.bias"]]
     with pytest.raises(ValueError, match="AdamW"):
         Muon([dict(params=[nn.Parameter(torch.randn(3))], algorithm="muon")])
 
@@ -562,3 +565,22 @@ def test_step_under_torch_compile_cpu_inductor():
         step()
     for x, y in zip(ea, ps):
         torch.testing.assert_close(x, y.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_has_no_host_sync_on_cuda():
+    """The whole step (Muon with skip checks, aux AdamW, telemetry off) runs with sync debug mode 'error'."""
+    ps = [nn.Parameter(torch.randn(s, device="cuda")) for s in [(64, 128), (64, 128), (128, 64), (32,)]]
+    opt = Muon(ps, lr=0.02)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()  # warm-up: lazy inits (cuBLAS handles, kernel loads) may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in ps)

@@ -234,8 +234,9 @@ class Muon(Optimizer):
         algo = param_group.get("algorithm", None)
         if algo is None:
             params = list(param_group["params"])
-            mats = [p for p in params if p.ndim >= 2]
-            rest = [p for p in params if p.ndim < 2]
+            # entries are tensors or (name, tensor) pairs (torch's named parameters)
+            mats = [p for p in params if (p[1] if isinstance(p, tuple) else p).ndim >= 2]
+            rest = [p for p in params if (p[1] if isinstance(p, tuple) else p).ndim < 2]
             # the AdamW half takes the AdamW defaults, not the group's Muon lr/weight decay
             muon_only = {"lr", "weight_decay"}
             for part, name in ((mats, "muon"), (rest, "adamw")):
