@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,11 +68,10 @@ STRATEGIES = ("auto", "local", "owner", "a2a", "gather")
 
 
 def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return None
-    return DTensor
+    # a DTensor can only exist once torch.distributed.tensor is imported: do not pay that import
+    # (seconds) in single-process runs
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
 
 
 def _is_dtensor(t: Tensor) -> bool:

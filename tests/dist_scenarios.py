@@ -10,7 +10,9 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -32,16 +34,19 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on nn.Sequential
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     try:
         for name in names:
+            t0 = time.perf_counter()
             try:
                 results[name] = SCENARIOS[name](rank, world)
             except Exception:  # report, keep the group alive for the next scenario
                 results[name] = {"ok": False, "error": traceback.format_exc()}
             dist.barrier()
+            results[name]["seconds"] = time.perf_counter() - t0
     finally:
         with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(results, f)
@@ -213,3 +218,280 @@ SCENARIOS = {
     "ident_owner": sc_ident_owner,
     "ident_local": sc_ident_local,
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# bytes against the closed form (every shard the same size, so the owner's share is numel/W)
+# ------------------------------------------------------------------------------------------------
+EVEN = [(64, 32), (32, 64), (48, 48), (48, 48), (48, 48), (16, 16), (32, 32)]
+
+
+def sc_bytes_even(rank, world):
+    """a2a (Shard(0)/Shard(1), bf16) and owner (plain, bf16): bytes per Muon parameter, mean over ranks."""
+    import fastortho
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(1)
+    full = [0.1 * torch.randn(s) for s in EVEN]
+    P = sum(t.numel() for t in full)
+    out = {"P": P}
+    for mode in ("a2a", "owner"):
+        if mode == "a2a":
+            ps = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(i % 2)], src_data_rank=None))
+                  for i, t in enumerate(full)]
+            opt = fastortho.Muon(ps, lr=LR, ns_dtype=torch.bfloat16)
+        else:
+            ps = [nn.Parameter(t.clone()) for t in full]
+            opt = fastortho.Muon(ps, lr=LR, ns_dtype=torch.bfloat16, process_group=dist.group.WORLD)
+        for step in range(2):
+            gs = _grads(EVEN, step)
+            for p, g in zip(ps, gs):
+                p.grad = distribute_tensor(g, mesh, p.placements, src_data_rank=None) if mode == "a2a" else g
+            with A2ACounter() as c:
+                opt.step()
+        st = opt.comm_stats
+        out[mode] = dict(bytes=st["bytes"][mode], measured=c.bytes, ideal=st["ideal"][mode],
+                         calls=st["collectives"][mode], ns_flops=st["ns_flops"],
+                         mean_per_param=_sum_all(st["bytes"][mode]) / world / P,
+                         max_flops=_max_all(st["ns_flops"]), mean_flops=_sum_all(st["ns_flops"]) / world)
+    out["ok"] = True
+    return out
+
+
+def _max_all(x):
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: FSDP2, DDP, HSDP, TP, FSDP x TP on a small MLP
+# ------------------------------------------------------------------------------------------------
+PER = 4  # samples per rank per step
+E2E_STEPS = 3
+
+
+def _mlp(tp=False):
+    torch.manual_seed(0)
+    if tp:  # TP needs divisible feature dims
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
+                             nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 4))
+    # 33 rows: uneven shards; the 1x24 head: an empty shard at W >= 2
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 33), nn.ReLU(),
+                         nn.Linear(33, 24), nn.ReLU(), nn.Linear(24, 1))
+
+
+def _data(step, n):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(n, 16, generator=g)
+    return x, torch.randn(n, 1, generator=g)
+
+
+def _loss(model, x, y):
+    out = model(x)
+    return ((out - y[:, :1]) ** 2).mean() if out.shape[1] == 1 else ((out - y) ** 2).mean()
+
+
+def _opt(params, **kw):
+    import fastortho
+
+    return fastortho.Muon(params, lr=LR, weight_decay=0.1, adamw_lr=1e-3, **kw)
+
+
+def _reference(micro, n_total, steps=E2E_STEPS, tp=False):
+    """Single process: each step splits n_total samples into ``micro`` micro-batches, loss/micro each."""
+    model = _mlp(tp)
+    opt = _opt(model.parameters())
+    for step in range(steps):
+        x, y = _data(step, n_total)
+        if tp:
+            y = y.expand(-1, 4).contiguous()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            (_loss(model, xs, ys) / micro).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()]
+
+
+def _compare(model, ref):
+    from torch.distributed.tensor import DTensor
+
+    got = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in model.parameters()]
+    equal = all(torch.equal(a, b) for a, b in zip(got, ref))
+    diff = max((a.double() - b.double()).abs().max().item() for a, b in zip(got, ref))
+    return equal, diff
+
+
+def _train(model, opt, rank_slice, n_total, steps=E2E_STEPS, tp=False, ns_counter=None):
+    between = 0
+    for step in range(steps):
+        x, y = _data(step, n_total)
+        if tp:
+            y = y.expand(-1, 4).contiguous()
+        _loss(model, x[rank_slice], y[rank_slice]).backward()
+        if ns_counter is not None:
+            between += ns_counter[0]  # NS calls made outside step() (must stay 0)
+        opt.step()
+        if ns_counter is not None:
+            ns_counter[0] = 0
+        opt.zero_grad()
+    return between
+
+
+def _count_ns(opt):
+    counter = [0]
+    orig = opt._orthogonalize_bucket
+
+    def counted(x, g):
+        counter[0] += 1
+        return orig(x, g)
+
+    opt._orthogonalize_bucket = counted
+    return counter
+
+
+def _fsdp_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def sc_e2e_fsdp(rank, world):
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _fsdp_model(mesh)
+    opt = _opt(model.parameters())
+    counter = _count_ns(opt)
+    outside = _train(model, opt, slice(rank * PER, (rank + 1) * PER), world * PER, ns_counter=counter)
+    equal, diff = _compare(model, _reference(world, world * PER))
+    placements = sorted({str(p.placements) for p in model.parameters()})
+    return dict(ok=True, equal=equal, max_diff=diff, ns_outside_step=outside,
+                strategies=sorted(opt.comm_stats["numel"]), placements=placements,
+                full_batch_diff=_compare(model, _reference(1, world * PER))[1])
+
+
+def sc_e2e_ddp(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _mlp()
+    ddp = DDP(model)
+    opt = _opt(ddp.parameters(), process_group=ddp.process_group)
+    n = world * PER
+    for step in range(E2E_STEPS):
+        x, y = _data(step, n)
+        sl = slice(rank * PER, (rank + 1) * PER)
+        out = ddp(x[sl])
+        ((out - y[sl]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    equal, diff = _compare(model, _reference(world, n))
+    return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]))
+
+
+def sc_e2e_tp(rank, world):
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _mlp(tp=True)
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel(),
+                                     "4": ColwiseParallel(), "6": RowwiseParallel()})
+    opt = _opt(model.parameters())
+    _train(model, opt, slice(None), PER, tp=True)  # every TP rank sees the whole batch
+    equal, diff = _compare(model, _reference(1, PER, tp=True))
+    return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]),
+                placements=sorted({str(p.placements) for p in model.parameters()}))
+
+
+def sc_e2e_hsdp(rank, world):
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    model = _fsdp_model(mesh)
+    opt = _opt(model.parameters())
+    _train(model, opt, slice(rank * PER, (rank + 1) * PER), world * PER)
+    equal, diff = _compare(model, _reference(world, world * PER))
+    return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]),
+                placements=sorted({str(p.placements) for p in model.parameters()}))
+
+
+def sc_e2e_fsdp_tp(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    model = _mlp(tp=True)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel(),
+                                           "4": ColwiseParallel(), "6": RowwiseParallel()})
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = _opt(model.parameters())
+    dp = mesh.get_local_rank("dp")
+    _train(model, opt, slice(dp * PER, (dp + 1) * PER), 2 * PER, tp=True)
+    equal, diff = _compare(model, _reference(2, 2 * PER, tp=True))
+    return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]),
+                placements=sorted({str(p.placements) for p in model.parameters()}))
+
+
+def sc_dcp(rank, world):
+    """FSDP2: 2 steps, DCP save, 2 more steps; a fresh model+optimizer loads and takes the same 2 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    n = world * PER
+    sl = slice(rank * PER, (rank + 1) * PER)
+
+    def steps(model, opt, start, count):
+        for step in range(start, start + count):
+            x, y = _data(step, n)
+            _loss(model, x[sl], y[sl]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = _fsdp_model(mesh)
+    opt = _opt(model.parameters())
+    keys0 = sorted(map(str, opt.state_dict()["state"].keys()))  # eager state: before any step
+    steps(model, opt, 0, 2)
+    path = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path[0])
+    all_keys = [None] * world
+    dist.all_gather_object(all_keys, (keys0, sorted(osd["state"].keys())))
+    steps(model, opt, 2, 2)
+    a = [p.full_tensor() for p in model.parameters()]
+
+    model2 = _fsdp_model(mesh)
+    opt2 = _opt(model2.parameters())
+    msd2, osd2 = get_state_dict(model2, opt2)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, checkpoint_id=path[0])
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    steps(model2, opt2, 2, 2)
+    b = [p.full_tensor() for p in model2.parameters()]
+    same_keys = all(k == all_keys[0] for k in all_keys)
+    equal = all(torch.equal(x, y) for x, y in zip(a, b))
+    return dict(ok=equal and same_keys, equal=equal, same_keys=same_keys)
+
+
+SCENARIOS.update({
+    "bytes_even": sc_bytes_even,
+    "e2e_fsdp": sc_e2e_fsdp,
+    "e2e_ddp": sc_e2e_ddp,
+    "e2e_tp": sc_e2e_tp,
+    "e2e_hsdp": sc_e2e_hsdp,
+    "e2e_fsdp_tp": sc_e2e_fsdp_tp,
+    "dcp": sc_dcp,
+})
