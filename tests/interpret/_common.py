@@ -43,7 +43,7 @@ def haar(n, gen):
     return Q * torch.sign(torch.diagonal(R))[None, :]
 
 
-def test_matrices(m, seed=0):
+def anchor_matrices(m, seed=0):
     """The anchors' three test matrices (shared/research/ns_accuracy.py) at size m."""
     gen = torch.Generator().manual_seed(seed)
     mats = {"gauss_square": torch.randn(1, m, m, dtype=torch.float64, generator=gen),
