@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -649,4 +650,6 @@ def make_engine(opt, process_group=None, strategy: str = "auto") -> DistributedM
     multi = process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1
     if not (any_dt or multi):
         return None
+    if getattr(opt, "telemetry", False):
+        warnings.warn("fastortho.Muon: telemetry is not recorded in distributed mode", stacklevel=3)
     return DistributedMuonEngine(opt, process_group, strategy)

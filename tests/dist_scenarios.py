@@ -56,8 +56,18 @@ def _worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> 
 
 def run_world(world: int, names: list[str]) -> dict[str, list[dict]]:
     """Run ``names`` in one spawn of ``world`` gloo processes; returns name -> per-rank result dicts."""
+    # fork after importing what every worker needs: a spawned worker re-imports torch, DTensor and FSDP
+    # (seconds each on a busy 2-core machine); the workers use one thread, so forking is safe
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+    import fastortho  # noqa: F401
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, _free_port(), d, names), nprocs=world, join=True)
+        mp.start_processes(_worker, args=(world, _free_port(), d, names), nprocs=world, join=True,
+                           start_method=method)
         per_rank = []
         for r in range(world):
             with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:

@@ -140,7 +140,7 @@ def test_ns_independent_of_batch_composition():
                                         orthogonalizer="newton_schulz", normalize="fro", eps=1e-7, ns_dtype=None,
                                         backend="auto"))
     g = torch.Generator().manual_seed(0)
-    for m, n in [(33, 16), (16, 64), (1, 16), (96, 200)]:
+    for m, n in [(33, 16), (16, 64), (1, 16), (40, 72)]:
         X = torch.randn(6, m, n, generator=g)
         full = F.orthogonalize(X, cfg)
         for sub in ([0], [5], [1, 2], [0, 3, 5]):

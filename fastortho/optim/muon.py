@@ -133,7 +133,14 @@ class Muon(Optimizer):
         zero_init: AdamW moments start at zero (default True) or at :math:`g_1, g_1^2`.
         telemetry: record, each step, the per-matrix update RMS :math:`\eta\, s\, \|O\|_F/\sqrt{mn}` and the
             singular-value band :math:`[\sigma_{\min}, \sigma_{\max}]` of :math:`O` (one batched ``svdvals``
-            per bucket: opt-in). Read with :meth:`telemetry_report`.
+            per bucket: opt-in). Read with :meth:`telemetry_report`. Not recorded in distributed mode.
+        process_group: the data-parallel group of plain (DDP-replicated) parameters: each matrix is then
+            orthogonalized by one rank and the results are exchanged (``"owner"``). DTensor parameters
+            (FSDP2, TP, HSDP) need nothing: their mesh and placements decide. See
+            :mod:`fastortho.distributed`.
+        strategy: ``"auto"`` (default), or force ``"local"``, ``"owner"``, ``"a2a"`` or ``"gather"`` for the
+            parameters that need communication (also a param-group key). :attr:`comm_stats` reports the
+            bytes each step sends.
 
     Differences from torch.optim.Muon, all opt-out: on CPU the orthogonalizer runs in fp32 rather than
     bf16; non-finite updates are skipped rather than applied; non-2-D parameters are accepted (routed
