@@ -15,23 +15,33 @@ float32 resolves only σ/σ_max ≳ 2e-3. QDWH (Nakatsukasa, Bai & Gygi 2010; th
   X ← (b/c)X + (a − b/c)/√c · Q₁Q₂ᵀ (no Gram matrix is formed: backward stable). After that
   I + cXᵀX has condition ≤ 101, and the cheaper Cholesky form is used:
   X ← (b/c)X + (a − b/c)·X(I + cXᵀX)⁻¹ (``cholesky_ex`` + ``cholesky_solve``).
-* Fixed l₀ for the whole batch: l₀ = τ/√m with τ the rank tolerance (default max(m, n)·u, that of
-  ``fastortho.reference.polar_svd``) and √m from the Frobenius start. The weight schedule is then
-  the same scalar list for every matrix (computed once on the host, in float64); no σ_min estimate
-  is needed, and well-conditioned matrices simply converge earlier.
+* Fixed l₀ for the whole batch: l₀ = 10·τ/√m with τ the rank tolerance (default max(m, n)·u of the
+  working dtype, that of ``fastortho.reference.polar_svd`` at that precision) and √m from the
+  Frobenius start. The weight schedule is the same scalar list for every matrix (computed once on
+  the host, in float64) and ends when 1 − l ≤ u: 4 steps in float32, 6 in float64 for 64×128.
+  No σ_min estimate is needed; well-conditioned matrices stop earlier on the step test. No plain
+  Halley steps follow the schedule: f'(0) = a > 1, so extra steps would lift the directions below
+  l₀ (noise) towards 1.
 * Stop: per matrix when ‖X_{k+1} − X_k‖_F/‖X_{k+1}‖_F ≤ tol (default (4u)^{1/3}: cubic
   convergence lands the next error at ~u) after the schedule's QR phase; converged matrices are
   frozen (batch result = each matrix alone). Then one Newton–Schulz step X ← 1.5X − 0.5XXᵀX
   polishes orthogonality (error e → 1.5e²; zero directions stay zero).
-* Rank: every f fixes 0, and σ < l₀ are only partly amplified, so on a rank-deficient G the
-  iterate ends with singular values ≈ 1 (kept) or < 1 (noise, exact zeros stay 0). Matrices
-  whose ‖XXᵀ − I‖_F > 1/4 are cleaned up by the spectral projector onto eigenvalues of XᵀX above
-  ½ (eigh of a matrix with a gap of ~1 between its clusters: well conditioned, unlike the
-  eigenvalues of the original Gram matrix). The result is the canonical factor U_rV_rᵀ with the
-  rank cut at σ/σ_max ≈ τ (within a factor ~3: the composed map crosses ½ just below l₀).
+* Rank: every f fixes 0 and amplifies σ < l₀ only partly, so the composed map sends σ ≥ 0.3·l₀
+  to 1 (to u), crosses 1/√2 at σ ≈ 0.1·l₀ (float32) / 0.03·l₀ (float64), and leaves rounding noise
+  (σ ~ u·‖G‖_F ≪ l₀) small. Matrices with ‖XᵀX − I‖_F > √u after the loop are finished by
+  X ← X·W·diag(λ^{-1/2}·[λ > ½])·Wᵀ from XᵀX = WΛWᵀ: an eigh of a matrix whose kept eigenvalues
+  lie in [½, 1] (condition ≤ 2, where the original Gram matrix has κ²), which maps the kept
+  singular values to exactly 1 and the rest to 0 with G's singular vectors. The result is the
+  canonical factor U_rV_rᵀ with the cut at σ ≈ τ·‖G‖_F/√m (float32 64×128 at κ ≥ 1e6: every
+  σ ≥ 3e-6·σ_max kept). Exact zeros stay exactly 0; a zero matrix maps to zeros.
+* Backends: XᵀX + I of the Cholesky steps and the fused update X' = αX + βZ (with the per-matrix
+  step norm) go through ``fastortho._polar_step`` (Triton on CUDA, torch elsewhere); QR, Cholesky
+  and the solves are ``torch.linalg`` (cuSOLVER / LAPACK).
 
-Cost for an m×m iterate (after the 2nm² − ⅔m³ of the first QR and 4nm² − 2m³… of forming Q₀X):
-a QR step ≈ 10⅔m³ (QR of 2m×m: 8m³ − ⅔·8m³/… see ``flops`` below), a Cholesky step ≈ 3⅓m³.
+Cost (``qdwh_flops``): for a 64×128 float32 G about 8.7 MFLOP (first QR 2.8, one QR step 2.3,
+three Cholesky steps 2.6, polish and check 1.0), less than 5 / 8 Newton–Schulz steps on G
+(13.1 / 21.0 MFLOP, naive) because QR-first shrinks the iterate to 64×64; but LAPACK/cuSOLVER QR
+and Cholesky run far below GEMM rate. Measured numbers: ``bench/RESULTS.md``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,181 @@
+"""Accurate polar factor: iterations, error vs the float64 SVD, FLOPs and time, all methods in one run.
+
+For each size m×n (m ≤ n) and condition number κ (σ log-spaced over [1/κ, 1], Haar singular
+vectors) it runs on the same float64 matrices:
+
+* ``fastortho.polar`` with method "qdwh" and "higham" (float32 and float64 working precision);
+* ``torch.linalg.svd`` → UVᵀ in float32 and float64 (the baseline every accuracy claim is
+  measured against: its own error at the same precision);
+* ``jax.scipy.linalg.polar(method="qdwh")`` in float32 and float64, when jax is installed
+  (optional: the script runs without it);
+* Newton–Schulz (Polar Express, 5 and 8 steps, float32): the fast approximate path, for scale.
+
+Columns: iterations (per matrix, max over the batch), relative Frobenius error vs the float64 SVD
+factor (the full one: directions below a method's rank cut count as error), rank kept (singular
+values of the output > ½), model FLOPs per matrix, and p20/p50/p80 wall time per call.
+
+FLOP models (m ≤ n, per matrix; a QR of p×q costs 2pq² − ⅔q³ plus the same to form Q):
+* qdwh: ``fastortho.polar_qdwh.qdwh_flops`` (QR of Gᵀ, QR steps on [√c X; I], Cholesky steps,
+  NS polish, the final Q₀X) + the m³ check of XᵀX;
+* higham: eigh of the first Gram (≈ 9m³) + rotations (4m²n), per step Gram (m²n, symmetric),
+  Cholesky (m³/3), solve (2m²n);
+* svd: Golub–Van Loan R-SVD with U, V (6nm² + 20m³) + UVᵀ (2m²n);
+* NS: per step 4m²n + 2m³ (naive; 3m²n + m³ with symmetry).
+
+Usage: ``python bench/bench_polar.py [--tiny] [--csv out.csv] [--threads N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_string, timeit, write_csv  # noqa: E402
+
+import fastortho  # noqa: E402
+from fastortho.polar_qdwh import qdwh_flops  # noqa: E402
+from fastortho.reference import polar_error, polar_svd  # noqa: E402
+
+F32, F64 = torch.float32, torch.float64
+
+
+def spectrum_matrix(m: int, n: int, kappa: float, seed: int = 0) -> torch.Tensor:
+    """float64 U·diag(logspace(0, −log10 κ, m))·Vᵀ with Haar U (m×m), V (n×m)."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=F64))
+    s = torch.logspace(0, -math.log10(kappa), m, dtype=F64)
+    return (U * s) @ V.mT
+
+
+def higham_flops(m: int, n: int, iters: int) -> float:
+    return 9 * m**3 + 4 * m * m * n + iters * (m * m * n + m**3 / 3 + 2 * m * m * n)
+
+
+def svd_flops(m: int, n: int) -> float:
+    return 6 * n * m * m + 20 * m**3 + 2 * m * m * n
+
+
+def ns_flops(m: int, n: int, steps: int) -> float:
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
+def _jax_polar():
+    """(fn(G float64 tensor, dtype) -> (P tensor, iters), version) or None without jax."""
+    try:
+        # Same thread budget as torch (--threads 1 by default): XLA's CPU client otherwise spreads
+        # one call over every core, which on a shared box measures the neighbours.
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+        from jax import lax
+        from jax.scipy.linalg import polar as jpolar
+    except ImportError:
+        return None
+    qdwh = jax.jit(lambda a: lax.linalg.qdwh(a)[::2])  # (u, num_iters)
+    polar_j = jax.jit(lambda a: jpolar(a, method="qdwh")[0])
+
+    def run(G: torch.Tensor, dtype: torch.dtype):
+        a = jnp.asarray(G.mT.numpy(), dtype=jnp.float32 if dtype == F32 else jnp.float64)  # JAX wants m ≥ n
+        u = polar_j(a).block_until_ready()
+        _, it = qdwh(a)
+        return torch.from_numpy(np.array(u)).mT, int(it)
+
+    def timed(G: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+        a = jnp.asarray(G.mT.numpy(), dtype=jnp.float32 if dtype == F32 else jnp.float64)
+        polar_j(a).block_until_ready()
+        return lambda: polar_j(a).block_until_ready()
+
+    return run, timed, f"jax {jax.__version__}"
+
+
+def bench(m: int, n: int, kappa: float, reps: int, jaxfns) -> list[dict]:
+    G = spectrum_matrix(m, n, kappa)
+    ref = polar_svd(G)
+    rows = []
+
+    def add(method: str, dtype: torch.dtype, P: torch.Tensor, iters, flops: float, fn):
+        t = timeit(fn, "cpu", warmup=1, reps=reps, max_time_s=10.0)
+        S = torch.linalg.svdvals(P.double())
+        rows.append(dict(m=m, n=n, kappa=f"{kappa:.0e}", method=method, dtype=str(dtype).split(".")[-1],
+                         iters=iters, error=polar_error(P, G, reference=ref).item(),
+                         rank=int((S > 0.5).sum()), mflop=flops / 1e6, **t.as_dict("ms_")))
+
+    for dtype in (F32, F64):
+        Gd = G.to(dtype)
+        for method in ("qdwh", "higham"):
+            P, it = fastortho.polar(Gd, method=method, return_iterations=True)
+            k = int(it.max())
+            if method == "qdwh":
+                # The schedule's QR phase: steps with c > 100 (the first 1 in fp32, 2 in fp64 here).
+                n_qr = 1 if dtype == F32 else 2
+                fl = qdwh_flops(m, n, min(n_qr, k), max(k - n_qr, 0)) + m**3
+            else:
+                fl = higham_flops(m, n, k)
+            add(method, dtype, P, k, fl, lambda Gd=Gd, method=method: fastortho.polar(Gd, method=method))
+        if dtype == F64:  # the seed's unscaled iteration, for the scaling comparison
+            P, it = fastortho.polar(Gd, method="higham", scaling="fro", max_iter=60, return_iterations=True)
+            k = int(it.max())
+            add("higham scaling=fro", dtype, P, k, higham_flops(m, n, k),
+                lambda Gd=Gd: fastortho.polar(Gd, method="higham", scaling="fro", max_iter=60))
+        U, _, Vh = torch.linalg.svd(Gd, full_matrices=False)
+        add("torch.svd", dtype, U @ Vh, "-", svd_flops(m, n),
+            lambda Gd=Gd: (lambda U, S, Vh: U @ Vh)(*torch.linalg.svd(Gd, full_matrices=False)))
+        if jaxfns is not None:
+            run, timed, _ = jaxfns
+            P, it = run(G, dtype)
+            add("jax qdwh", dtype, P, it, float("nan"), timed(G, dtype))
+    G32 = G.float()
+    for steps in (5, 8):
+        P = fastortho.newton_schulz(G32, steps=steps)
+        add(f"NS-{steps} (polar_express)", F32, P, steps, ns_flops(m, n, steps),
+            lambda steps=steps: fastortho.newton_schulz(G32, steps=steps))
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = "| m×n | κ | method | dtype | iters | error vs fp64 SVD | rank kept | MFLOP | p20 / p50 / p80 ms |"
+    out = [head, "|" + "---|" * 9]
+    for r in rows:
+        fl = "—" if math.isnan(r["mflop"]) else f"{r['mflop']:.1f}"
+        out.append(f"| {r['m']}×{r['n']} | {r['kappa']} | {r['method']} | {r['dtype']} | {r['iters']} | "
+                   f"{r['error']:.1e} | {r['rank']}/{r['m']} | {fl} | "
+                   f"{r['ms_p20']:.2f} / {r['ms_p50']:.2f} / {r['ms_p80']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="one 16×40 size, 1 rep (CI smoke run)")
+    p.add_argument("--sizes", default="64x128,256x512", help="comma-separated m×n, m ≤ n")
+    p.add_argument("--kappas", default="1e3,1e8")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (jax uses its own pool)")
+    p.add_argument("--no-jax", action="store_true")
+    p.add_argument("--csv", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    sizes = [(16, 40)] if a.tiny else [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
+    reps = 1 if a.tiny else a.reps
+    jaxfns = None if a.no_jax else _jax_polar()
+    print(device_string("cpu") + ("" if jaxfns is None else f" | {jaxfns[2]}"))
+    rows = []
+    for m, n in sizes:
+        for kappa in (float(k) for k in a.kappas.split(",")):
+            rows += bench(m, n, kappa, reps, jaxfns)
+    print(to_markdown(rows))
+    if a.csv:
+        write_csv(a.csv, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
