@@ -26,11 +26,17 @@ import site
 import sys
 import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["fastortho", "fastortho.kernels"]
-PACKAGE_DIR = {"fastortho": "fastortho", "fastortho.kernels": "kernels"}
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Subpackages are found, not listed, so that a new fastortho/<sub>/ is never left out of the wheel.
+PACKAGES = [
+    "fastortho",
+    *(f"fastortho.{p}" for p in find_packages(os.path.join(HERE, "fastortho"))),
+    "fastortho.kernels",
+    *(f"fastortho.kernels.{p}" for p in find_packages(os.path.join(HERE, "kernels"))),
+]
+PACKAGE_DIR = {"fastortho": "fastortho", "fastortho.kernels": "kernels"}
 
 
 def _env_flag(name: str) -> bool | None:
