@@ -10,6 +10,8 @@ wheel, ``FASTORTHO_BUILD_EXT=0``). Everything that can use ``_C`` asks this modu
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 __all__ = ["HAS_C", "HAS_C_CUDA", "IMPORT_ERROR", "OPS", "has_kernel", "require_c"]
@@ -19,7 +21,9 @@ OPS = ("fastortho::muon_momentum_", "fastortho::muon_apply_")
 
 IMPORT_ERROR: BaseException | None = None
 try:
-    from fastortho import _C  # noqa: F401  (import registers the ops with the dispatcher)
+    # import_module, not `from fastortho import _C`: while fastortho/__init__ runs, the latter reports a
+    # missing extension as a "circular import" instead of "No module named 'fastortho._C'"
+    _C = importlib.import_module("fastortho._C")  # registers the ops with the dispatcher
 
     HAS_C = True
 except Exception as exc:  # ImportError, or an OSError from a libtorch ABI mismatch
