@@ -262,8 +262,9 @@ def muon_apply_(
 
     if be == "c":
         op = torch.ops.fastortho.muon_apply_
-        lr_t = dev_f32(lr).reshape(()) if isinstance(lr, Tensor) else None
-        wd_t = dev_f32(weight_decay).reshape(()) if isinstance(weight_decay, Tensor) else None
+        # a 0-dim CPU lr/wd stays on the CPU: the kernel launcher reads it on the host (no copy, no sync)
+        lr_t = lr.to(torch.float32).reshape(()) if isinstance(lr, Tensor) else None
+        wd_t = weight_decay.to(torch.float32).reshape(()) if isinstance(weight_decay, Tensor) else None
         sc_t = dev_f32(scales) if isinstance(scales, Tensor) else None
         lr_f = 0.0 if lr_t is not None else float(lr)
         wd_f = 0.0 if wd_t is not None else float(weight_decay)
