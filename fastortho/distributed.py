@@ -135,9 +135,14 @@ class _Task:
     world: int = 1
     rank: int = 0  # this rank in ``group``
     axis: int = 0  # a2a: 1 = rows, 2 = columns of the (B, m, n) view
-    pieces: list[tuple[int, int]] = field(default_factory=list)  # a2a: per group rank, (start, len) in the unit
+    # a2a: per group rank, (start, length) of its piece along ``axis`` of the unit
+    pieces: list[tuple[int, int]] = field(default_factory=list)
     owner: int = 0  # group rank that orthogonalizes it
-    rows: tuple[int, int] | None = None  # split_sizes row block (global rows of the parameter view)
+    # gather: the layout, the DTensor parameter, the local NS input and the group's split_sizes
+    lay: dict | None = None
+    param: Tensor | None = None
+    u_local: Tensor | None = None
+    split: tuple[int, ...] | None = None
 
     def numel(self) -> int:
         b, m, n = self.shape
@@ -152,7 +157,8 @@ def _param_layout(p: Tensor, group: dict, process_group, forced: str) -> dict:
     """How parameter ``p`` is distributed: strategy, process group and sharded axis of its matrix view."""
     flatten = group["flatten"]
     if not _is_dtensor(p):
-        ws = dist.get_world_size(process_group) if (process_group is not None and dist.is_initialized()) else 1
+        multi = process_group is not None and dist.is_initialized()
+        ws = dist.get_world_size(process_group) if multi else 1
         strategy = forced if forced != "auto" else ("owner" if ws > 1 else "local")
         if strategy not in ("local", "owner"):
             raise ValueError(f"strategy={strategy!r} needs DTensor parameters; a plain tensor supports "
@@ -184,7 +190,8 @@ def _param_layout(p: Tensor, group: dict, process_group, forced: str) -> dict:
     # a forced strategy applies to parameters that need communication; whole-matrix shards stay local
     strategy = auto if forced == "auto" or (auto == "local" and forced != "local") else forced
     if strategy == "owner":
-        raise ValueError("strategy='owner' is for plain (DDP-replicated) tensors; DTensors use 'a2a' or 'gather'")
+        raise ValueError("strategy='owner' is for plain (DDP-replicated) tensors; DTensors use 'a2a' or "
+                         "'gather'")
     if strategy == "local" and auto != "local":
         raise ValueError(f"strategy='local' on a parameter sharded on a matrix dim ({placements}) would "
                          "orthogonalize shards; use 'a2a' or 'gather'")
@@ -198,11 +205,13 @@ def _param_layout(p: Tensor, group: dict, process_group, forced: str) -> dict:
         d = pl.dim % nd
         ext = [(s * factor, n_ * factor) for s, n_ in shard_extents(p.shape[d], world)]
         if p.to_local().shape[d] * factor != ext[rank][1]:
-            raise RuntimeError(f"local shard of shape {tuple(p.to_local().shape)} of a {tuple(p.shape)} parameter "
+            raise RuntimeError(f"local shard of shape {tuple(p.to_local().shape)} of a {tuple(p.shape)} "
+                               "parameter "
                                f"does not follow torch's chunking on dim {d} (rank {rank} of {world})")
         out.update(group=pg, world=world, rank=rank, axis=axis, extents=ext)
     if strategy == "gather":
-        out.update(reduce_groups=[mesh.get_group(md) for md, _ in sharded])
+        out.update(reduce_groups=[mesh.get_group(md) for md, _ in sharded],
+                   world=math.prod(mesh.size(md) for md, _ in sharded))
     elif strategy == "a2a":
         out.update(reduce_groups=[out["group"]])
     else:
@@ -343,11 +352,9 @@ class DistributedMuonEngine:
                                               "'gather' strategy is not supported")
                 units.append(F.MatrixUnit(param=pw, buf=bw, ns_input=uw, scale=scales.pop(), group_index=gi,
                                           name=name))
-                tasks.append(_Task(gi, i, "gather", (bsz, m, n), cfg, ns_flops(bsz, m, n, steps)))
-                tasks[-1].lay = lay  # type: ignore[attr-defined]
-                tasks[-1].u_local = uw  # type: ignore[attr-defined]
-                tasks[-1].param = p  # type: ignore[attr-defined]
-                tasks[-1].split = split  # type: ignore[attr-defined]
+                tasks.append(_Task(gi, i, "gather", (bsz, m, n), cfg, ns_flops(bsz, m, n, steps),
+                                   world=lay["world"], lay=lay, param=p, u_local=uw,
+                                   split=tuple(split) if split else None))
                 continue
             lb, lm, ln = F.matrix_shape(pw.shape, group["flatten"])
             views = [t.view(lb, lm, ln) for t in (pw, bw, uw)]
@@ -594,7 +601,7 @@ class DistributedMuonEngine:
         p, lay, u = t.param, t.lay, t.u_local
         full = DTensor.from_local(u, lay["mesh"], lay["placements"], run_check=False, shape=p.shape,
                                   stride=p.stride()).full_tensor()
-        W = lay["mesh"].size()
+        W = t.world
         self._count("gather", _nbytes(full.numel(), full.dtype) * (W - 1) // W)
         b, m, n = t.shape
         x = full.reshape(b, m, n)
@@ -628,7 +635,7 @@ class DistributedMuonEngine:
             elif t.strategy == "owner":
                 v = t.numel() * u.out.element_size() * (t.world - 1) if t.owner == t.rank else 0
             elif t.strategy == "gather":
-                W = t.lay["mesh"].size()
+                W = t.world
                 v = t.numel() * u.ns_input.element_size() * (W - 1) // W
             else:
                 v = 0

@@ -86,7 +86,8 @@ class A2ACounter:
         self.bytes, self.calls = 0, 0
         self._orig = dist.all_to_all_single
 
-        def wrapped(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        def wrapped(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                    async_op=False):
             me = dist.get_rank(group)
             if input_split_sizes:
                 own = input_split_sizes[me]
@@ -94,7 +95,8 @@ class A2ACounter:
                 own = input.numel() // dist.get_world_size(group)
             self.bytes += (input.numel() - own) * input.element_size()
             self.calls += 1
-            return self._orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+            return self._orig(output, input, output_split_sizes, input_split_sizes, group=group,
+                              async_op=async_op)
 
         dist.all_to_all_single = wrapped
         return self

@@ -76,7 +76,8 @@ def _check_ident(per_rank, world):
 def test_identical_grads_w2(w2, name):
     per_rank = _get(w2, name)
     _check_ident(per_rank, 2)
-    want = {"ident_a2a": ["a2a", "local"], "ident_a2a_bf16": ["a2a", "local"], "ident_gather": ["gather", "local"],
+    want = {"ident_a2a": ["a2a", "local"], "ident_a2a_bf16": ["a2a", "local"],
+            "ident_gather": ["gather", "local"],
             "ident_owner": ["owner"], "ident_local": ["local"]}[name]
     assert per_rank[0]["strategies"] == want
 
@@ -118,7 +119,8 @@ def test_e2e_tp_w2(w2):
         assert "(Shard(dim=1),)" in d["placements"]
 
 
-@pytest.mark.parametrize("name,strategy", [("e2e_fsdp", "a2a"), ("e2e_hsdp", "a2a"), ("e2e_fsdp_tp", "gather")])
+@pytest.mark.parametrize("name,strategy",
+                         [("e2e_fsdp", "a2a"), ("e2e_hsdp", "a2a"), ("e2e_fsdp_tp", "gather")])
 def test_e2e_w4(w4, name, strategy):
     for d in _get(w4, name):
         assert d["max_diff"] <= E2E_ATOL
@@ -136,8 +138,9 @@ def test_dcp_roundtrip(w2):
 # ------------------------------------------------------------------------------------------------
 def test_ns_independent_of_batch_composition():
     """The owner batches a matrix with different neighbours than one process does: NS must not care."""
-    cfg = F.OrthoConfig.from_group(dict(ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=None, coefficients=None,
-                                        orthogonalizer="newton_schulz", normalize="fro", eps=1e-7, ns_dtype=None,
+    cfg = F.OrthoConfig.from_group(dict(ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=None,
+                                        coefficients=None, orthogonalizer="newton_schulz", normalize="fro",
+                                        eps=1e-7, ns_dtype=None,
                                         backend="auto"))
     g = torch.Generator().manual_seed(0)
     for m, n in [(33, 16), (16, 64), (1, 16), (40, 72)]:

@@ -1,0 +1,233 @@
+"""Distributed Muon on CPU/gloo: bytes and time per optimizer step, per strategy, vs the ideal and vs
+``torch.optim.Muon`` on the same DTensor (FSDP2-style Shard(0)) parameters.
+
+Usage::
+
+    python bench/bench_distributed.py                    # W = 2 and 4, a 2-layer transformer's matrices
+    python bench/bench_distributed.py --world 2 --dim 64 --layers 1 --reps 3   # CI-sized
+    python bench/bench_distributed.py --csv bench/distributed.csv
+
+Rows (one per world size and strategy):
+
+* ``local``: plain tensors, no process group: every rank orthogonalizes everything (0 bytes).
+* ``owner``: plain tensors, ``process_group=WORLD`` (DDP): LPT owners, results exchanged.
+* ``a2a``: DTensor ``Shard(0)`` on a 1-D mesh (what ``fully_shard`` produces): shards to owners and back.
+* ``gather``: the same DTensors with ``strategy="gather"``: every rank gathers and orthogonalizes all.
+* ``torch.optim.Muon``: the same DTensors; DTensor inserts its own collectives inside Newton–Schulz.
+
+Bytes are counted two ways: ``comm_stats`` (what fastortho handed to its collectives) and an
+independent dispatch-mode counter that sees every collective op (c10d and DTensor's functional
+collectives) with its tensors, converted to ring-equivalent bytes sent per rank: all-gather (W−1)·in,
+all-reduce 2(W−1)/W·in, reduce-scatter (W−1)/W·in, all-to-all = the bytes sent to other ranks (exact
+from the split sizes), broadcast (W−1)/W·in. ``ideal`` is the closed form per strategy for the element
+size used; ``B/param`` is bytes per rank per step divided by the number of Muon matrix elements, mean
+over ranks: ``B/param`` from the independent counter (everything), ``payload`` from ``comm_stats``
+without ``flags`` (the per-parameter non-finite flags all-reduce of sharded strategies). Times are
+the median over ``--reps`` steps of the slowest rank (CPU, 1 thread per rank,
+gloo over loopback: the NS flops dominate, so this shows the load balance more than the network).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_string, write_csv  # noqa: E402
+
+
+def _shapes(dim: int, layers: int) -> list[tuple[int, int]]:
+    """A transformer block's matrices: q, k, v, o (d×d), MLP up (4d×d) and down (d×4d)."""
+    return [s for _ in range(layers) for s in [(dim, dim)] * 4 + [(4 * dim, dim), (dim, 4 * dim)]]
+
+
+def _counter_cls():
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    def group_size(args, kwargs, name_pos):
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        name = args[name_pos] if len(args) > name_pos else None
+        try:
+            return _resolve_process_group(name).size()
+        except Exception:
+            return dist.get_world_size()
+
+    class ByteCounter(CommDebugMode):
+        """CommDebugMode that also adds up the bytes each collective sends from this rank."""
+
+        def __enter__(self):
+            self.bytes = 0.0
+            self.ops: dict[str, int] = {}
+            return super().__enter__()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not isinstance(func, torch._ops.HigherOrderOperator) and not any(t == DTensor for t in types):
+                self._record(str(func._overloadpacket), args, kwargs or {})
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _record(self, name, args, kwargs):
+            short = name.split(".")[-1]
+            nb = None
+            if name.startswith("_c10d_functional.") or name.startswith("c10d_functional."):
+                x = args[0]
+                if short in ("all_gather_into_tensor", "all_gather_into_tensor_out"):
+                    W = args[1]
+                    nb = (W - 1) * x.numel() * x.element_size()
+                elif short in ("all_reduce", "all_reduce_"):
+                    W = group_size(args, kwargs, 2)
+                    nb = 2 * (W - 1) / W * x.numel() * x.element_size()
+                elif short == "reduce_scatter_tensor":
+                    W = args[2]
+                    nb = (W - 1) / W * x.numel() * x.element_size()
+                elif short == "all_to_all_single":
+                    W = group_size(args, kwargs, 3)
+                    nb = (W - 1) / W * x.numel() * x.element_size()
+                elif short == "broadcast":
+                    W = group_size(args, kwargs, 2)
+                    nb = (W - 1) / W * x.numel() * x.element_size()
+            elif name.startswith("c10d.") and short == "alltoall_base_":
+                out, inp, pg, osz, isz = args[:5]
+                me, W = dist.get_rank(), dist.get_world_size()  # the bench's groups span the world
+                nb = (inp.numel() - (isz[me] if isz else inp.numel() // W)) * inp.element_size()
+            elif name.startswith("c10d.") and short in ("allreduce_",):
+                ts, W = args[0], dist.get_world_size()
+                nb = sum(2 * (W - 1) / W * t.numel() * t.element_size() for t in ts)
+            if nb is not None:
+                self.bytes += nb
+                self.ops[short] = self.ops.get(short, 0) + 1
+
+    return ByteCounter
+
+
+def _run(rank: int, world: int, port: int, outfile: str, cfg: dict) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import fastortho
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = _shapes(cfg["dim"], cfg["layers"])
+    P = sum(m * n for m, n in shapes)
+    ns_dtype = getattr(torch, cfg["ns_dtype"])
+    esize = torch.empty((), dtype=ns_dtype).element_size()
+    torch.manual_seed(0)
+    full = [0.02 * torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    Counter = _counter_cls()
+    rows = []
+    W = world
+    ideal = {"local": 0.0, "owner": esize * (W - 1) / W, "a2a": 2 * esize * (W - 1) / W**2,
+             "gather": esize * (W - 1) / W, "torch.optim.Muon": float("nan")}
+    for name in ("local", "owner", "a2a", "gather", "torch.optim.Muon"):
+        dt = name in ("a2a", "gather", "torch.optim.Muon")
+        if dt:
+            ps = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)], src_data_rank=None))
+                  for t in full]
+            for p, g in zip(ps, grads):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)], src_data_rank=None)
+        else:
+            ps = [nn.Parameter(t.clone()) for t in full]
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        if name == "torch.optim.Muon":
+            opt = torch.optim.Muon(ps, lr=0.02)  # bf16 NS always
+        else:
+            opt = fastortho.Muon(ps, lr=0.02, ns_dtype=ns_dtype,
+                                 process_group=dist.group.WORLD if name == "owner" else None,
+                                 strategy="gather" if name == "gather" else "auto")
+        try:
+            opt.step()  # warm-up (and the one-off plan check)
+        except Exception as e:  # torch.optim.Muon on DTensors may not run at all
+            rows.append(dict(strategy=name, error=f"{type(e).__name__}: {str(e)[:120]}"))
+            continue
+        with Counter() as c:
+            opt.step()
+        counted = opt.comm_stats.get("bytes", {}) if hasattr(opt, "comm_stats") else {}
+        times = []
+        for _ in range(cfg["reps"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        flops = opt.comm_stats.get("ns_flops", float("nan")) if hasattr(opt, "comm_stats") else float("nan")
+        payload = sum(v for k, v in counted.items() if k != "flags")
+        agg = torch.tensor([c.bytes, float(payload), sorted(times)[len(times) // 2],
+                            float(flops) if flops == flops else 0.0, float(counted.get("flags", 0))],
+                           dtype=torch.float64)
+        mx = agg.clone()
+        dist.all_reduce(agg)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        rows.append(dict(strategy=name, world=W, P=P, ns_dtype=cfg["ns_dtype"],
+                         bytes_per_param=agg[0].item() / W / P, counted_per_param=agg[1].item() / W / P,
+                         flags_per_param=agg[4].item() / W / P,
+                         ideal_per_param=ideal[name], step_ms=mx[2].item() * 1e3,
+                         flops_max_over_mean=(mx[3] / (agg[3] / W)).item() if agg[3] > 0 else float("nan"),
+                         collectives=sum(c.ops.values()), ops=dict(c.ops)))
+    if rank == 0:
+        with open(outfile, "wb") as f:
+            pickle.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args(argv)
+    cfg = dict(dim=args.dim, layers=args.layers, reps=args.reps, ns_dtype=args.ns_dtype)
+    import fastortho  # noqa: F401  (imported before fork: workers inherit it)
+    import torch.distributed.tensor  # noqa: F401
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    dev = device_string("cpu")
+    print(f"# {dev} | gloo | {len(_shapes(args.dim, args.layers))} matrices, d={args.dim}, "
+          f"NS dtype {args.ns_dtype} (torch.optim.Muon: bf16)")
+    print(f"{'W':>2} {'strategy':<17} {'B/param':>8} {'payload':>8} {'ideal':>7} {'flags':>7} {'colls':>6} "
+          f"{'step ms':>8} {'NS max/mean':>11}")
+    all_rows = []
+    for W in args.world:
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "rows.pkl")
+            mp.start_processes(_run, args=(W, _free_port(), out, cfg), nprocs=W, join=True,
+                               start_method=method)
+            with open(out, "rb") as f:
+                rows = pickle.load(f)
+        for r in rows:
+            if "error" in r:
+                print(f"{W:>2} {r['strategy']:<17} error: {r['error']}")
+                continue
+            print(f"{W:>2} {r['strategy']:<17} {r['bytes_per_param']:8.3f} {r['counted_per_param']:8.3f} "
+                  f"{r['ideal_per_param']:7.3f} {r['flags_per_param']:7.4f} {r['collectives']:6d} "
+                  f"{r['step_ms']:8.1f} {r['flops_max_over_mean']:11.2f}")
+            r["device"] = dev
+            all_rows.append(r)
+    if args.csv:
+        write_csv(args.csv, [{k: v for k, v in r.items() if k != "ops"} for r in all_rows])
+    return all_rows
+
+
+if __name__ == "__main__":
+    main()
