@@ -130,7 +130,7 @@ VECS = [(5,), (33,)]
 
 
 def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, nan=True, mesh=None,
-               steps=K):
+               steps=K, **extra):
     """Distributed vs single-process fastortho.Muon on identical full gradients; returns a result dict."""
     import fastortho
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor, init_device_mesh
@@ -146,7 +146,7 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
                 dict(params=ps_s, algorithm="muon", split_sizes=(4, 4, 4)),
                 dict(params=ps_v, algorithm="adamw")]
 
-    kw = dict(lr=LR, weight_decay=0.1, ns_dtype=ns_dtype)
+    kw = dict(lr=LR, weight_decay=0.1, ns_dtype=ns_dtype, **extra)
     ref_p = [nn.Parameter(t.clone()) for t in full_m + full_s + full_v]
     nm, ns_ = len(full_m), len(full_s)
     ref = fastortho.Muon(groups(ref_p[:nm], ref_p[nm:nm + ns_], ref_p[nm + ns_:]), **kw)
@@ -186,7 +186,7 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
     res["strategies"] = sorted(opt.comm_stats["numel"])
     sd = opt.state_dict()
     res["state_keys"] = sorted((k, tuple(sorted(v))) for k, v in sd["state"].items())
-    res["ok"] = res["equal"] and res["nonfinite"][0] == res["nonfinite"][1] == 1
+    res["ok"] = res["equal"] and res["nonfinite"][0] == res["nonfinite"][1] == int(nan)
     return res
 
 
@@ -223,7 +223,14 @@ def sc_ident_local(rank, world):
     return _ident_run(rank, world, placement_fn=_replicate, strategy="auto", ns_dtype=None)
 
 
+def sc_ident_after_ortho(rank, world):
+    # momentum on the orthogonalized gradients (seed 001's ablation), "sum" convention, no Nesterov
+    return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="auto", ns_dtype=None, nan=False,
+                      momentum_placement="after_ortho", momentum_convention="sum", nesterov=False)
+
+
 SCENARIOS = {
+    "ident_after_ortho": sc_ident_after_ortho,
     "ident_a2a": sc_ident_a2a,
     "ident_a2a_bf16": sc_ident_a2a_bf16,
     "ident_gather": sc_ident_gather,

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
 
 E2E_ATOL = 2e-6
 IDENT = ["ident_a2a", "ident_a2a_bf16", "ident_gather", "ident_owner", "ident_local"]
-W2 = IDENT + ["bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp"]
+W2 = IDENT + ["ident_after_ortho", "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp"]
 W4 = ["ident_a2a_bf16", "ident_gather", "ident_owner", "bytes_even", "e2e_fsdp", "e2e_hsdp", "e2e_fsdp_tp"]
 
 
@@ -61,10 +61,10 @@ def _get(results, name):
     return per_rank
 
 
-def _check_ident(per_rank, world):
+def _check_ident(per_rank, world, nan=1):
     for r, d in enumerate(per_rank):
         assert d["equal"], f"rank {r}: max |diff| {d['max_diff']}"
-        assert d["nonfinite"] == (1, 1), d["nonfinite"]  # the injected NaN, skipped once, on every rank
+        assert d["nonfinite"] == (nan, nan), d["nonfinite"]  # the injected NaN, skipped once, on every rank
         for got, measured, ideal in zip(d["bytes"], d["measured"], d["ideal"]):
             for kind in ("a2a", "owner"):
                 assert got.get(kind, 0) == ideal.get(kind, 0)
@@ -80,6 +80,10 @@ def test_identical_grads_w2(w2, name):
             "ident_gather": ["gather", "local"],
             "ident_owner": ["owner"], "ident_local": ["local"]}[name]
     assert per_rank[0]["strategies"] == want
+
+
+def test_identical_grads_after_ortho_w2(w2):
+    _check_ident(_get(w2, "ident_after_ortho"), 2, nan=0)
 
 
 @pytest.mark.parametrize("name", ["ident_a2a_bf16", "ident_gather", "ident_owner"])
