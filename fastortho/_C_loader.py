@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-__all__ = ["HAS_C", "HAS_C_CUDA", "IMPORT_ERROR", "OPS", "has_kernel", "require_c"]
+__all__ = ["HAS_C", "HAS_C_CUDA", "C_DEVICE_TYPES", "IMPORT_ERROR", "OPS", "has_kernel", "require_c"]
 
 #: Every op the extension defines; tests assert each has a kernel for each built backend.
 OPS = ("fastortho::muon_momentum_", "fastortho::muon_apply_")
@@ -41,6 +41,12 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 HAS_C_CUDA = HAS_C and all(has_kernel(op, "CUDA") for op in OPS)
 
+#: Device types ("cpu", "cuda") for which every op has a kernel. Computed once here: the dispatcher
+#: query is not traceable by torch.compile, a frozenset lookup is.
+C_DEVICE_TYPES: frozenset[str] = frozenset(
+    dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if HAS_C and all(has_kernel(op, key) for op in OPS)
+)
+
 
 def require_c(device_type: str) -> None:
     """Raise a RuntimeError that explains why ``_C`` cannot serve ``device_type``."""
@@ -50,8 +56,7 @@ def require_c(device_type: str) -> None:
             f"({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}). Rebuild with "
             "`pip install --no-build-isolation -e .` (FASTORTHO_BUILD_EXT=1 makes a failed build an error)."
         )
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None or not all(has_kernel(op, key) for op in OPS):
+    if device_type not in C_DEVICE_TYPES:
         raise RuntimeError(
             f"backend='c' was requested for a {device_type!r} tensor but fastortho._C has no {device_type} "
             "kernels (CUDA kernels need a CUDA build of torch and nvcc at build time; FASTORTHO_CUDA=1 "

@@ -100,9 +100,7 @@ def _pick_backend(backend: str, device: torch.device | None) -> str:
     if backend == "c":
         _C_loader.require_c(device.type)
         return "c"
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    ok = key is not None and all(_C_loader.has_kernel(op, key) for op in _C_loader.OPS)
-    return "c" if ok else "foreach"
+    return "c" if device.type in _C_loader.C_DEVICE_TYPES else "foreach"
 
 
 def _groups(*lists: Sequence[Tensor]) -> dict[tuple[torch.dtype, ...], list[int]]:

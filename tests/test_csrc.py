@@ -127,6 +127,25 @@ def test_opcheck_apply(tensor_scalars):
     torch.library.opcheck(torch.ops.fastortho.muon_apply_.default, args)
 
 
+@needs_c
+def test_torch_compile_fullgraph():
+    """Dynamo traces the Python API and the ops (Meta kernels, auto-functionalization) in one graph."""
+
+    def step(gs, bs, ps):
+        us, ss = muon_momentum_(gs, bs, momentum=0.9, nesterov=True, backend="c")
+        muon_apply_(ps, us, lr=0.1, weight_decay=0.01, scales=[1.0, 2.0], backend="c")
+        return ss
+
+    gs = _lists([(8, 8), (5,)], torch.float32, 70)
+    bs, ps = _lists([(8, 8), (5,)], torch.float32, 71), _lists([(8, 8), (5,)], torch.float32, 72)
+    bs2, ps2 = [b.clone() for b in bs], [p.clone() for p in ps]
+    torch._dynamo.reset()
+    s1 = torch.compile(step, fullgraph=True, backend="aot_eager")(gs, bs, ps)
+    s2 = step(gs, bs2, ps2)
+    assert torch.equal(s1, s2)
+    assert all(_equal(a, b) for a, b in zip(bs + ps, bs2 + ps2))
+
+
 # ----------------------------------------------------------------------------------------------
 # the reference itself against the peers' formulas
 # ----------------------------------------------------------------------------------------------
