@@ -123,6 +123,8 @@ def muon_momentum_(
     convention: Literal["ema", "sum"] = "ema",
     out_dtype: torch.dtype = torch.bfloat16,
     backend: Backend = "auto",
+    out: Sequence[Tensor] | None = None,
+    sumsq_out: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     r"""Update momentum buffers in place and form the Newton-Schulz inputs, in one pass.
 
@@ -145,6 +147,9 @@ def muon_momentum_(
         convention: ``"ema"`` (torch.optim.Muon, KellerJordan) or ``"sum"`` (Moonlight, dion).
         out_dtype: dtype of the returned NS inputs (bf16, fp32 or fp16).
         backend: ``"c"`` (compiled kernels), ``"foreach"`` (pure torch) or ``"auto"``.
+        out: optional preallocated NS inputs (``out_dtype``, the grads' shapes, contiguous, distinct
+            from the buffers), e.g. a workspace reused across steps; returned as the first result.
+        sumsq_out: optional preallocated fp32 tensor of shape ``(len(grads),)``.
 
     Returns:
         ``(ns_inputs, sumsq)``: ``ns_inputs[i]`` is :math:`u_i` rounded to ``out_dtype`` (a new tensor,
@@ -166,8 +171,22 @@ def muon_momentum_(
     be = _pick_backend(backend, device)
     if device is None:
         return [], torch.zeros(0, dtype=torch.float32)
-    outs = [torch.empty(g.shape, dtype=out_dtype, device=device) for g in grads]
-    sumsq = torch.empty(len(grads), dtype=torch.float32, device=device)
+    if out is None:
+        outs = [torch.empty(g.shape, dtype=out_dtype, device=device) for g in grads]
+    else:
+        _check_lists("grads", grads, "out", out, _GRAD_DTYPES, (out_dtype,))
+        outs = list(out)
+        for i, (o, b) in enumerate(zip(outs, bufs)):
+            if o.data_ptr() == b.data_ptr() and o.numel() > 0:
+                raise ValueError(f"out[{i}] aliases bufs[{i}]; the NS input needs its own memory")
+    if sumsq_out is None:
+        sumsq = torch.empty(len(grads), dtype=torch.float32, device=device)
+    else:
+        if sumsq_out.dtype != torch.float32 or sumsq_out.shape != (len(grads),) or sumsq_out.device != device \
+                or not sumsq_out.is_contiguous():
+            raise ValueError(f"sumsq_out must be a contiguous float32 tensor of shape ({len(grads)},) on {device}, "
+                             f"got {sumsq_out.dtype} {tuple(sumsq_out.shape)} on {sumsq_out.device}")
+        sumsq = sumsq_out
     if be == "c":
         op = torch.ops.fastortho.muon_momentum_
         groups = _groups(grads, bufs)

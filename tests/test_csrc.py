@@ -298,6 +298,24 @@ def test_mixed_dtype_lists_are_grouped():
 
 
 @pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=needs_c)])
+def test_preallocated_outputs(backend):
+    grads = _lists([(6, 7), (9,)], torch.float32, 80)
+    bufs = _lists([(6, 7), (9,)], torch.float32, 81)
+    ref_b = [b.clone() for b in bufs]
+    ref_u, ref_s = muon_momentum_(grads, ref_b, momentum=0.9, nesterov=True, backend=backend)
+    out = [torch.full(g.shape, 7.0, dtype=torch.bfloat16) for g in grads]
+    s_out = torch.full((2,), 7.0)
+    u, s = muon_momentum_(grads, bufs, momentum=0.9, nesterov=True, backend=backend, out=out, sumsq_out=s_out)
+    assert all(a is b for a, b in zip(u, out)) and s is s_out
+    assert all(_equal(a, b) for a, b in zip(u + bufs, ref_u + ref_b)) and torch.equal(s, ref_s)
+    with pytest.raises(TypeError, match="dtype"):
+        muon_momentum_(grads, bufs, momentum=0.9, nesterov=True, backend=backend,
+                       out=[o.float() for o in out])
+    with pytest.raises(ValueError, match="sumsq_out"):
+        muon_momentum_(grads, bufs, momentum=0.9, nesterov=True, backend=backend, sumsq_out=torch.empty(3))
+
+
+@pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=needs_c)])
 def test_non_finite_shows_in_sumsq(backend):
     grads = _lists([(16, 16), (33,), (5, 5)], torch.float32, 30)
     grads[0][3, 4] = float("nan")
