@@ -237,7 +237,7 @@ def main() -> None:
              else "shows no clear rise with N over this range, so the predicted degeneracy is not visible at these sizes")
     gap = ("and stays below the Frobenius one" if all(o < f for o, f in zip(c_op, c_fro))
            else "and is not consistently further from G than the Frobenius one")
-    risks = {r: res_c[(r, big)] for r in ("nsgd", "ns1-fro", "ns1-op", "ns5-fro", "svd")}
+    risks = {r: v for (r, N), v in res_c.items() if N == big}
     winner = min(risks, key=risks.get)
     VERDICT = (f"Verdict: the Frobenius one-step cosine {trend}; the σ_max-normalized step's cosine "
                f"{'falls' if c_op[-1] < c_op[0] else 'does not fall'} with N {gap}. On the loss, the best rule at "
