@@ -37,9 +37,10 @@ strategy     when (auto)                                            bytes sent p
   slice of :math:`O` is taken without communication.
 
 Owners and buckets depend only on the global shapes and the param-group order, so every rank computes
-the same plan; the plan is rebuilt (and checked across ranks with one ``all_gather_object``) only when
-the set of parameters with gradients changes. Every rank must then have gradients for the same
-parameters. Non-finite detection (``nonfinite="skip"|"raise"``) on sharded parameters combines the
+the same plan; it is rebuilt only when the set of parameters with gradients changes. Every rank must
+have gradients for the same parameters: the first step checks it across ranks (one
+``all_gather_object`` per group), and ``FASTORTHO_DIST_CHECK=1`` (or ``engine.check_every_step``)
+checks at every step. Non-finite detection (``nonfinite="skip"|"raise"``) on sharded parameters combines the
 per-shard flags with one small ``all_reduce`` (MIN of an int32 per parameter), so every rank skips the
 same matrices as one process would.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -230,6 +232,10 @@ class DistributedMuonEngine:
         self.process_group = process_group
         self.strategy = strategy
         self._plan_key = None
+        self._checked = False
+        #: compare the set of stepped parameters across ranks at every step (one ``all_gather_object``
+        #: per group); default: only at the first step. ``FASTORTHO_DIST_CHECK=1`` turns it on.
+        self.check_every_step = os.environ.get("FASTORTHO_DIST_CHECK", "0") == "1"
         self._layouts: dict[tuple[int, int], dict] = {}
         self.stats: dict[str, Any] = {}
 
@@ -261,12 +267,20 @@ class DistributedMuonEngine:
         self.stats = dict(bytes={}, ideal={}, collectives={}, numel={}, ns_flops=0, ns_calls=0)
         groups_work = []  # (gi, group, units, tasks, work)
         tasks_all: list[_Task] = []
-        plan_sig = []
-        for gi, group in enumerate(opt.param_groups):
-            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        selected = [(gi, [i for i, p in enumerate(g["params"]) if p.grad is not None])
+                    for gi, g in enumerate(opt.param_groups)]
+        key = tuple((gi, tuple(idx)) for gi, idx in selected)
+        new_plan = key != self._plan_key
+        # before any other collective, so that a rank-divergent set of gradients raises instead of
+        # hanging. Only at the first step (which every rank takes) unless ``check_every_step``: a check
+        # triggered by a local change would itself be a collective that only some ranks join
+        if self.check_every_step or not self._checked:
+            self._check_same_params(selected)
+            self._checked = True
+        for gi, idx in selected:
+            group = opt.param_groups[gi]
             if not idx:
                 continue
-            plan_sig.append((gi, tuple(idx)))
             params = [group["params"][i] for i in idx]
             if group["algorithm"] == "adamw":
                 states = [opt._init_state(p, group) for p in params]
@@ -280,12 +294,10 @@ class DistributedMuonEngine:
             groups_work.append((gi, group, units, tasks, work))
             tasks_all.extend(tasks)
 
+        self._plan_key = key
         if tasks_all:
-            key = tuple(plan_sig)
-            if key != self._plan_key:
+            if new_plan:
                 self._assign_owners(tasks_all)
-                self._check_same_plan(tasks_all)
-                self._plan_key = key
                 self._owners = [t.owner for t in tasks_all]
             else:
                 for t, o in zip(tasks_all, self._owners):
@@ -423,16 +435,23 @@ class DistributedMuonEngine:
             for t, o in zip(ts, lpt_owners([t.cost for t in ts], ts[0].world)):
                 t.owner = o
 
-    def _check_same_plan(self, tasks: list[_Task]) -> None:
-        """Every rank of a group must see the same tasks in the same order (else the exchange hangs or
-        mixes matrices): compare a digest once per plan."""
-        by_group: dict[Any, list[_Task]] = {}
-        for t in tasks:
-            if t.strategy in ("owner", "a2a"):
-                by_group.setdefault(t.group, []).append(t)
-        for g, ts in by_group.items():
-            sig = repr([(t.gi, t.pi, t.shape, t.axis, t.owner, t.pieces) for t in ts]).encode()
-            digest = hashlib.sha1(sig).hexdigest()
+    def _check_same_params(self, selected: list[tuple[int, list[int]]]) -> None:
+        """Every rank of a group must step the same Muon parameters in the same order (else the exchange
+        hangs or mixes matrices): compare a digest per communication group, once per plan."""
+        by_group: dict[Any, list[tuple]] = {}
+        for gi, idx in selected:
+            group = self.opt.param_groups[gi]
+            if group["algorithm"] != "muon":
+                continue
+            for i in idx:
+                p = group["params"][i]
+                lay = self._layout(gi, i, p, group)
+                # ordered (not a set): every rank must visit its groups in the same order
+                for g in dict.fromkeys([lay.get("group"), *lay["reduce_groups"]]):
+                    if g is not None:
+                        by_group.setdefault(g, []).append((gi, i, tuple(p.shape), lay["strategy"]))
+        for g, entries in by_group.items():
+            digest = hashlib.sha1(repr(entries).encode()).hexdigest()
             got = [None] * dist.get_world_size(g)
             dist.all_gather_object(got, digest, group=g)
             if len(set(got)) != 1:

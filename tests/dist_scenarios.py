@@ -6,6 +6,7 @@ The spawn is the expensive part (seconds per process on a busy CPU), so nothing 
 """
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import socket
@@ -36,7 +37,8 @@ def _worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on nn.Sequential
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a bug that desynchronizes the ranks fails the collective after 60 s instead of hanging CI
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
         for name in names:
@@ -229,7 +231,35 @@ def sc_ident_after_ortho(rank, world):
                       momentum_placement="after_ortho", momentum_convention="sum", nesterov=False)
 
 
+def sc_divergent_grads(rank, world):
+    """One rank lacks a gradient: every rank raises a clear error at the plan check (no hang)."""
+    import fastortho
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    ps = [nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)], src_data_rank=None))
+          for s in [(8, 4), (8, 4), (6, 6)]]
+    out = {}
+    for when in ("first_step", "later_step"):
+        opt = fastortho.Muon(ps, lr=LR)
+        opt._dist_engine.check_every_step = when == "later_step"  # = FASTORTHO_DIST_CHECK=1
+        for p in ps:
+            p.grad = distribute_tensor(torch.randn(p.shape), mesh, [Shard(0)], src_data_rank=None)
+        if when == "later_step":
+            opt.step()  # consistent: fine
+        if rank == world - 1:
+            ps[1].grad = None
+        try:
+            opt.step()
+            out[when] = "no error"
+        except RuntimeError as e:
+            out[when] = str(e)
+    out["ok"] = all("disagree" in out[w] for w in ("first_step", "later_step"))
+    return out
+
+
 SCENARIOS = {
+    "divergent_grads": sc_divergent_grads,
     "ident_after_ortho": sc_ident_after_ortho,
     "ident_a2a": sc_ident_a2a,
     "ident_a2a_bf16": sc_ident_a2a_bf16,

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
 
 E2E_ATOL = 2e-6
 IDENT = ["ident_a2a", "ident_a2a_bf16", "ident_gather", "ident_owner", "ident_local"]
-W2 = IDENT + ["ident_after_ortho", "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp"]
+W2 = IDENT + ["ident_after_ortho", "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp", "divergent_grads"]
 W4 = ["ident_a2a_bf16", "ident_gather", "ident_owner", "bytes_even", "e2e_fsdp", "e2e_hsdp", "e2e_fsdp_tp"]
 
 
@@ -169,3 +169,8 @@ def test_single_process_has_no_engine():
     assert opt._dist_engine is None and opt.comm_stats == {}
     with pytest.raises(ValueError, match="strategy"):
         fastortho.Muon([p], strategy="nope")
+
+
+def test_rank_divergent_grads_raise(w2):
+    for d in _get(w2, "divergent_grads"):  # checked at the first step, and at every step on request
+        assert "disagree" in d["first_step"] and "disagree" in d["later_step"], d
