@@ -388,10 +388,10 @@ class DistributedMuonEngine:
                         t.pieces = []
                         for s0, ln_ in lay["extents"]:
                             a, b = max(r0, s0), min(r1, s0 + ln_)
-                            t.pieces.append((a - r0, max(0, b - a)))
+                            t.pieces.append((a - r0, b - a) if b > a else (0, 0))  # (0, 0): no overlap
                         me0 = lay["extents"][t.rank][0]
                         a, ln_ = t.pieces[t.rank]
-                        vb = [v.narrow(1, a + r0 - me0, ln_) for v in views]
+                        vb = [v.narrow(1, a + r0 - me0 if ln_ else 0, ln_) for v in views]
                     else:
                         t.pieces = list(lay["extents"])
                         vb = [v.narrow(1, r0, r1 - r0) for v in views] if split else views

@@ -127,7 +127,7 @@ def _nan_at(shapes, step):
 # a flattened conv kernel, a 3-D expert stack, tiny (5×7); a split group; an AdamW group
 MATS = [(33, 16), (33, 16), (33, 16), (1, 16), (24, 33), (16, 64), (64, 16), (64, 16), (5, 7),
         (8, 3, 3, 3), (4, 6, 10), (3, 6, 10), (2, 6, 10)]
-SPLIT = [(12, 20)]
+SPLIT = [(12, 20), (12, 20)]  # split into row blocks of 4: one on Shard(1), one on Shard(0)
 VECS = [(5,), (33,)]
 
 
