@@ -218,6 +218,57 @@ def test_cpu_momentum_matches_reference(gdt, bdt, odt):
 
 
 @needs_c
+def test_cpu_result_independent_of_thread_count():
+    grads = _lists([(300, 301), (KCHUNK * 3 + 7,)], torch.bfloat16, 90)
+    bufs = _lists([(300, 301), (KCHUNK * 3 + 7,)], torch.float32, 91)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b1, u1, s1 = _run_momentum("c", grads, bufs, momentum=0.9, nesterov=True)
+        torch.set_num_threads(max(2, old))
+        b2, u2, s2 = _run_momentum("c", grads, bufs, momentum=0.9, nesterov=True)
+    finally:
+        torch.set_num_threads(old)
+    assert all(_equal(x, y) for x, y in zip(b1 + u1, b2 + u2)) and torch.equal(s1, s2)
+
+
+_BASELINE_SCRIPT = """
+import torch
+from fastortho.muon_step import muon_momentum_, muon_apply_
+gen = torch.Generator().manual_seed(0)
+shapes = [(37, 53), (16384 + 5,), (1,)]
+for gdt, bdt, odt in [(torch.bfloat16, torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16, torch.float16),
+                      (torch.float32, torch.float32, torch.float32)]:
+    for conv in ("ema", "sum"):
+        g = [torch.randn(s, generator=gen).to(gdt) for s in shapes]
+        b = [torch.randn(s, generator=gen).to(bdt) for s in shapes]
+        b2 = [x.clone() for x in b]
+        u1, _ = muon_momentum_(g, b, momentum=0.95, nesterov=True, convention=conv, out_dtype=odt, backend="c")
+        u2, _ = muon_momentum_(g, b2, momentum=0.95, nesterov=True, convention=conv, out_dtype=odt, backend="foreach")
+        assert all(torch.equal(x, y) for x, y in zip(b + u1, b2 + u2)), (gdt, bdt, odt, conv)
+        p = [torch.randn(s, generator=gen).to(gdt) for s in shapes]
+        p2 = [x.clone() for x in p]
+        muon_apply_(p, u1, lr=0.02, weight_decay=0.1, scales=[1.0, 2.0, 3.0], backend="c")
+        muon_apply_(p2, u2, lr=0.02, weight_decay=0.1, scales=[1.0, 2.0, 3.0], backend="foreach")
+        assert all(torch.equal(x, y) for x, y in zip(p, p2)), (gdt, odt)
+print("ok")
+"""
+
+
+@needs_c
+def test_cpu_baseline_copy_is_bit_identical():
+    """The portable (no AVX2/FMA) copy of the CPU loops, forced by FASTORTHO_CPU_BASELINE=1, in a
+    subprocess because the choice is made once per process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FASTORTHO_CPU_BASELINE": "1"}
+    p = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+@needs_c
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.99, 1.0])
 def test_cpu_momentum_lerp_branches(beta):
     """lerp switches formula at |w| = 0.5: both branches, and the end points, must match torch."""

@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -78,7 +79,9 @@ int64_t grain_for(int64_t n_items, int64_t total_elems) {
 
 bool cpu_has_avx2_fma() {
 #if FO_HAVE_AVX2_COPY
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // FASTORTHO_CPU_BASELINE=1 forces the portable copy (tests check that it is bit-identical too)
+  static const bool ok = std::getenv("FASTORTHO_CPU_BASELINE") == nullptr && __builtin_cpu_supports("avx2") &&
+                         __builtin_cpu_supports("fma");
   return ok;
 #else
   return false;
