@@ -82,23 +82,31 @@ def make(shapes, seed=0):
     return ps
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, Timing]:
-    """Time several callables alternately, rep by rep, so that load from other processes on a shared
-    machine hits them alike (a back-to-back timing on this 2-core box drifted by 2-4x)."""
+def interleaved(fns: dict, reps: int, warmup: int = 1) -> tuple[dict[str, Timing], dict[str, Timing]]:
+    """Time several callables alternately, rep by rep; return (wall, cpu) timings in ms.
+
+    On a shared machine the wall clock measures the neighbours as much as the code (here, with a load
+    average of 7–16 on 2 cores, wall time was 2–6× the CPU time and drifted between reps), so the
+    process CPU time (``time.process_time``, all threads of this process) is reported next to it:
+    with ``--threads 1`` it is the compute cost alone. Alternating the implementations makes the
+    wall-clock comparison fair too, if noisy."""
     for _ in range(warmup):
         for f in fns.values():
             f()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for k, xs in samples.items():
+            cpu[k].append((time.process_time() - c0) * 1e3)
+            wall[k].append((time.perf_counter() - t0) * 1e3)
+
+    def pct(xs: list[float]) -> Timing:
         q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else xs * 9
-        out[k] = Timing(q[1], statistics.median(xs), q[7], len(xs))
-    return out
+        return Timing(q[1], statistics.median(xs), q[7], len(xs))
+
+    return {k: pct(v) for k, v in wall.items()}, {k: pct(v) for k, v in cpu.items()}
 
 
 def rel(a, b):
@@ -141,9 +149,11 @@ def main() -> None:
 
     rows = []
 
-    def record(name, t, fl, note=""):
-        rows.append(dict(impl=name, p20_ms=t.p20, p50_ms=t.p50, p80_ms=t.p80, n=t.n,
-                         gflops=fl / (t.p50 * 1e-3) / 1e9, note=note))
+    def record(name, t, c, fl, note=""):
+        rows.append(dict(impl=name, wall_p20_ms=t.p20, wall_p50_ms=t.p50, wall_p80_ms=t.p80,
+                         cpu_p20_ms=c.p20 if c else float("nan"), cpu_p50_ms=c.p50 if c else float("nan"),
+                         cpu_p80_ms=c.p80 if c else float("nan"), n=t.n,
+                         gflops_cpu=fl / ((c.p50 if c else t.p50) * 1e-3) / 1e9, note=note))
 
     ps = make(shapes)
     bufs = [torch.zeros_like(p) for p in ps]
@@ -154,29 +164,32 @@ def main() -> None:
     if torch_mode == "full":
         ts = make(shapes)
         fns["torch"] = torch.optim.Muon(ts, lr=LR, weight_decay=WD, momentum=BETA).step
-    t = interleaved(fns, args.reps)
-    t_plain = t["plain"]
-    record("plain fp32 per-parameter loop", t_plain, flops)
-    record("fastortho.Muon (fp32 NS, batched, fused _C)", t["ours"], flops)
+    wall, cpu = interleaved(fns, args.reps)
+    record("plain fp32 per-parameter loop", wall["plain"], cpu["plain"], flops)
+    record("fastortho.Muon (fp32 NS, batched, fused _C)", wall["ours"], cpu["ours"], flops)
     if torch_mode == "full":
-        record("torch.optim.Muon (bf16 NS, forced)", t["torch"], flops)
+        record("torch.optim.Muon (bf16 NS, forced)", wall["torch"], cpu["torch"], flops)
 
     if torch_mode == "one":
         sub = [(args.d, args.d)]
         ts = make(sub)
         topt = torch.optim.Muon(ts, lr=LR, weight_decay=WD, momentum=BETA)
-        t0 = time.perf_counter()
-        topt.step()
-        ms = (time.perf_counter() - t0) * 1e3
+        w, c = interleaved({"torch": topt.step}, reps=1, warmup=0)
         scale = flops / ns_flops(sub)
-        ext = Timing(ms * scale, ms * scale, ms * scale, 1)
-        record("torch.optim.Muon (bf16 NS, forced)", ext, flops,
-               note=f"extrapolated x{scale:.0f} by FLOPs from one {args.d}x{args.d} step ({ms:.0f} ms)")
-    print(f"\n| implementation | p20 ms | p50 ms | p80 ms | n | GFLOP/s | speedup vs plain (p50) | note |")
-    print("|---|---|---|---|---|---|---|---|")
+        ext = [Timing(t.p20 * scale, t.p50 * scale, t.p80 * scale, 1) for t in (w["torch"], c["torch"])]
+        record("torch.optim.Muon (bf16 NS, forced)", ext[0], ext[1], flops,
+               note=f"extrapolated x{scale:.0f} by FLOPs from one {args.d}x{args.d} step "
+                    f"({c['torch'].p50:.0f} ms CPU)")
+
+    base_c, base_w = rows[0]["cpu_p50_ms"], rows[0]["wall_p50_ms"]
+    print("\n| implementation | CPU ms p20 / p50 / p80 | wall ms p20 / p50 / p80 | n | GFLOP/s (CPU) "
+          "| speedup vs plain, CPU (wall) | note |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['p20_ms']:.1f} | {r['p50_ms']:.1f} | {r['p80_ms']:.1f} | {r['n']} | "
-              f"{r['gflops']:.1f} | {t_plain.p50 / r['p50_ms']:.2f}× | {r['note']} |")
+        print(f"| {r['impl']} | {r['cpu_p20_ms']:.0f} / {r['cpu_p50_ms']:.0f} / {r['cpu_p80_ms']:.0f} | "
+              f"{r['wall_p20_ms']:.0f} / {r['wall_p50_ms']:.0f} / {r['wall_p80_ms']:.0f} | {r['n']} | "
+              f"{r['gflops_cpu']:.1f} | {base_c / r['cpu_p50_ms']:.2f}× ({base_w / r['wall_p50_ms']:.2f}×) | "
+              f"{r['note']} |")
     if args.csv:
         dev = device_string("cpu")
         write_csv(args.csv, [dict(r, layers=args.layers, d=args.d, device=dev, accuracy=acc) for r in rows])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_digits import HERE, make_optimizer, plot, summarize, sweep_and_rerun  # noqa: E402
+from train_digits import HERE, OPTIMIZERS, make_optimizer, plot, summarize, sweep_and_rerun  # noqa: E402
 
 MODULES = ("functools.py", "collections/__init__.py", "typing.py", "argparse.py", "dataclasses.py")
 
@@ -71,6 +71,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adamw-grid", default="1e-3,3e-3,1e-2", help="comma-separated AdamW lrs")
+    ap.add_argument("--muon-grid", default="1e-2,3e-2,1e-1", help="comma-separated Muon lrs")
+    ap.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated subset of optimizers; "
+                    "without AdamW, the Muon variants' aux AdamW lr is the first of --adamw-grid")
+    ap.add_argument("--png", default=os.path.join(HERE, "char_transformer_loss.png"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = load_text()
@@ -107,17 +112,15 @@ def main() -> None:
         return dict(val_loss=val, val_bpc=val / math.log(2), train_loss=statistics.mean(curve[-20:]),
                     curve=sm, seconds=secs)
 
-    grids = {
-        "AdamW": [1e-3, 3e-3, 1e-2],
-        "fastortho.Muon": [1e-2, 3e-2, 1e-1],
-        "torch.optim.Muon": [1e-2, 3e-2, 1e-1],
-    }
+    adamw_grid = [float(x) for x in args.adamw_grid.split(",")]
+    muon_grid = [float(x) for x in args.muon_grid.split(",")]
+    grids = {n: adamw_grid if n == "AdamW" else muon_grid for n in args.only.split(",")}
     print(f"text: {len(text)} chars of stdlib source ({', '.join(MODULES)}), vocab {len(chars)}; "
           f"{args.steps} steps of {args.batch}x{args.ctx}, {args.threads} thread(s)")
-    best = sweep_and_rerun(train, grids, args.seeds)
+    best = sweep_and_rerun(train, grids, args.seeds, adamw_lr=adamw_grid[0])
     print()
     print(summarize(best, ["train_loss", "val_loss", "val_bpc"]))
-    plot(best, os.path.join(HERE, "char_transformer_loss.png"),
+    plot(best, args.png,
          f"char transformer, {args.steps} steps, mean of {args.seeds} seeds (band: min-max)")
 
 

@@ -69,13 +69,17 @@ def make_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float, adam
 
 
 def sweep_and_rerun(train: Callable[[str, float, float, int], dict], grids: dict[str, list[float]],
-                    seeds: int) -> dict[str, dict]:
+                    seeds: int, adamw_lr: float | None = None) -> dict[str, dict]:
     """Tune AdamW, then the Muon lrs (aux AdamW at AdamW's best lr); re-run the best with ``seeds`` seeds.
+
+    Optimizers missing from ``grids`` are skipped; without AdamW in ``grids`` the Muon variants' aux
+    AdamW uses ``adamw_lr``.
 
     ``train(name, lr, adamw_lr, seed)`` returns a dict with at least ``val_loss`` (final) and ``curve``."""
     best: dict[str, dict] = {}
-    adamw_lr = None
-    for name in OPTIMIZERS:
+    if "AdamW" not in grids and adamw_lr is None and len(grids):
+        raise ValueError("Muon variants without AdamW in the sweep need adamw_lr")
+    for name in [n for n in OPTIMIZERS if n in grids]:
         results = []
         for lr in grids[name]:
             r = train(name, lr, adamw_lr if adamw_lr is not None else lr, 0)
@@ -183,8 +187,8 @@ def main() -> None:
 
     grids = {
         "AdamW": [1e-3, 3e-3, 1e-2],
-        "fastortho.Muon": [3e-3, 1e-2, 3e-2],
-        "torch.optim.Muon": [3e-3, 1e-2, 3e-2],
+        "fastortho.Muon": [1e-3, 3e-3, 1e-2],
+        "torch.optim.Muon": [1e-3, 3e-3, 1e-2],
     }
     print(f"digits: {len(Xtr)} train / {len(Xva)} validation, MLP 64-{args.hidden}-{args.hidden}-"
           f"{args.hidden}-10, {args.steps} steps of batch {args.batch}, {args.threads} thread(s)")
