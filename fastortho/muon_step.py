@@ -153,7 +153,7 @@ def muon_momentum_(
 
     Returns:
         ``(ns_inputs, sumsq)``: ``ns_inputs[i]`` is :math:`u_i` rounded to ``out_dtype`` (a new tensor,
-        never aliasing a buffer); ``sumsq`` is an fp32 tensor of shape ``(len(grads),)`` on the grads'
+        or ``out[i]``; never a buffer); ``sumsq`` is an fp32 tensor of shape ``(len(grads),)`` on the grads'
         device with :math:`\sum u_i^2` computed from the fp32 :math:`u_i` **before** rounding to
         ``out_dtype``, for the Frobenius normalization :math:`\|u_i\|_F = \sqrt{\text{sumsq}_i}`. A
         NaN/Inf anywhere in :math:`u_i` makes ``sumsq[i]`` non-finite: that is the health check,
@@ -219,9 +219,9 @@ def _momentum_foreach(grads, bufs, outs, sumsq, momentum, nesterov, convention) 
     # back loses nothing that matters in fp32.
     norms = torch._foreach_norm(u32, 2, dtype=torch.float64)
     sumsq.copy_(torch.stack(norms).square_())
-    for b, b_new in zip(bufs, b32):
-        if b is not b_new:
-            b.copy_(b_new)
+    narrowed = [(b, b_new) for b, b_new in zip(bufs, b32) if b is not b_new]
+    if narrowed:
+        torch._foreach_copy_([b for b, _ in narrowed], [b_new for _, b_new in narrowed])
     torch._foreach_copy_(outs, u32)
 
 
@@ -301,8 +301,13 @@ def _apply_foreach(params, updates, lr, weight_decay, scales, tensor_scalars, de
     if not tensor_scalars:
         d = 1.0 - float(lr) * float(weight_decay)
         torch._foreach_mul_(p32, d)
-        for p, o, s in zip(p32, o32, scales):
-            p.add_(o, alpha=-(float(lr) * float(s)))  # fma(O, -a, p*d), as torch.optim.Muon
+        # add_(alpha=) is one fma, as in torch.optim.Muon; alpha is per call, so one foreach call per
+        # distinct scale (a model has a handful of distinct shapes, hence of scales)
+        by_alpha: dict[float, list[int]] = {}
+        for i, s in enumerate(scales):
+            by_alpha.setdefault(-(float(lr) * float(s)), []).append(i)
+        for alpha, idx in by_alpha.items():
+            torch._foreach_add_([p32[i] for i in idx], [o32[i] for i in idx], alpha=alpha)
     else:
         lr_t = dev_f32(lr) if isinstance(lr, Tensor) else np.float32(lr)
         wd_t = dev_f32(weight_decay) if isinstance(weight_decay, Tensor) else np.float32(weight_decay)
@@ -315,6 +320,6 @@ def _apply_foreach(params, updates, lr, weight_decay, scales, tensor_scalars, de
         torch._foreach_mul_(p32, d)
         # one rounding of a*O before the add (the kernel fuses it): see the bound in tests/test_csrc.py
         torch._foreach_add_(p32, torch._foreach_mul(o32, list(neg_a.unbind(0))))
-    for p, p_new in zip(params, p32):
-        if p is not p_new:
-            p.copy_(p_new)
+    narrowed = [(p, p_new) for p, p_new in zip(params, p32) if p is not p_new]
+    if narrowed:
+        torch._foreach_copy_([p for p, _ in narrowed], [p_new for _, p_new in narrowed])
