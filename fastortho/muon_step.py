@@ -31,7 +31,9 @@ and rounded once to ``p``'s dtype (torch.optim.Muon rounds twice for bf16 params
 ``p.mul_(1-lr*wd); p.add_(O, alpha=-lr*s)``; in fp32 the two agree bit for bit).
 
 Backends: ``"c"`` is ``torch.ops.fastortho`` from the compiled ``fastortho._C`` (one launch over a whole
-list; CPU and CUDA kernels share their per-element math); ``"foreach"`` is plain PyTorch ``_foreach``
+list; CPU and CUDA kernels share their per-element math; a list mixing dtype combinations is split
+into one call per combination and the per-tensor results scattered back, which copies a small index
+to the device: for CUDA-graph capture pass one dtype combination per call); ``"foreach"`` is plain PyTorch ``_foreach``
 ops, the reference and the fallback; ``"auto"`` takes ``"c"`` when it has a kernel for the device.
 Both backends give bit-identical fp32 buffers and NS inputs (see ``tests/test_csrc.py`` for the
 cases where they do not, and the bounds there).
