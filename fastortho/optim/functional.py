@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +47,6 @@ __all__ = [
     "muon",
 ]
 
-LrScale = Literal["original", "rms_match", "spectral", "none"]
 #: The learning-rate scale rules, :math:`m` = rows = fan_out, :math:`n` = cols = fan_in of the matrix
 #: *as orthogonalized* (after conv flattening and row splitting).
 LR_SCALES: dict[str, Callable[[int, int], float]] = {
@@ -212,12 +211,6 @@ class MatrixUnit:
     group_index: int = 0
     name: str = ""
     out: Tensor | None = field(default=None, repr=False)
-
-
-def _row_blocks(t: Tensor, split_sizes: Sequence[int] | None) -> list[Tensor]:
-    if not split_sizes:
-        return [t]
-    return list(torch.split(t, list(split_sizes), dim=0))
 
 
 def _check_grad(p: Tensor, g: Tensor) -> None:

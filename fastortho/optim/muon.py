@@ -26,8 +26,6 @@ _MUON_DEFAULTS: dict[str, Any] = dict(
     momentum_placement="before_ortho", orthogonalizer="newton_schulz", ns_dtype=None, backend="auto",
     flatten=None, split_sizes=None, nonfinite="skip", algorithm="muon",
 )
-#: AdamW groups carry these (``lr``/``weight_decay`` default to ``adamw_lr``/``adamw_weight_decay``).
-_ADAMW_KEYS = ("betas", "adamw_eps", "bias_correction", "zero_init")
 
 
 class Muon(Optimizer):
