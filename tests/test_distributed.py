@@ -14,7 +14,8 @@ The scenarios live in ``tests/dist_scenarios.py``; each test asserts on one of t
   reference by the sum order of gloo's reductions (and TP's partial sums), ~1e-9; after 3 steps at
   lr 0.02 the measured max |Δθ| is 3.2e-7 (TP), 2.0e-7 (FSDP2 W=4), 1.5e-7 (HSDP), 2.1e-7 (FSDP×TP)
   (torch 2.14.1, CPU, fp32 NS); the single-process full-batch vs 2-micro-batch noise floor is 1.5e-7.
-  ``E2E_ATOL`` is 2e-6. Orthogonalizing shards instead of whole matrices moves θ by ~1e-2.
+  ``E2E_ATOL`` is 2e-6. Orthogonalizing each half of the rows separately instead of the whole
+  matrix moves θ by 3.7e-2 (measured: 3 steps at lr 0.02, random gradients), far outside the bound.
 * Bytes: ``comm_stats`` equals an independent count of what ``all_to_all_single`` was handed, and the
   mean over ranks equals the closed forms 4(W−1)/W² (a2a, bf16) and 2(W−1)/W (owner, bf16) per parameter.
 * DCP: FSDP2 ``get_state_dict``/``dcp.save``/``dcp.load``/``set_state_dict`` resumes bit-identically;
