@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 
-from . import reference
+from . import _C_loader, reference
+from ._C_loader import HAS_C, HAS_C_CUDA
 from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_schedule
 from .optim import Muon
+from .muon_step import muon_apply_, muon_momentum_
 from .orthogonalize import newton_schulz, polar
 from .param_groups import muon_param_groups
 
@@ -23,6 +25,10 @@ __all__ = [
     "polar",
     "Muon",
     "muon_param_groups",
+    "muon_momentum_",
+    "muon_apply_",
+    "HAS_C",
+    "HAS_C_CUDA",
     "reference",
     "Schedule",
     "SCHEDULES",
