@@ -363,6 +363,12 @@ def _reference(micro, n_total, steps=E2E_STEPS, tp=False):
     return [p.detach() for p in model.parameters()]
 
 
+def _bytes_ok(opt):
+    """The last step's a2a/owner bytes equal the analytic count from the shapes (0 == 0 when unused)."""
+    st = opt.comm_stats
+    return all(st["bytes"].get(k, 0) == st["ideal"].get(k, 0) for k in ("a2a", "owner"))
+
+
 def _compare(model, ref):
     from torch.distributed.tensor import DTensor
 
@@ -422,7 +428,7 @@ def sc_e2e_fsdp(rank, world):
     equal, diff = _compare(model, _reference(world, world * PER))
     placements = sorted({str(p.placements) for p in model.parameters()})
     return dict(ok=True, equal=equal, max_diff=diff, ns_outside_step=outside,
-                strategies=sorted(opt.comm_stats["numel"]), placements=placements,
+                strategies=sorted(opt.comm_stats["numel"]), bytes_ok=_bytes_ok(opt), placements=placements,
                 full_batch_diff=_compare(model, _reference(1, world * PER))[1])
 
 
@@ -441,7 +447,8 @@ def sc_e2e_ddp(rank, world):
         opt.step()
         opt.zero_grad()
     equal, diff = _compare(model, _reference(world, n))
-    return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]))
+    return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]),
+                bytes_ok=_bytes_ok(opt))
 
 
 def sc_e2e_tp(rank, world):
@@ -456,6 +463,7 @@ def sc_e2e_tp(rank, world):
     _train(model, opt, slice(None), PER, tp=True)  # every TP rank sees the whole batch
     equal, diff = _compare(model, _reference(1, PER, tp=True))
     return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]),
+                bytes_ok=_bytes_ok(opt),
                 placements=sorted({str(p.placements) for p in model.parameters()}))
 
 
@@ -468,6 +476,7 @@ def sc_e2e_hsdp(rank, world):
     _train(model, opt, slice(rank * PER, (rank + 1) * PER), world * PER)
     equal, diff = _compare(model, _reference(world, world * PER))
     return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]),
+                bytes_ok=_bytes_ok(opt),
                 placements=sorted({str(p.placements) for p in model.parameters()}))
 
 
@@ -489,6 +498,7 @@ def sc_e2e_fsdp_tp(rank, world):
     _train(model, opt, slice(dp * PER, (dp + 1) * PER), 2 * PER, tp=True)
     equal, diff = _compare(model, _reference(2, 2 * PER, tp=True))
     return dict(ok=True, equal=equal, max_diff=diff, strategies=sorted(opt.comm_stats["numel"]),
+                bytes_ok=_bytes_ok(opt),
                 placements=sorted({str(p.placements) for p in model.parameters()}))
 
 

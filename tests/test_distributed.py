@@ -110,6 +110,7 @@ def test_bytes_match_closed_form(w2, w4, world):
 def test_e2e_w2_bit_identical(w2, name):
     for d in _get(w2, name):
         assert d["equal"], d["max_diff"]
+        assert d["bytes_ok"]
     if name == "e2e_fsdp":
         assert w2[name][0]["ns_outside_step"] == 0  # NS runs in step(), not per micro-batch
         assert w2[name][0]["strategies"] == ["a2a"]
@@ -120,6 +121,7 @@ def test_e2e_w2_bit_identical(w2, name):
 def test_e2e_tp_w2(w2):
     for d in _get(w2, "e2e_tp"):
         assert d["max_diff"] <= E2E_ATOL
+        assert d["bytes_ok"]
         assert d["strategies"] == ["a2a"]
         assert "(Shard(dim=1),)" in d["placements"]
 
@@ -129,6 +131,7 @@ def test_e2e_tp_w2(w2):
 def test_e2e_w4(w4, name, strategy):
     for d in _get(w4, name):
         assert d["max_diff"] <= E2E_ATOL
+        assert d["bytes_ok"]
         assert d["strategies"] == [strategy]
 
 
