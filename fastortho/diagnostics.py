@@ -255,7 +255,8 @@ def ortho_bias_monte_carlo(
     noise = sample_noise(n_trials * T, generator).to(torch.float64).reshape(n_trials, T, *G.shape)
     Gs = G64 + noise
     post = orthogonalize((w.reshape(1, T, 1, 1) * Gs).sum(1)).to(torch.float64)
-    pre = (w.reshape(1, T, 1, 1) * orthogonalize(Gs.reshape(-1, *G.shape)).to(torch.float64).reshape(Gs.shape)).sum(1)
+    each = orthogonalize(Gs.reshape(-1, *G.shape)).to(torch.float64).reshape(Gs.shape)
+    pre = (w.reshape(1, T, 1, 1) * each).sum(1)
     out: dict[str, Tensor] = {}
     for name, est in (("post", post), ("pre", pre)):
         d = est - target
@@ -320,8 +321,8 @@ class CurvatureMonitor:
 
     Muon whitens the gradient on the left by M^{-1/2}, M ≈ G Gᵀ (Claim 2). Each :meth:`update` stores
     the SPD estimate C_t = (Ĉ_t + δI)/(1 + δ), Ĉ_t = G_tG_tᵀ / (tr(G_tG_tᵀ)/m) (G's short side, m rows;
-    unit mean eigenvalue; δ = ``ridge`` keeps it invertible for rank-deficient G) and :attr:`sigma_r` returns σ_R of the last ``window`` of them
-    via :func:`riemannian_variance`. Use next to the optimizer's telemetry, e.g. every 100 steps::
+    unit mean eigenvalue; δ = ``ridge`` keeps it invertible for rank-deficient G) and :attr:`sigma_r`
+    returns σ_R of the last ``window`` of them via :func:`riemannian_variance`. Use next to the optimizer's telemetry, e.g. every 100 steps::
 
         mon = {name: CurvatureMonitor(window=8) for name, p in model.named_parameters() if p.ndim == 2}
         opt = fastortho.Muon(groups, lr=0.02, telemetry=True)

@@ -248,7 +248,8 @@ def test_curvature_monitor_scale_free_and_detects_change():
         G = W @ torch.randn(6, 40, dtype=torch.float64, generator=gen)
         stable.update(G)
         scaled.update(G * 10.0 ** i)
-        changing.update(torch.linalg.matrix_power(W, i % 3 + 1) @ torch.randn(6, 40, dtype=torch.float64, generator=gen))
+        Wi = torch.linalg.matrix_power(W, i % 3 + 1)
+        changing.update(Wi @ torch.randn(6, 40, dtype=torch.float64, generator=gen))
     assert len(stable) == 4
     assert scaled.sigma_r == pytest.approx(stable.sigma_r, rel=1e-6)
     assert changing.sigma_r > 2 * stable.sigma_r
