@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from . import _C_loader, reference
+from . import _C_loader, diagnostics, reference
 from ._C_loader import HAS_C, HAS_C_CUDA
 from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_schedule
 from .optim import Muon
@@ -30,6 +30,7 @@ __all__ = [
     "HAS_C",
     "HAS_C_CUDA",
     "reference",
+    "diagnostics",
     "Schedule",
     "SCHEDULES",
     "get_schedule",
