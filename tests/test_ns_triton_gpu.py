@@ -116,3 +116,18 @@ def test_fp32_first_gram_and_special_values():
     assert torch.equal(Y[0], torch.zeros_like(Y[0]))
     assert Y[1].isnan().all()
     assert torch.isfinite(Y[2]).all()
+
+
+def test_autotune_opt_in(monkeypatch):
+    """FASTORTHO_TRITON_AUTOTUNE=1 times the pruned candidate list once per (k, L, dtype, arch)."""
+    from fastortho.kernels import ns_launch
+
+    monkeypatch.setenv("FASTORTHO_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(ns_launch, "_TUNED", {})
+    G = torch.randn(2, 256, 640, device="cuda")
+    Y = _ns(G, gram=False)
+    assert torch.isfinite(Y).all()
+    assert {key[0] for key in ns_launch._TUNED} == {"sym", "apply"}
+    monkeypatch.delenv("FASTORTHO_TRITON_AUTOTUNE")
+    ref = _ns(G, gram=False)
+    assert (Y.float() - ref.float()).norm() / ref.float().norm() < 2e-2
