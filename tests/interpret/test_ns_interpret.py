@@ -247,11 +247,12 @@ def test_zero_nan_inf():
 
 @pytest.mark.parametrize("cdt,out", [(torch.float16, torch.float32), (torch.bfloat16, torch.float16)])
 def test_storage_and_output_dtypes(cdt, out):
-    """Output = the storage-precision result converted once (error vs the float64 iterate)."""
+    """Output = the storage-precision result converted once. Error vs the float64 iterate,
+    measured: fp16 storage 1.7e-3, bf16 storage 1.4e-2 (48×80, 5 steps)."""
     G = _gen((1, 48, 80), seed=6).double()
     Y = ns_triton(G, cdt=cdt, out=out, gram=False)
     assert Y.dtype == out
     err = rel(Y, plain_loop(G)).max().item()
     print(f"storage {cdt}, out {out}: {err:.2e}")
-    tol = 2e-2 if cdt == torch.float16 else 4e-2
+    tol = 4e-3 if cdt == torch.float16 else 3e-2
     assert err < tol
