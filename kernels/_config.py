@@ -75,6 +75,13 @@ def _interpret_apply(k: int, L: int) -> Config:
     return Config(128, 128, 128, 1, 1, group_m=2)
 
 
+# fp32 operand tiles (fp32_first_gram: 3xTF32 dots; fp32 storage: IEEE or TF32 dots) hold twice
+# the bytes and, for 3xTF32, split every operand in two: the bf16 table overflows shared memory
+# there (128×128×64: 256 KiB) and spills. Checked by AOT compile (0 spills on sm_80 and sm_90):
+FP32_SYM = {"tf32x3": Config(64, 64, 32, 4, 3), "ieee": Config(64, 64, 32, 8, 3), "tf32": Config(64, 64, 32, 8, 3)}
+FP32_APPLY = Config(64, 64, 32, 4, 3)
+
+
 def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Config:
     """Table lookup for C = α·P·Sᵀ + β·Y, P, S of logical shape k×L."""
     if interpret:

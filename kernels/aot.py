@@ -54,8 +54,10 @@ def _divisible(fn, names):
     return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
 
 
-def compile_kernel(kind: str, cfg: Config, arch: int, dtype: str = "bf16"):
-    """triton.compile one kernel ("sym" or "apply") for sm_<arch>; returns the CompiledKernel."""
+def compile_kernel(kind: str, cfg: Config, arch: int, dtype: str = "bf16", precision: str = "ieee"):
+    """triton.compile one kernel ("sym" or "apply") for sm_<arch>; returns the CompiledKernel.
+
+    dtype "fp32" with precision "tf32x3" is the fp32_first_gram variant, "ieee" fp32 storage."""
     if not HAS_TRITON:
         raise RuntimeError("AOT compilation needs triton")
     ptr = _TYPES[dtype]
@@ -68,7 +70,7 @@ def compile_kernel(kind: str, cfg: Config, arch: int, dtype: str = "bf16"):
         ones = ["sp_c", "ss_c", "sy_c", "sc_c"]
         sig.update({n: "i32" for n in ints})
         sig.update({"alpha": "fp32", "beta": "fp32"})
-        const = dict(HAS_SCALE=False, HAS_Y=True, ROUND_DTYPE=tdt, DOT_DTYPE=tdt, INPUT_PRECISION="ieee",
+        const = dict(HAS_SCALE=False, HAS_Y=True, ROUND_DTYPE=tdt, DOT_DTYPE=tdt, INPUT_PRECISION=precision,
                      OUT_ROUND=tdt, SOFT_BF16=False, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k)
         div = ["P", "S", "Y", "C", "K_OUT", "L", "sp_b", "sp_r", "ss_b", "ss_r", "sy_b", "sy_r", "sc_b", "sc_r"]
     elif kind == "apply":
@@ -79,7 +81,7 @@ def compile_kernel(kind: str, cfg: Config, arch: int, dtype: str = "bf16"):
         ones = ["sq_c", "sx_c", "so_c"]
         sig.update({n: "i32" for n in ints})
         sig["a"] = "fp32"
-        const = dict(HAS_AX=True, HAS_SCALE=False, ROUND_DTYPE=tdt, DOT_DTYPE=tdt, INPUT_PRECISION="ieee",
+        const = dict(HAS_AX=True, HAS_SCALE=False, ROUND_DTYPE=tdt, DOT_DTYPE=tdt, INPUT_PRECISION=precision,
                      OUT_ROUND=tdt, SOFT_BF16=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                      GROUP_M=cfg.group_m)
         div = ["Q", "X", "O", "K_IN", "L", "sq_b", "sq_r", "sx_b", "sx_r", "so_b", "so_r"]
@@ -112,9 +114,11 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return regs, st, ld
 
 
-def analyze(kind: str, cfg: Config, arch: int, dtype: str = "bf16") -> AotResult:
-    k = compile_kernel(kind, cfg, arch, dtype)
+def analyze(kind: str, cfg: Config, arch: int, dtype: str = "bf16", precision: str = "ieee") -> AotResult:
+    k = compile_kernel(kind, cfg, arch, dtype, precision)
     ptx = k.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "")
+    if dtype == "fp32" and precision == "ieee":
+        mma = mma or "fma (ieee fp32)"   # IEEE fp32 dots run on the FMA units by design
     regs, st, ld = ptxas_usage(ptx, arch)
     return AotResult(kind, arch, cfg, mma, int(k.metadata.shared), SMEM_LIMIT[arch], regs, st, ld)

@@ -65,10 +65,13 @@ def _autotune_on() -> bool:
     return os.environ.get("FASTORTHO_TRITON_AUTOTUNE", "0") not in ("", "0")
 
 
-def _choose(kind: str, k: int, L: int, dtype: torch.dtype, t: torch.Tensor, launch) -> _config.Config:
+def _choose(kind: str, k: int, L: int, dtype: torch.dtype, t: torch.Tensor, launch,
+            precision: str = "ieee") -> _config.Config:
     interp = interpreter_enabled() or t.device.type != "cuda"
     arch = _arch(t)
     eb = torch.finfo(dtype).bits // 8
+    if eb == 4 and not interp:
+        return _config.FP32_SYM[precision] if kind == "sym" else _config.FP32_APPLY
     pick = _config.pick_sym if kind == "sym" else _config.pick_apply
     if interp or not _autotune_on():
         return pick(k, L, eb, arch, interp)
@@ -120,7 +123,7 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0:
-        launch(_choose("sym", k, L, rd, P, launch))
+        launch(_choose("sym", k, L, rd, P, launch, prec))
     return out
 
 
@@ -155,7 +158,7 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0 and L > 0:
-        launch(_choose("apply", k, L, xrd, X, launch))
+        launch(_choose("apply", k, L, xrd, X, launch, prec))
     return out
 
 

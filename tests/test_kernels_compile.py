@@ -10,7 +10,16 @@ from __future__ import annotations
 import pytest
 
 from fastortho.kernels import HAS_TRITON
-from fastortho.kernels._config import APPLY_CONFIGS, SMEM_LIMIT, SYM_CONFIGS, Config, pick_apply, pick_sym
+from fastortho.kernels._config import (
+    APPLY_CONFIGS,
+    FP32_APPLY,
+    FP32_SYM,
+    SMEM_LIMIT,
+    SYM_CONFIGS,
+    Config,
+    pick_apply,
+    pick_sym,
+)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
@@ -73,3 +82,18 @@ def test_table_choices_are_compiled_configs(arch, k, L):
     s, a = pick_sym(k, L, BF16, arch, False), pick_apply(k, L, BF16, arch, False)
     assert ("sym", s, arch) in CASES and ("apply", a, arch) in CASES
     assert s.block_m == s.block_n   # mirrored tiles must be square
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+@pytest.mark.parametrize("kind", ["sym", "apply"])
+def test_fp32_operand_configs(kind, precision, arch):
+    """fp32 operands: the fp32_first_gram step (3xTF32 on tensor cores) and fp32 storage (IEEE)."""
+    from fastortho.kernels.aot import analyze
+
+    cfg = FP32_SYM[precision] if kind == "sym" else FP32_APPLY
+    r = analyze(kind, cfg, arch, "fp32", precision)
+    if precision == "tf32x3":
+        assert r.mma == MMA[arch]
+    assert r.shared <= SMEM_LIMIT[arch]
+    assert r.spill_stores == 0 and r.spill_loads == 0, f"ptxas spills: {r.spill_stores}/{r.spill_loads} B"
