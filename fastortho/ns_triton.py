@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastortho.kernels import HAS_TRITON
+from fastortho.kernels import HAS_TRITON, interpreter_enabled
 
 __all__ = ["HAS_TRITON", "newton_schulz_triton", "use_gram"]
 
@@ -104,6 +104,9 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
         raise RuntimeError("backend='triton' needs the `triton` package (pip install triton)")
     if G.dim() != 3:
         raise ValueError(f"newton_schulz_triton expects a 3-D (B, m, n) tensor, got shape {tuple(G.shape)}")
+    if G.device.type not in ("cuda", "meta") and not interpreter_enabled():
+        raise RuntimeError(f"backend='triton' needs a CUDA tensor (got {G.device}); CPU tensors run only "
+                           "under the Triton interpreter (TRITON_INTERPRET=1 set before import)")
     if not G.is_floating_point():
         raise TypeError(f"newton_schulz_triton expects a floating-point tensor, got {G.dtype}")
     if normalize not in ("fro", "spectral"):

@@ -38,3 +38,17 @@ def test_interpreter_suite():
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_interpreter_suite_slow():
     _run("slow", timeout=1800)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_cpu_tensor_without_interpreter_is_a_clear_error():
+    import torch
+
+    from fastortho.kernels import interpreter_enabled
+    from fastortho.ns_triton import newton_schulz_triton
+
+    if interpreter_enabled():
+        pytest.skip("this process runs the interpreter")
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        newton_schulz_triton(torch.randn(1, 4, 6), [(1.5, -0.5, 0.0)], safety=1.0, normalize="fro", eps=1e-7,
+                             compute_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
