@@ -36,7 +36,11 @@ def test_interpreter_suite():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_interpreter_suite_slow():
+def test_interpreter_suite_slow(request):
+    """The issue-sized accuracy check (512×2048, ≈ 1–2 min CPU): only when asked for with -m slow."""
+    expr = request.config.option.markexpr or ""
+    if "slow" not in expr or "not slow" in expr:
+        pytest.skip("run with -m slow")
     _run("slow", timeout=1800)
 
 
