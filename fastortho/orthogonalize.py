@@ -103,8 +103,10 @@ def newton_schulz(
             propagate to the result of that matrix only, and the call never synchronizes.
         fp32_first_gram: (triton) read the fp32 input for the first Gram product, removing the
             bf16 input-rounding floor.
-        gram: (triton) force (True) or forbid (False) Gram-space iteration for wide inputs;
-            None chooses by shape.
+        gram: force (True) or forbid (False) Gram-space iteration: the same polynomial run on the
+            m×m Gram matrix (Q ← ZQ, R ← ZRZ with Z = aI + bR + cR², X touched once at the end),
+            1.5–1.8× fewer flops when n ≳ 2m. None chooses by shape (torch backend: when it saves
+            ≥ 10% of the flops, in fp32/fp64 only; triton: its own rule, in fp16 with restarts).
 
     Returns:
         Tensor of G's shape and ``out_dtype``. G is never modified.
@@ -139,7 +141,7 @@ def newton_schulz(
     else:
         X = newton_schulz_torch(
             G3, coeffs, safety=safety, normalize=normalize, eps=eps, compute_dtype=dtype,
-            out_dtype=out_dtype,
+            out_dtype=out_dtype, gram=gram,
         )
     return X.reshape(*lead, m, n)
 
