@@ -19,17 +19,25 @@ def scale_input(
 
     ν = ‖G‖_F for ``"fro"``; ν = ‖GGᵀ‖_F^{1/2} ≥ σ_max (tighter by up to √rank) for ``"spectral"``,
     which needs the Gram matrix GGᵀ: it is returned scaled (= X₀X₀ᵀ) so the first step reuses it.
-    The division by a clamped norm maps a zero matrix to zeros rather than NaN.
+    The division by a clamped norm maps a zero matrix to zeros rather than NaN. Norms are taken of
+    G / max|G| so that squares neither overflow (|G| ~ 1e20 in fp32) nor underflow (|G| ~ 1e-25).
     """
     wdtype = torch.float64 if G.dtype == torch.float64 else torch.float32
     Gw = G.to(wdtype)
+    amax = Gw.abs().amax(dim=(-2, -1), keepdim=True)
+    Gn = Gw / amax.clamp_min(torch.finfo(wdtype).tiny)  # entries in [-1, 1], exact power-free scaling
+    A = None
     if normalize == "fro":
-        nu = torch.linalg.vector_norm(Gw, dim=(-2, -1), keepdim=True)
-        return Gw / (safety * nu).clamp_min(eps), None
-    A = Gw @ Gw.mT
-    nu = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True).sqrt()
-    d = (safety * nu).clamp_min(eps)
-    return Gw / d, A / (d * d)
+        nu_n = torch.linalg.vector_norm(Gn, dim=(-2, -1), keepdim=True)
+    else:
+        A = Gn @ Gn.mT
+        nu_n = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True).sqrt()
+    d_n = safety * nu_n  # the denominator for Gn; amax·d_n is the one for G (may overflow: unused)
+    big = amax * d_n >= eps
+    X = torch.where(big, Gn / d_n.clamp_min(torch.finfo(wdtype).tiny), Gw / eps)
+    if A is not None:
+        A = torch.where(big, A / (d_n * d_n).clamp_min(torch.finfo(wdtype).tiny), A * (amax / eps) ** 2)
+    return X, A
 
 
 def gram_flops(m: int, n: int, steps: int) -> tuple[int, int]:

@@ -94,6 +94,21 @@ def test_zero_matrices_give_zeros_and_nan_stays_local():
         fastortho.newton_schulz(G, check_finite=True)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+@pytest.mark.parametrize("normalize", ["fro", "spectral"])
+def test_extreme_scales_in_float32(scale, normalize):
+    # ‖G‖² and GGᵀ would overflow (1e20) or underflow (1e-20) in fp32: norms are taken of G/max|G|.
+    G = torch.randn(2, 20, 40, generator=torch.Generator().manual_seed(4))
+    X = fastortho.newton_schulz(G * scale, normalize=normalize, eps=1e-38)
+    torch.testing.assert_close(X, fastortho.newton_schulz(G, normalize=normalize), atol=2e-6, rtol=0)
+
+
+def test_below_eps_is_scaled_by_one_over_eps():
+    G = torch.randn(6, 9, dtype=torch.float64) * 1e-12
+    X = fastortho.newton_schulz(G, coefficients=[(2.0, 0.0, 0.0)], eps=1e-7)
+    torch.testing.assert_close(X, 2.0 * G / 1e-7)
+
+
 def test_vectors_are_normalized_exactly():
     g = torch.randn(37, dtype=torch.float64)
     torch.testing.assert_close(fastortho.newton_schulz(g), g / g.norm(), rtol=0, atol=1e-15)
@@ -175,7 +190,7 @@ def test_bad_inputs_raise():
 @given(
     m=st.integers(1, 24),
     n=st.integers(1, 24),
-    log_scale=st.floats(-5, 5),
+    log_scale=st.floats(-30, 30),
     name=st.sampled_from(sorted(SCHEDULES)),
     normalize=st.sampled_from(["fro", "spectral"]),
     seed=st.integers(0, 2**16),
@@ -186,7 +201,9 @@ def test_property_band_and_scale_invariance(m, n, log_scale, name, normalize, se
     lo, hi = composed_band(*get_schedule(name))
     assert singular_band(X)[1].item() <= hi * (1 + 1e-9)
     # Scaling G by s > 0 leaves the result unchanged (up to rounding) while s·ν(G) > eps.
-    Xs = fastortho.newton_schulz(G * 10.0**log_scale, coefficients=name, normalize=normalize, dtype=torch.float64)
+    Xs = fastortho.newton_schulz(
+        G * 10.0**log_scale, coefficients=name, normalize=normalize, dtype=torch.float64, eps=1e-300
+    )
     torch.testing.assert_close(Xs, X, atol=1e-9, rtol=1e-9)
 
 
