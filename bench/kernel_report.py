@@ -205,7 +205,7 @@ def triton_section(archs=DEFAULT_ARCHS) -> tuple[list[dict], list[str]]:
 # ----------------------------------------------------------------------------------------------
 def to_markdown(rows: list[dict]) -> str:
     cols = ["section", "kernel", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes",
-            "local_bytes", "stack_bytes"]
+            "local_bytes", "stack_bytes", "mma"]
     fmt = lambda v: "—" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help="compute capabilities, e.g. 80,90")
     ap.add_argument("--ptxas", action="store_true", help="recompile with ptxas -v for spill bytes")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    ap.add_argument("--check", action="store_true", help="exit 1 if any kernel spills or uses local memory")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 if any kernel spills, uses local memory, or (Triton) lacks MMA or overflows smem")
     args = ap.parse_args(argv)
     archs = tuple(a.strip().replace("sm_", "").replace(".", "") for a in args.archs.split(",") if a.strip())
 
@@ -232,9 +233,12 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    bad = [r for r in rows if (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) + (r.get("local_bytes") or 0) > 0]
+    # Triton rows carry their own verdict ("ok": tensor-core instruction present, shared memory
+    # within the device limit, no spills); CUDA rows are judged on spills and local memory.
+    bad = [r for r in rows if (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) + (r.get("local_bytes") or 0) > 0
+           or r.get("ok") is False]
     if bad:
-        print(f"# {len(bad)} kernel(s) spill or use local memory: " + ", ".join(f"{r['kernel']}@sm_{r['arch']}" for r in bad))
+        print(f"# {len(bad)} kernel(s) failing the check: " + ", ".join(f"{r['kernel']}@sm_{r['arch']}" for r in bad))
     return 1 if (args.check and bad) else 0
 
 
