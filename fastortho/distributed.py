@@ -322,13 +322,7 @@ class DistributedMuonEngine:
             self._orthogonalize(tasks_all, units_all)
 
         for gi, group, units, tasks, work in groups_work:
-            finite = F.apply_phase(
-                units, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-                nesterov=group["nesterov"], convention=group["momentum_convention"],
-                placement=group["momentum_placement"], nonfinite=group["nonfinite"],
-            )
-            if finite is not None and group["nonfinite"] == "skip":
-                opt._count_nonfinite(finite)
+            opt._apply_group(group, units)
             work.__exit__()
 
     # -- phase 1 ---------------------------------------------------------------------------------

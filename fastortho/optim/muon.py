@@ -338,6 +338,16 @@ class Muon(Optimizer):
         """
         return F.orthogonalize(stacked, F.OrthoConfig.from_group(group))
 
+    def _apply_group(self, group: dict[str, Any], units: Sequence[F.MatrixUnit]) -> None:
+        """Decoupled weight decay and the scaled update of one group; counts skipped non-finite updates."""
+        finite = F.apply_phase(
+            units, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+            nesterov=group["nesterov"], convention=group["momentum_convention"],
+            placement=group["momentum_placement"], nonfinite=group["nonfinite"],
+        )
+        if finite is not None and group["nonfinite"] == "skip":
+            self._count_nonfinite(finite)
+
     def _count_nonfinite(self, finite: Tensor) -> None:
         bad = (~finite).sum()
         if self._nonfinite_count is None:
@@ -395,13 +405,7 @@ class Muon(Optimizer):
         if self.telemetry:
             self._telemetry = []
         for gi, group, units, work in muon_groups:
-            finite = F.apply_phase(
-                units, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-                nesterov=group["nesterov"], convention=group["momentum_convention"],
-                placement=group["momentum_placement"], nonfinite=group["nonfinite"],
-            )
-            if finite is not None and group["nonfinite"] == "skip":
-                self._count_nonfinite(finite)
+            self._apply_group(group, units)
             work.__exit__()
             if self.telemetry:
                 self._record_telemetry(group, units)
