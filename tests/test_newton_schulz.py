@@ -8,7 +8,7 @@ import fastortho
 from fastortho.coefficients import SCHEDULES, composed_band, get_schedule
 from fastortho.reference import polar_error, polar_svd, singular_band
 
-from helpers import log_spectrum, low_rank, with_spectrum
+from helpers import log_spectrum, with_spectrum
 
 SHAPES = [(1, 1), (1, 17), (17, 1), (3, 1000), (1000, 3), (129, 257), (7, 65, 33), (2, 3, 20, 12)]
 
