@@ -108,6 +108,17 @@ def newton_schulz_torch(
     (the eager-PyTorch rounding model: each op rounds once). NaN/Inf propagate.
     ``gram`` (None: :func:`use_gram_torch`) runs the same polynomial in Gram space instead.
     """
+    if G.device.type == "cpu" and G.shape[0] > 1:
+        # On CPU a batched GEMM runs 10-15% slower than the same GEMMs one matrix at a time
+        # (measured: 12 x 768x3072, 1.87 s batched vs 1.64 s looped), so loop. A bonus: each matrix gets
+        # exactly the bits it gets alone, whatever it is batched with.
+        out = torch.empty(G.shape, dtype=out_dtype)
+        for i in range(G.shape[0]):
+            out[i] = newton_schulz_torch(
+                G[i : i + 1], coefficients, safety=safety, normalize=normalize, eps=eps,
+                compute_dtype=compute_dtype, out_dtype=out_dtype, gram=gram,
+            )[0]
+        return out
     tall = G.shape[-2] > G.shape[-1]
     Gs = G.mT if tall else G
     X, A0 = scale_input(Gs, safety=safety, normalize=normalize, eps=eps)

@@ -58,6 +58,15 @@ def test_fp32_accuracy_on_hostile_shapes(shape):
     assert polar_error(X, G).max().item() < 5e-6
 
 
+@pytest.mark.parametrize("gram", [False, True])
+def test_cpu_batch_invariance(gram):
+    G = torch.randn(5, 24, 40)
+    X = fastortho.newton_schulz(G, gram=gram)
+    for i in range(5):
+        assert torch.equal(X[i], fastortho.newton_schulz(G[i], gram=gram))
+    assert torch.equal(fastortho.newton_schulz(G[1:4], gram=gram), X[1:4])
+
+
 def test_tall_is_the_transpose_of_wide_and_views_work():
     G = torch.randn(40, 90)
     X = fastortho.newton_schulz(G)
