@@ -163,9 +163,9 @@ def test_zeros_and_zero_rows(method):
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
 def test_extreme_scales_do_not_overflow(method, scale):
     # ‖G‖_F² overflows (1e30) or underflows (1e-30) in float32: the start divides by max|g| first.
-    G = torch.randn(20, 30, dtype=torch.float64)
+    G = torch.randn(20, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     P = fastortho.polar((G * scale).float(), method=method)
-    assert polar_error(P, G).item() < 2e-6  # measured 2.6e-7 / 2.8e-7 (qdwh)
+    assert polar_error(P, G).item() < 2e-6  # measured 2.6e-7 / 2.4e-7 (qdwh), 4.2e-7 / 4.6e-7 (higham)
 
 
 @pytest.mark.parametrize("method", ["qdwh", "higham", "svd"])
