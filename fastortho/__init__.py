@@ -1,7 +1,7 @@
 """fastortho: fast, exact matrix orthogonalization for PyTorch.
 
 ``newton_schulz(G)`` approximates the polar factor U Vᵀ of G = U S Vᵀ (Muon's update direction);
-``polar(G)`` computes it accurately (Higham's scaled Newton iteration, or float64 SVD).
+``polar(G)`` computes it accurately (QDWH, Higham's scaled Newton iteration, or float64 SVD).
 
 Importing this package needs only torch: Triton kernels and the ``fastortho._C`` extension are
 optional, and a missing backend raises a clear error only when it is asked for.
