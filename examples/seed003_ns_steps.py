@@ -19,18 +19,11 @@ import _seedstudy as S
 import matplotlib.pyplot as plt
 import torch
 from scipy import stats
-from sklearn.datasets import load_digits
 
 import fastortho
 from fastortho import diagnostics
 
 
-def digits():
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return X[perm[:1437]], y[perm[:1437]], X[perm[1437:]], y[perm[1437:]]
 
 
 def make_model(seed: int) -> torch.nn.Sequential:
@@ -76,7 +69,7 @@ def main() -> None:
     args = S.setup(__doc__.splitlines()[0])
     t0 = time.time()
     seeds, epochs = (4, 4) if args.quick else (8, 6)
-    data = digits()
+    data = S.digits()
     configs: list[int | None] = list(range(1, 9)) + [None]
     res = {}
     for c in configs:

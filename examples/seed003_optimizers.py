@@ -24,7 +24,6 @@ import time
 import _seedstudy as S
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
 
 import fastortho
 
@@ -158,13 +157,6 @@ def compare(quick: bool) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------------------------
 # AdamW bias correction × zero init on digits
 # ------------------------------------------------------------------------------------------------
-def digits():
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1437], perm[1437:]
-    return X[tr], y[tr], X[te], y[te]
 
 
 def adamw_run(data, betas, bc: bool, zi: bool, seed: int, steps: int, lr: float) -> tuple[float, float]:
@@ -185,7 +177,7 @@ def adamw_run(data, betas, bc: bool, zi: bool, seed: int, steps: int, lr: float)
 
 
 def bc_zi_table(quick: bool) -> tuple[str, dict]:
-    data = digits()
+    data = S.digits()
     seeds, steps, lr = (2, 100, 0.008) if quick else (4, 250, 0.008)
     configs = [(True, True), (False, True), (True, False), (False, False)]
     names = {(True, True): "BC, ZI (default)", (False, True): "no BC, ZI", (True, False): "BC, no ZI",

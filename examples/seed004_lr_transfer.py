@@ -18,17 +18,10 @@ import time
 import _seedstudy as S
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
 
 import fastortho
 
 
-def digits():
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return X[perm[:1437]], y[perm[:1437]], X[perm[1437:]], y[perm[1437:]]
 
 
 def train(data, width: int, lr: float, rule: str, seed: int, steps: int) -> tuple[float, float]:
@@ -55,7 +48,7 @@ def train(data, width: int, lr: float, rule: str, seed: int, steps: int) -> tupl
 def main() -> None:
     args = S.setup(__doc__.splitlines()[0])
     t0 = time.time()
-    data = digits()
+    data = S.digits()
     widths = [64, 128] if args.quick else [64, 128, 256]
     grid = torch.logspace(-2.5, 0.0, 6 if args.quick else 8).tolist()
     seeds, steps = (1, 80) if args.quick else (1, 150)
