@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -29,15 +30,21 @@ def setup(description: str) -> argparse.Namespace:
     is faster than contending for shared cores) and make the figures folder."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test (~30 s)")
-    ap.add_argument("--no-write", action="store_true", help="do not touch examples/RESULTS.md")
+    ap.add_argument("--no-write", action="store_true",
+                    help="do not touch examples/RESULTS.md or examples/figures (plots go to a temp folder)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("FASTORTHO_EXAMPLE_THREADS", "1")))
-    FIGURES.mkdir(exist_ok=True)
+    global _figures
+    _figures = Path(tempfile.mkdtemp(prefix="fastortho-figures-")) if args.no_write else FIGURES
+    _figures.mkdir(exist_ok=True)
     return args
 
 
+_figures = FIGURES
+
+
 def figure_path(name: str) -> Path:
-    return FIGURES / name
+    return _figures / name
 
 
 def update_results(key: str, markdown: str) -> None:
