@@ -90,6 +90,16 @@ def _gram_space(X: Tensor, A0: Tensor | None, coefficients: Sequence[Triple]) ->
     return X if Q is None else Q @ X
 
 
+def _standard(X: Tensor, A0: Tensor | None, coefficients: Sequence[Triple]) -> Tensor:
+    """The iteration as written: A = XXᵀ (A₀ reused when given), B = bA + cA², X ← aX + BX."""
+    for i, (a, b, c) in enumerate(coefficients):
+        A = A0.to(X.dtype) if (i == 0 and A0 is not None) else X @ X.mT
+        # c == 0 (cubic) skips the A² product: a third fewer matmul flops.
+        B = b * A if c == 0 else torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    return X
+
+
 def newton_schulz_torch(
     G: Tensor,
     coefficients: Sequence[Triple],
@@ -125,13 +135,5 @@ def newton_schulz_torch(
     X = X.to(compute_dtype)
     if gram is None:
         gram = use_gram_torch(Gs.shape[-2], Gs.shape[-1], len(coefficients), compute_dtype)
-    if gram:
-        X = _gram_space(X, A0, coefficients)
-        return (X.mT if tall else X).to(out_dtype)
-    for i, (a, b, c) in enumerate(coefficients):
-        A = A0.to(compute_dtype) if (i == 0 and A0 is not None) else X @ X.mT
-        # c == 0 (cubic) skips the A² product: a third fewer matmul flops.
-        B = b * A if c == 0 else torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-    X = X.mT if tall else X
-    return X.to(out_dtype)
+    X = (_gram_space if gram else _standard)(X, A0, coefficients)
+    return (X.mT if tall else X).to(out_dtype)
