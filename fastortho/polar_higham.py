@@ -59,7 +59,7 @@ def higham_polar(
     scaling: str = "norm",
     dtype: torch.dtype = torch.float32,
     rtol: float | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Polar factor of G (B, m, n) by the scaled Newton iteration; see the module docstring.
 
     Returns (P in ``dtype`` with G's shape, iterations per matrix (B,) int64).
