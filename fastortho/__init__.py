@@ -18,7 +18,7 @@ from .muon_step import muon_apply_, muon_momentum_
 from .orthogonalize import newton_schulz, polar
 from .param_groups import muon_param_groups
 
-__version__ = "0.1.0"
+from ._version import __version__  # the one version source; pyproject.toml reads it too
 
 __all__ = [
     "newton_schulz",

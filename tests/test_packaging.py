@@ -1,5 +1,5 @@
 """The package installs like a user gets it: a wheel with fastortho and fastortho.kernels, importable
-without triton, a compiler or a GPU."""
+without triton, a compiler or a GPU, that ships its licence and type marker and states one version."""
 import os
 import subprocess
 import sys
@@ -61,3 +61,36 @@ def test_wheel_imports_in_a_clean_venv(wheel, tmp_path):
     res = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "(8, 12)" in res.stdout
+
+
+def test_wheel_ships_license_and_py_typed(wheel):
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastortho/py.typed" in names, "type checkers need the PEP 561 marker in the wheel"
+    licenses = [n for n in names if ".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE"]
+    assert licenses, f"LICENSE missing from the wheel's .dist-info: {names}"
+    text = zipfile.ZipFile(wheel).read(licenses[0]).decode()
+    assert text.startswith("MIT License")
+
+
+def test_wheel_metadata_has_one_version_urls_and_authors(wheel):
+    import email
+    import zipfile
+
+    zf = zipfile.ZipFile(wheel)
+    (meta_name,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+    meta = email.message_from_bytes(zf.read(meta_name))
+    ns: dict = {}
+    exec((ROOT / "fastortho" / "_version.py").read_text(), ns)
+    assert meta["Version"] == ns["__version__"]
+    assert f"-{ns['__version__']}-" in wheel.name
+    # the version is written once: fastortho/_version.py (pyproject.toml reads it, __init__ imports it)
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert '__version__ = "' not in (ROOT / "fastortho" / "__init__.py").read_text()
+    assert meta.get_all("Project-URL"), "project URLs missing from the metadata"
+    assert meta["Author"] or meta["Author-email"], "authors missing from the metadata"
+    assert meta["License-Expression"] == "MIT"
