@@ -2,6 +2,8 @@
 
 * ``gram(X, c)``: I·[c ≠ 0 identity term] + c·XXᵀ for X (B, k, L): on CUDA in float32 through the
   symmetric Triton kernel (one triangle of tiles, mirrored), otherwise ``torch.baddbmm``.
+* ``ns_product(A, X)``: 1.5·X − 0.5·A·X (A = XXᵀ), the Newton–Schulz step X ← ½(3I − XXᵀ)X: on
+  CUDA in float32 through the Triton apply kernel, otherwise ``torch.baddbmm``.
 * ``fused_update(X, Z, α, β, active)``: X' = where(active, αX + βZ, X) and the relative step
   ‖X' − X‖_F/‖X'‖_F per matrix: one Triton pass on CUDA (``fastortho.kernels.polar``), eager torch
   elsewhere. Both backends compute the same formula; only the summation order differs.
@@ -52,6 +54,18 @@ def gram(X: Tensor, c: float = 1.0, identity: bool = False) -> Tensor:
     if identity:
         return torch.baddbmm(eye, X, X.mT, alpha=c)
     return c * (X @ X.mT) if c != 1.0 else X @ X.mT
+
+
+def ns_product(A: Tensor, X: Tensor) -> Tensor:
+    """1.5·X − 0.5·A·X for A (B, k, k), X (B, k, L): one Newton–Schulz step when A = XXᵀ."""
+    if X.dtype == torch.float32 and use_triton(X):
+        from .kernels.ns_launch import apply_q
+
+        out = torch.empty(X.shape, dtype=X.dtype, device=X.device)
+        # 3xTF32 dots (first_fp32) for the same reason as in ``gram``: fp32 accuracy whatever
+        # allow_tf32 says.
+        return apply_q((-0.5 * A).contiguous(), X, out, a=1.5, round_dtype=torch.float32, first_fp32=True)
+    return torch.baddbmm(X, A, X, beta=1.5, alpha=-0.5)
 
 
 def fused_update(X: Tensor, Z: Tensor, alpha: Tensor, beta: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
