@@ -15,7 +15,7 @@ from .coefficients import Schedule, get_schedule
 from .ns_torch import newton_schulz_torch
 from .polar_higham import higham_polar
 from .polar_qdwh import qdwh_polar
-from .reference import polar_svd
+from .reference import default_rtol, polar_svd
 
 __all__ = ["newton_schulz", "polar"]
 
@@ -171,7 +171,8 @@ def polar(
             Cholesky solves of the Gram matrix (seed 000 Claim 11 with Higham's norm scaling;
             ``scaling="fro"`` is the seed's unscaled form). The Gram matrix squares κ: float32
             resolves σ/σ_max ≳ 2e-3 only; directions below are dropped.
-        ``"svd"``: exact, float64 (``fastortho.reference.polar_svd``).
+        ``"svd"``: exact SVD in float64 (``fastortho.reference.polar_svd``), with the rank cut of
+            G's own precision (below).
         ``"newton_schulz"``: delegates to :func:`newton_schulz` with ``ns_kwargs``.
 
     Iterative methods work in float32 by default (float64 if G is float64; bf16/fp16 inputs are
@@ -181,9 +182,12 @@ def polar(
     Gram products use fastortho's symmetric Triton kernel and the step update a fused Triton kernel.
 
     Rank-deficient G: the canonical polar factor U_r V_rᵀ (small singular values map to 0, as in
-    Newton–Schulz). ``rtol`` sets the cut: "qdwh" drops σ ≲ rtol·‖G‖_F/√m (default
-    rtol = max(m, n)·u of the working dtype); "higham" drops Gram eigenvalues σ²/σ_max² ≤ rtol
-    (default 4u√m); "svd" drops σ ≤ rtol·σ_max (default max(m, n)·2⁻⁵²).
+    Newton–Schulz). ``rtol`` sets the cut: "svd" drops σ ≤ rtol·σ_max; "qdwh" drops
+    σ ≲ rtol·‖G‖_F/√m. The default follows the precision of the data, not of the computation:
+    ``fastortho.reference.default_rtol(m, n, dtype)`` = min(max(m, n)·ε, √ε) with ε of the less
+    precise of G's dtype and the working dtype (a rank-r float32 or bfloat16 G carries rounding-noise
+    singular values of order ε·σ_max, which a float64 cut would map to 1). "higham" has its own
+    rule (see ``fastortho.polar_higham``).
     NaN/Inf input raises ``ValueError``; a non-finite result raises ``FloatingPointError`` (this
     path is for accuracy, not hot loops: it synchronizes with the device).
 
@@ -204,6 +208,8 @@ def polar(
     if method != "newton_schulz":
         _check_finite(G, "polar")
     iters = None
+    if rtol is not None and not (0.0 <= rtol < 1.0):
+        raise ValueError(f"rtol must be in [0, 1) (the relative rank cut), got {rtol}")
     if method == "svd":
         P = polar_svd(G, rtol)
     elif method == "newton_schulz":
@@ -224,7 +230,10 @@ def polar(
         else:
             G3 = G.reshape(-1, m, n)
             if method == "qdwh":
-                P3, it = qdwh_polar(G3, tol=tol, max_iter=max_iter, dtype=wdtype, rtol=rtol)
+                # The cut follows the coarser of the data's and the working precision.
+                coarse = max(G.dtype, wdtype, key=lambda d: torch.finfo(d).eps)
+                q_rtol = default_rtol(m, n, coarse) if rtol is None else rtol
+                P3, it = qdwh_polar(G3, tol=tol, max_iter=max_iter, dtype=wdtype, rtol=q_rtol)
             else:
                 P3, it = higham_polar(G3, tol=tol, max_iter=max_iter, scaling=scaling, dtype=wdtype, rtol=rtol)
             if not bool(torch.isfinite(P3).all()):
