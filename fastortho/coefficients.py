@@ -26,13 +26,30 @@ Where each list comes from (values checked in ``tests/test_coefficients.py``):
 * ``"polar_express_paper"``: the 8-step list of Amsel, Persson, Musco, Gower, "The Polar Express"
   (arXiv 2505.16932, reference code NoahAmsel/PolarExpress): the raw minimax composition with
   ℓ₀ = 1e-3 and cushion 0.02407…, rows 1–7 divided by the safety factor 1.01 (a/f, b/f³, c/f⁵),
-  the last row the fixed point (15/8, −10/8, 3/8); input scaled by 1.01·‖G‖_F. Longer schedules
-  repeat the last row, as the reference code does.
-* ``"cubic"``: p(σ) = 1.5σ − 0.5σ³ every step, the classical Newton–Schulz iteration (seed 004);
+  the last row the fixed point (15/8, −10/8, 3/8); input scaled by 1.01·‖G‖_F.
+* ``"cubic"``: p(σ) = 1.5σ − 0.5σ³ every step, the classical Newton–Schulz iteration;
   convergent for σ ∈ (0, √3), hence slow from small σ. Safety 1.
+
+``keller`` and ``cubic`` list their constant triple 5 times (the step count of Keller Jordan's Muon).
+
+More steps than the list has (:meth:`Schedule.rows`): more steps never hurt, and they converge.
+
+* A Polar Express schedule made by :func:`polar_express_schedule` (``"polar_express"``) is
+  regenerated for the asked step count: the greedy composition from the same ℓ₀, safety and cushion.
+* Every other schedule continues with its *tail*: the last row again when that row is itself a
+  convergent Newton–Schulz polynomial (p(1) = 1 and p′(1) = 0: ``"cubic"``; the paper list, whose
+  last row is the fixed point, as the reference code does), and otherwise the quintic fixed point
+  p(σ) = (15σ − 10σ³ + 3σ⁵)/8 (``"keller"``, ``"you"``). That quintic has p′(σ) = (15/8)(1 − σ²)² ≥ 0
+  and 1 − p(σ) = (1 − σ)³(3σ² + 9σ + 8)/8, so every σ ∈ (0, √(7/3)) moves monotonically towards 1,
+  cubically near it: each extra step brings every singular value closer to 1. Repeating a row that
+  was not built to converge does not: Keller's triple keeps σ oscillating in roughly [0.7, 1.2].
+
+A single flat triple ``(a, b, c)`` (torch.optim.Muon's ``ns_coefficients``) is that triple on every
+step, whatever the count, exactly as torch.optim.Muon runs it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,13 +59,29 @@ import numpy as np
 Triple = tuple[float, float, float]
 
 __all__ = [
+    "FIXED_POINT",
     "Schedule",
     "SCHEDULES",
     "get_schedule",
     "optimal_quintic",
     "polar_express_schedule",
     "composed_band",
+    "is_convergent_row",
 ]
+
+
+FIXED_POINT: Triple = (15 / 8, -10 / 8, 3 / 8)
+"""p(σ) = (15σ − 10σ³ + 3σ⁵)/8: p(1) = 1, p′(1) = p″(1) = 0, the tail of non-convergent schedules."""
+
+
+def is_convergent_row(row: Sequence[float], tol: float = 1e-12) -> bool:
+    """Whether p(σ) = aσ + bσ³ + cσ⁵ fixes 1 with zero slope (a + b + c = 1, a + 3b + 5c = 0).
+
+    Then repeating p converges to 1 at least quadratically near σ = 1 (the classical Newton–Schulz
+    polynomials: the cubic (3/2, −1/2, 0) and the quintic :data:`FIXED_POINT`).
+    """
+    a, b, c = (float(v) for v in row)
+    return abs(a + b + c - 1) <= tol and abs(a + 3 * b + 5 * c) <= tol
 
 
 @dataclass(frozen=True)
@@ -57,16 +90,20 @@ class Schedule:
 
     Attributes:
         name: a short label (``"custom"`` for user sequences).
-        coefficients: per-step (a, b, c) of p(σ) = aσ + bσ³ + cσ⁵; ``steps`` beyond the list repeat
-            its last row (the convergent fixed point for Polar Express, the constant triple for Keller).
+        coefficients: per-step (a, b, c) of p(σ) = aσ + bσ³ + cσ⁵; their number is the schedule's
+            native step count. :meth:`rows` says what more steps run.
         safety: the input is divided by ``safety · ν(G)``; the value the list was derived with.
         source: where the numbers come from.
+        generator: ``(lower, cushion)`` when the rows are
+            ``polar_express_schedule(len(coefficients), lower, safety=safety, cushion=cushion)``;
+            more steps then regenerate the schedule for that count. None for fixed lists.
     """
 
     name: str
     coefficients: tuple[Triple, ...]
     safety: float = 1.0
     source: str = ""
+    generator: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.coefficients) == 0:
@@ -76,20 +113,40 @@ class Schedule:
                 raise ValueError(f"each step must be a finite (a, b, c) triple, got {t!r}")
         if not (math.isfinite(self.safety) and self.safety > 0):
             raise ValueError(f"safety must be a positive finite number, got {self.safety}")
+        if self.generator is not None and len(self.generator) != 2:
+            raise ValueError(f"generator must be (lower, cushion) or None, got {self.generator!r}")
 
     @property
     def steps(self) -> int:
         """The schedule's native number of steps."""
         return len(self.coefficients)
 
-    def take(self, steps: int | None = None) -> tuple[Triple, ...]:
-        """The first ``steps`` triples (the native length when None); the last row repeats beyond it."""
+    @property
+    def tail(self) -> Triple:
+        """The row that fixed lists repeat past their end: their last row when it is convergent
+        (:func:`is_convergent_row`), else the quintic :data:`FIXED_POINT`."""
+        last = self.coefficients[-1]
+        return last if is_convergent_row(last) else FIXED_POINT
+
+    def rows(self, steps: int | None = None) -> tuple[Triple, ...]:
+        """The per-step table for ``steps`` steps (the native length when None).
+
+        Fewer steps than the list: its first ``steps`` rows. More: a generated schedule
+        (``generator`` set) is regenerated for ``steps`` with the same ℓ₀, safety and cushion; a fixed
+        list continues with :attr:`tail` (never its last row when that row does not converge: Keller's
+        triple repeated keeps σ oscillating in [0.7, 1.2], You's last row ends at ~1e-2 error).
+        Either way every extra step moves each normalized σ ∈ (0, √(7/3)) closer to 1.
+        """
         if steps is None:
             return self.coefficients
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        tail = (self.coefficients[-1],) * max(0, steps - len(self.coefficients))
-        return (self.coefficients + tail)[:steps]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if steps <= len(self.coefficients):
+            return self.coefficients[:steps]
+        if self.generator is not None:
+            lower, cushion = self.generator
+            return _polar_express_rows(steps, lower, self.safety, cushion)
+        return self.coefficients + (self.tail,) * (steps - len(self.coefficients))
 
 
 def optimal_quintic(lower: float, upper: float) -> Triple:
@@ -122,6 +179,11 @@ def optimal_quintic(lower: float, upper: float) -> Triple:
     return float(a), float(b), float(c)
 
 
+# 1 − ℓ below this is "ℓ = 1" for the greedy recursion: a few float64 ulps (2.2e-16 each), the
+# rounding of one polynomial evaluation near 1. Past it the minimax quintic is the fixed point.
+_CONVERGED = 16 * 2.0**-52
+
+
 def polar_express_schedule(
     steps: int, lower: float = 1e-3, *, safety: float = 1.02, cushion: float = 0.02
 ) -> Schedule:
@@ -133,15 +195,31 @@ def polar_express_schedule(
     every step but the last (p(x) → p(x / safety), i.e. a/f, b/f³, c/f⁵, so that round-off cannot push
     σ past the interval), then update ℓ ← p(ℓ), u ← 2 − ℓ.
 
+    Converged interval: in exact arithmetic ℓ < 1 on every step; in float64 the update can round ℓ to
+    1 or a few ulps above it (and u below it) once 1 − ℓ reaches rounding level, which happens within
+    8 steps from ℓ₀ ≥ 1e-3 without safety, with the exact bits depending on the CPU's LAPACK kernels.
+    So ℓ is clamped: once 1 − ℓ ≤ 16 ulps, ℓ = u = 1, and every further row is the quintic fixed
+    point (15/8, −10/8, 3/8) (divided by the safety factor except on the last step), which maps
+    σ = 1 to itself with zero slope. The generator's control flow never depends on last-ulp results.
+
     ``polar_express_schedule(5, 1e-3, safety=1.02, cushion=0.02)`` reproduces the list used by
     modded-nanogpt and dion to ~1e-15, and the returned schedule scales its input by ``safety``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not 0 < lower <= 1:
         raise ValueError(f"lower must be in (0, 1], got {lower}")
     if safety < 1 or not 0 <= cushion < 1:
         raise ValueError(f"need safety >= 1 and 0 <= cushion < 1, got {safety}, {cushion}")
+    rows = _polar_express_rows(steps, float(lower), float(safety), float(cushion))
+    src = f"polar_express_schedule({steps}, lower={lower}, safety={safety}, cushion={cushion})"
+    return Schedule("polar_express", rows, safety=safety, source=src, generator=(lower, cushion))
+
+
+@functools.lru_cache(maxsize=64)
+def _polar_express_rows(steps: int, lower: float, safety: float, cushion: float) -> tuple[Triple, ...]:
+    """The rows of :func:`polar_express_schedule` (arguments already validated); cached, since
+    :meth:`Schedule.rows` regenerates them on every call with more steps than the list."""
     lo, up = lower, 1.0
     out: list[Triple] = []
     for i in range(steps):
@@ -153,9 +231,10 @@ def polar_express_schedule(
             a, b, c = a / safety, b / safety**3, c / safety**5
         out.append((a, b, c))
         lo = a * lo + b * lo**3 + c * lo**5
+        if 1.0 - lo <= _CONVERGED:
+            lo = 1.0  # converged (see the docstring): also keeps lo <= up for the next solve
         up = 2.0 - lo
-    src = f"polar_express_schedule({steps}, lower={lower}, safety={safety}, cushion={cushion})"
-    return Schedule("polar_express", tuple(out), safety=safety, source=src)
+    return tuple(out)
 
 
 _KELLER: Triple = (3.4445, -4.7750, 2.0315)
@@ -188,7 +267,9 @@ def _with_safety(rows: Sequence[Triple], f: float) -> tuple[Triple, ...]:
 
 
 SCHEDULES: dict[str, Schedule] = {
-    "keller": Schedule("keller", (_KELLER,), 1.0, "KellerJordan/Muon; torch.optim.Muon default"),
+    "keller": Schedule(
+        "keller", (_KELLER,) * 5, 1.0, "Keller Jordan, Muon (KellerJordan/Muon); torch.optim.Muon default"
+    ),
     "you": Schedule("you", _YOU, 1.0, "You Jiacheng 5-step (dion, Emerging-Optimizers 'quintic')"),
     "polar_express": polar_express_schedule(5, 1e-3, safety=1.02, cushion=0.02),
     "polar_express_paper": Schedule(
@@ -197,11 +278,8 @@ SCHEDULES: dict[str, Schedule] = {
         1.01,
         "Amsel et al. arXiv 2505.16932, 8 steps, rows 1-7 / 1.01, input / (1.01 ||G||_F)",
     ),
-    "cubic": Schedule("cubic", ((1.5, -0.5, 0.0),), 1.0, "classical cubic Newton-Schulz (seed 004)"),
+    "cubic": Schedule("cubic", ((1.5, -0.5, 0.0),) * 5, 1.0, "classical cubic Newton-Schulz"),
 }
-
-# Native lengths: constant-triple schedules default to 5 steps (Keller's Muon and seed 004).
-_DEFAULT_STEPS = {"keller": 5, "cubic": 5}
 
 
 def get_schedule(
@@ -210,8 +288,15 @@ def get_schedule(
     """Resolve a schedule spec to (per-step triples, safety).
 
     ``coefficients`` is a name in :data:`SCHEDULES`, a :class:`Schedule`, or a sequence of (a, b, c)
-    triples (safety 1; a single triple may be given as a flat 3-sequence, as in torch.optim.Muon's
-    ``ns_coefficients``). ``steps=None`` gives the native length; longer repeats the last row.
+    triples (a fixed list, safety 1). ``steps=None`` gives the native length; fewer steps truncate;
+    more follow :meth:`Schedule.rows`: ``"polar_express"`` (and any generated schedule) is regenerated
+    for that count, every other list continues with its convergent tail (its last row if that row
+    fixes 1 with zero slope, as for ``"cubic"`` and ``"polar_express_paper"``, else the quintic
+    (15/8, −10/8, 3/8), as for ``"keller"`` and ``"you"``), so more steps never increase any
+    singular value's distance to 1.
+
+    A single flat triple ``(a, b, c)`` is torch.optim.Muon's ``ns_coefficients``: that triple on every
+    one of ``steps`` steps (5 by default), as torch runs it, with no tail.
     """
     if isinstance(coefficients, str):
         try:
@@ -221,21 +306,21 @@ def get_schedule(
                 f"unknown schedule {coefficients!r}; choose one of {sorted(SCHEDULES)} "
                 "or pass a sequence of (a, b, c) triples"
             ) from None
-        if steps is None:
-            steps = _DEFAULT_STEPS.get(coefficients)
     elif isinstance(coefficients, Schedule):
         sched = coefficients
     else:
         rows = list(coefficients)
         if len(rows) == 3 and all(isinstance(v, (int, float)) for v in rows):
-            rows = [rows]
             steps = 5 if steps is None else steps
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+            rows = [rows] * max(steps, 1)
         try:
             triples = tuple((float(a), float(b), float(c)) for a, b, c in rows)
         except (TypeError, ValueError):
             raise ValueError(f"coefficients must be (a, b, c) triples, got {coefficients!r}") from None
         sched = Schedule("custom", triples, 1.0, "user")
-    return sched.take(steps), sched.safety
+    return sched.rows(steps), sched.safety
 
 
 def composed_band(
