@@ -1,12 +1,14 @@
 """muon_param_groups: routing by module type and shape, never by names alone."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from fastortho.optim import Muon
-from fastortho.param_groups import muon_param_groups
+from fastortho.param_groups import describe_param_groups, muon_param_groups
 
 
 class TinyLM(nn.Module):
@@ -53,7 +55,8 @@ def test_language_model_routing(tied):
 def test_cnn_routing_flattens_conv_kernels():
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv1d(8, 8, 3),
                       nn.ConvTranspose2d(8, 4, 2), nn.Flatten(), nn.Linear(32, 16), nn.Linear(16, 10))
-    r = _route(muon_param_groups(m))
+    with pytest.warns(UserWarning, match=r"guessed '7.weight' \(10, 16\) as the output head"):
+        r = _route(muon_param_groups(m))
     assert r[id(m[0].weight)] == ("muon", True, None)
     assert r[id(m[3].weight)] == ("muon", True, None)  # 3-D conv1d kernel: flattened, not stacked
     assert r[id(m[4].weight)][0] == "adamw"
@@ -89,3 +92,92 @@ def test_groups_drive_one_optimizer_step():
     before = [p.detach().clone() for p in m.parameters()]
     opt.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, m.parameters()))
+
+
+def _no_warning(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn(*args, **kw)
+
+
+def test_sizes_are_not_evidence_of_a_head():
+    # The filed reproduction: d = context = 1024 (GPT-2 medium). c_proj is a hidden matrix.
+    m = nn.ModuleDict(dict(wte=nn.Embedding(50304, 1024), wpe=nn.Embedding(1024, 1024), c_proj=nn.Linear(1024, 1024)))
+    with pytest.warns(UserWarning, match=r"no output head found.*'c_proj.weight', go to Muon.*heads=\[\]"):
+        r = _route(muon_param_groups(m))
+    assert r[id(m.c_proj.weight)] == ("muon", None, None)
+    assert r[id(m.wte.weight)][0] == r[id(m.wpe.weight)][0] == "adamw"
+    # Told explicitly: no warning.
+    r = _route(_no_warning(muon_param_groups, m, heads=[m.c_proj]))
+    assert r[id(m.c_proj.weight)][0] == "adamw"
+
+
+def test_bare_transformer_encoder_warns_and_guesses_no_head():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 3)
+    with pytest.warns(UserWarning, match=r"every Linear is inside a repeated block.*layers.2.linear2.weight"):
+        r = _route(muon_param_groups(enc))
+    assert all(r[id(layer.linear2.weight)][0] == "muon" for layer in enc.layers)
+    _no_warning(muon_param_groups, enc, heads=[])
+
+
+def test_head_names_and_repeated_blocks():
+    class BertLayer(nn.Module):  # BERT's per-layer "output" module is part of the body
+        def __init__(self):
+            super().__init__()
+            self.intermediate = nn.Linear(8, 32)
+            self.output = nn.Sequential(nn.Linear(32, 8), nn.LayerNorm(8))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 8)
+            self.layer = nn.ModuleList(BertLayer() for _ in range(2))
+            # torchvision-style classifier: hidden Linear, then the logits Linear
+            self.classifier = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    m = Net()
+    rows = {x.name: x for x in _no_warning(describe_param_groups, m)}
+    assert rows["layer.0.output.0.weight"].group == rows["layer.1.output.0.weight"].group == "muon"
+    assert rows["classifier.0.weight"].group == "muon"
+    assert rows["classifier.2.weight"].group == "adamw"
+    assert rows["classifier.2.weight"].reason == "output head (last Linear of 'classifier')"
+
+
+@pytest.mark.parametrize("name", ["lm_head", "head", "output", "classifier", "fc", "score", "logits"])
+def test_each_head_name_is_recognised(name):
+    m = nn.Module()
+    m.emb, m.body = nn.Embedding(10, 6), nn.Linear(6, 6)
+    setattr(m, name, nn.Linear(6, 10))
+    rows = {x.name: x for x in _no_warning(describe_param_groups, m)}
+    assert rows[f"{name}.weight"].group == "adamw" and rows["body.weight"].group == "muon"
+
+
+def test_tied_head_registered_before_its_embedding():
+    m = nn.Module()
+    m.proj_out, m.hidden, m.tok = nn.Linear(4, 20, bias=False), nn.Linear(4, 4), nn.Embedding(20, 4)
+    m.tok.weight = m.proj_out.weight  # first owner is the Linear
+    rows = {x.name: x for x in _no_warning(describe_param_groups, m)}
+    assert rows["proj_out.weight"].group == "adamw" and "tied" in rows["proj_out.weight"].reason
+    assert rows["hidden.weight"].group == "muon"
+
+
+def test_verbose_prints_the_routing_table(capsys):
+    m = TinyLM()
+    _no_warning(muon_param_groups, m, verbose=True)
+    out = capsys.readouterr().out
+    assert "parameter" in out and "reason" in out
+    assert "out.weight" in out and "output head (named 'out')" in out
+    assert "tok.weight" in out and "embedding (lookup table)" in out
+    rows = describe_param_groups(m)
+    assert [r.name for r in rows] == [n for n, _ in m.named_parameters()]
+    assert f"{sum(r.group == 'muon' for r in rows)} parameter(s) to Muon" in out
+
+
+@pytest.mark.parametrize("bad", ["list", "generator", "dict"])
+def test_a_list_of_parameters_is_a_clear_type_error(bad):
+    m = TinyLM()
+    arg = {"list": list(m.parameters()), "generator": m.parameters(), "dict": dict(m.named_parameters())}[bad]
+    with pytest.raises(TypeError, match=r"expected the nn.Module.*muon_param_groups\(model\)"):
+        muon_param_groups(arg)
+    with pytest.raises(TypeError, match="nn.Module"):
+        describe_param_groups(arg)
