@@ -22,7 +22,14 @@ FLOP models (m ≤ n, per matrix; a QR of p×q costs 2pq² − ⅔q³ plus the s
 * svd: Golub–Van Loan R-SVD with U, V (6nm² + 20m³) + UVᵀ (2m²n);
 * NS: per step 4m²n + 2m³ (naive; 3m²n + m³ with symmetry).
 
-Usage: ``python bench/bench_polar.py [--tiny] [--csv out.csv] [--threads N]``.
+Also ``scipy.linalg.polar`` (float64, SVD-based) when scipy is installed.
+
+``--speed``: the speed rows (float32 1024×1024, 1024×4096, 32×256×256; higham vs qdwh vs a
+``torch.linalg.svd`` polar, ratios from the same run; on CUDA when available, else CPU).
+``--storage``: the low-precision storage model of Higham's iteration (X rounded to bf16/fp16 after
+every step, or after the Newton–Schulz tail steps only; products in float32).
+
+Usage: ``python bench/bench_polar.py [--tiny] [--speed] [--storage] [--csv out.csv] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -55,7 +62,10 @@ def spectrum_matrix(m: int, n: int, kappa: float, seed: int = 0) -> torch.Tensor
 
 
 def higham_flops(m: int, n: int, iters: int) -> float:
-    return 9 * m**3 + 4 * m * m * n + iters * (m * m * n + m**3 / 3 + 2 * m * m * n)
+    # QR of the n×m tall orientation and forming Q (4nm² − 4/3m³), Q·X (2nm²), per step one
+    # inverse (2m³: Newton) or XXᵀ + product (3m³: tail, symmetric Gram counted at half).
+    qr = 4 * n * m * m - 4 * m**3 / 3 + 2 * n * m * m if n > m else 0.0
+    return qr + iters * 2.5 * m**3
 
 
 def svd_flops(m: int, n: int) -> float:
@@ -121,11 +131,16 @@ def bench(m: int, n: int, kappa: float, reps: int, jaxfns) -> list[dict]:
             else:
                 fl = higham_flops(m, n, k)
             add(method, dtype, P, k, fl, lambda Gd=Gd, method=method: fastortho.polar(Gd, method=method))
-        if dtype == F64:  # the seed's unscaled iteration, for the scaling comparison
+        if dtype == F64:  # unscaled and 1,∞-scaled Newton, for the scaling comparison
             P, it = fastortho.polar(Gd, method="higham", scaling="fro", max_iter=60, return_iterations=True)
             k = int(it.max())
             add("higham scaling=fro", dtype, P, k, higham_flops(m, n, k),
                 lambda Gd=Gd: fastortho.polar(Gd, method="higham", scaling="fro", max_iter=60))
+        from fastortho.polar_higham import higham_polar
+
+        P, it = higham_polar(Gd.unsqueeze(0), dtype=dtype, scaling="1inf")
+        add("higham scaling=1inf", dtype, P[0], int(it.max()), higham_flops(m, n, int(it.max())),
+            lambda Gd=Gd: higham_polar(Gd.unsqueeze(0), dtype=dtype, scaling="1inf"))
         U, _, Vh = torch.linalg.svd(Gd, full_matrices=False)
         add("torch.svd", dtype, U @ Vh, "-", svd_flops(m, n),
             lambda Gd=Gd: (lambda U, S, Vh: U @ Vh)(*torch.linalg.svd(Gd, full_matrices=False)))
@@ -133,11 +148,72 @@ def bench(m: int, n: int, kappa: float, reps: int, jaxfns) -> list[dict]:
             run, timed, _ = jaxfns
             P, it = run(G, dtype)
             add("jax qdwh", dtype, P, it, float("nan"), timed(G, dtype))
+    try:
+        import scipy.linalg
+
+        Gn = G.numpy()
+        P = torch.from_numpy(scipy.linalg.polar(Gn)[0])
+        add("scipy.linalg.polar", F64, P, "-", svd_flops(m, n), lambda: scipy.linalg.polar(Gn))
+    except ImportError:
+        pass
     G32 = G.float()
     for steps in (5, 8):
         P = fastortho.newton_schulz(G32, steps=steps)
         add(f"NS-{steps} (polar_express)", F32, P, steps, ns_flops(m, n, steps),
             lambda steps=steps: fastortho.newton_schulz(G32, steps=steps))
+    return rows
+
+
+def speed(reps: int, tiny: bool = False) -> list[dict]:
+    """higham vs qdwh vs SVD polar, float32, one run: times (p50) and ratios."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(1, 64, 64)] if tiny else [(1, 1024, 1024), (1, 1024, 4096), (32, 256, 256)]
+    rows = []
+    for shape in shapes:
+        G = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dev)
+
+        def svd_polar(G=G):
+            U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+            return U @ Vh
+
+        t = {}
+        for name, fn in (("higham", lambda G=G: fastortho.polar(G, method="higham")),
+                         ("qdwh", lambda G=G: fastortho.polar(G, method="qdwh")),
+                         ("svd", svd_polar)):
+            t[name] = timeit(fn, dev, warmup=1, reps=reps, max_time_s=30.0).as_dict("ms_")["ms_p50"]
+        _, it = fastortho.polar(G, method="higham", return_iterations=True)
+        rows.append(dict(shape="×".join(map(str, shape)), device=dev, higham_ms=t["higham"], qdwh_ms=t["qdwh"],
+                         svd_ms=t["svd"], higham_over_qdwh=t["higham"] / t["qdwh"],
+                         higham_over_svd=t["higham"] / t["svd"], higham_iters=str(sorted(set(it.tolist())))))
+    print("| shape | device | higham ms | qdwh ms | svd ms | higham/qdwh | higham/svd | higham iters |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['device']} | {r['higham_ms']:.0f} | {r['qdwh_ms']:.0f} | {r['svd_ms']:.0f} | "
+              f"{r['higham_over_qdwh']:.2f} | {r['higham_over_svd']:.2f} | {r['higham_iters']} |")
+    return rows
+
+
+def storage_model(tiny: bool = False) -> list[dict]:
+    """Error of Higham's iteration when X is stored in bf16/fp16 (fp32 products) vs fp32 storage."""
+    from fastortho.polar_higham import higham_polar
+
+    m, n = (16, 40) if tiny else (128, 256)
+    rows = []
+    for kappa in (1e1, 1e3):
+        G = spectrum_matrix(m, n, kappa)[None]
+        for st, tail_only in ((None, False), (torch.bfloat16, False), (torch.bfloat16, True),
+                              (torch.float16, False), (torch.float16, True)):
+            # The step cannot fall below the storage rounding: stop at 8·u of the storage.
+            tol = None if st is None else 8 * torch.finfo(st).eps
+            P, it = higham_polar(G.float(), dtype=F32, storage=st, storage_tail_only=tail_only, tol=tol)
+            S = torch.linalg.svdvals(P.double())
+            rows.append(dict(kappa=f"{kappa:.0e}", storage=str(st or F32).split(".")[-1],
+                             where="tail only" if tail_only else "every step", iters=int(it.max()),
+                             error=polar_error(P, G).item(), orth=(S - 1).abs().max().item()))
+    print(f"| κ | storage | rounded after | iters | error vs fp64 SVD | max abs(σ(P) − 1) |  ({m}×{n})")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kappa']} | {r['storage']} | {r['where']} | {r['iters']} | {r['error']:.1e} | {r['orth']:.1e} |")
     return rows
 
 
@@ -161,8 +237,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (jax uses its own pool)")
     p.add_argument("--no-jax", action="store_true")
     p.add_argument("--csv", default=None)
+    p.add_argument("--speed", action="store_true", help="only the speed rows (1024², 1024×4096, 32×256²)")
+    p.add_argument("--storage", action="store_true", help="only the bf16/fp16 storage model")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.speed:
+        print(device_string("cuda" if torch.cuda.is_available() else "cpu"))
+        return speed(1 if a.tiny else a.reps, a.tiny)
+    if a.storage:
+        return storage_model(a.tiny)
     sizes = [(16, 40)] if a.tiny else [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
     reps = 1 if a.tiny else a.reps
     jaxfns = None if a.no_jax else _jax_polar()

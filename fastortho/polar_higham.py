@@ -42,7 +42,8 @@ G of shape (B, m, n):
   working dtype are float64; float32 otherwise: bf16/fp16 input is exact in float32): the cut of
   ``numpy.linalg.matrix_rank``. Matrices that took the SVD report 0 iterations.
 * ``storage``: a numerical experiment, not a speed path: round X to bfloat16/float16 after every
-  step (products accumulate in the working dtype), the storage model of a low-precision iteration.
+  step (products accumulate in the working dtype), the storage model of a low-precision iteration;
+  with ``storage_tail_only`` only after the Newton–Schulz tail steps.
 
 The result P = Q·X (cast to ``dtype``), transposed back for wide G.
 """
@@ -98,6 +99,7 @@ def higham_polar(
     dtype: torch.dtype = torch.float32,
     rtol: float | None = None,
     storage: torch.dtype | None = None,
+    storage_tail_only: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Canonical polar factor of G (B, m, n) by Higham's QR + scaled Newton + Newton–Schulz tail.
 
@@ -144,6 +146,7 @@ def higham_polar(
 
     for k in range(max_iter):
         ns = active & tail
+        ok = torch.zeros(B, dtype=torch.bool, device=dev)
         Xn, step = X, torch.zeros(B, dtype=dtype, device=dev)
         if bool(ns.any()):
             A = gram(X)  # XXᵀ
@@ -183,7 +186,8 @@ def higham_polar(
             scale_on = scale_on & ~(newton & (step <= SCALE_OFF))
             tail = tail | (newton & (step <= SWITCH_STEP))
         moved = active
-        X = torch.where(moved[:, None, None], store(Xn), X)
+        rounded = ok if storage_tail_only else moved
+        X = torch.where(rounded[:, None, None], store(Xn), torch.where(moved[:, None, None], Xn, X))
         iters = iters + moved.to(torch.int64)
         active = active & ~(step <= tol)
         if not bool(active.any()):
