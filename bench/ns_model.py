@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Analytic H100 model of ``fastortho.newton_schulz`` (Triton backend): a *prediction*, not a measurement.
+
+What it counts (no GPU needed):
+
+* the launches ``newton_schulz`` makes, found by running the real launchers on fake CUDA tensors
+  for sm_90 (``fastortho.kernels.aot.trace_newton_schulz``): configs, grids and flags as on a GPU;
+* per launch the FLOPs the kernel *executes*: a symmetric product runs whole triangle tiles,
+  diagonal tiles included, ``programs · BM² · 2L``; the apply ``programs · BM·BN · 2k``. Their
+  sum equals ``kernels.ns_gram.matmul_flops(..., tile=BM)``, the package's NS FLOP formula (tested);
+* per launch the compulsory HBM bytes (operands read once, output written once).
+
+Kernel classes and rates (H100 SXM, TFLOP/s on executed FLOPs; low–high), each a fraction of the
+measured cuBLAS rate:
+
+* cuBLAS bf16 GEMM: **789 TFLOP/s** measured at 4096³ (torch 2.7 cu128 on H100 SXM5,
+  zzc0721/torch-performance-test-data #79; 80 % of the 989 TFLOP/s datasheet peak);
+* copy / memory-bound: **3.0 TB/s** (QuACK's memory-bound kernels on H100 SXM, 3.01 TB/s softmax,
+  quack ``media/2025-07-10-membound-sol.md``; 90 % of 3.35 TB/s);
+* ``sym`` pipelined (async wgmma, cp.async ring, 128² tiles): 0.66–0.80 × cuBLAS = 520–630.
+  flash-muon's Triton XXᵀ on an H800 (README: 8192, 1.453 ms against torch's 2.264 ms) ran at
+  0.79× of torch's rate on the same card, executed FLOPs;
+* ``apply`` pipelined (128×256 tiles, 241 registers): 0.76–0.89 × cuBLAS = 600–700 (Triton's
+  non-persistent tutorial GEMM ≈ 0.95× cuBLAS, triton-lang/triton PR #5461; minus the register and
+  epilogue cost the AOT manifest shows);
+* first-step / restart launches that scale operand tiles in registers (``scale`` variants; the
+  manifest shows wgmma waiting to 0 in their loop): 0.5–0.65 × the pipelined rate, an engineering
+  estimate for a synchronous wgmma with a register round trip (no published measurement);
+* norm pass (``sumsq``): 0.5–1.0 TB/s (non-pipelined, ≤ 64 programs per matrix: estimate);
+* per launch a GPU floor of 3 µs (launch + tail of a small grid) and, without CUDA graphs, a host
+  cost of 12–24 µs per Triton launch (Python launch path; estimate).
+
+Reference: a torch loop with the same coefficients on cuBLAS (A = XXᵀ; B = baddbmm(A, A, A, b, c);
+X = baddbmm(X, B, X, a)): naive FLOPs at 789 TFLOP/s scaled by the cuBLAS grid's wave efficiency
+(128×256 tiles on 132 SMs), plus one defensive copy of X per step at 3.0 TB/s, with a 5 µs floor
+per GEMM. Uncertainty about ±20–25 %: replace by measurements (``bench/gpu_acceptance.py``).
+
+    python bench/ns_model.py            # table of predictions beside the goals
+    python bench/ns_model.py --json F   # also the per-class breakdown
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+CUBLAS_TFLOPS = 789.0         # H100 SXM, bf16, 4096³ (zzc0721/torch-performance-test-data #79)
+COPY_TBS = 3.0                # H100 SXM memory-bound kernels (QuACK membound SOL note)
+H100_SMS = 132
+
+# (low, high) TFLOP/s on executed FLOPs (or TB/s for "norm"), see the module docstring.
+RATES = {
+    "sym": (0.66 * CUBLAS_TFLOPS, 0.80 * CUBLAS_TFLOPS),
+    "apply": (0.76 * CUBLAS_TFLOPS, 0.89 * CUBLAS_TFLOPS),
+}
+SYNC_FACTOR = (0.50, 0.65)
+NORM_TBS = (0.5, 1.0)
+GPU_FLOOR_US = 3.0
+HOST_US = (12.0, 24.0)
+CUBLAS_FLOOR_US = 5.0
+
+# The four shapes of the goals: (B, m, n), steps, goal text, goal ms or None, goal ratio, ratio against.
+SHAPES = [
+    ((1, 4096, 4096), "≤ 1.9 ms and ≥ 1.4× the cuBLAS loop", 1.9, 1.4, "loop"),
+    ((1, 4096, 16384), "≤ 3.6 ms and ≥ 2.2× the cuBLAS loop (Gram space)", 3.6, 2.2, "loop"),
+    ((24, 768, 3072), "≥ 3× a per-matrix loop", None, 3.0, "per-matrix loop"),
+    ((64, 128, 128), "≤ 50 µs per call", 0.050, None, None),
+]
+
+
+@dataclass
+class LaunchCost:
+    kernel: str          # sym / apply / sumsq / scale
+    klass: str           # sym / sym-sync / apply / apply-sync / norm / tiny
+    flops: float         # executed
+    bytes: float         # compulsory HBM traffic
+    programs: int
+
+
+def _elem(dt) -> int:
+    s = str(dt)
+    return 4 if "32" in s else (8 if "64" in s else 2)
+
+
+def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = False) -> list[LaunchCost]:
+    """Executed FLOPs and bytes of every launch ``newton_schulz`` makes for G of ``shape``.
+
+    A matmul launch is in the synchronous class when its kernel reads G with the per-matrix scale
+    (``HAS_SCALE``), or, with ``sass=True``, when its compiled sm_90 SASS has no wgmma wait with a
+    group in flight inside the main loop (``aot.compile_launch``: follows the kernels as they change)."""
+    from fastortho.kernels.aot import _TensorArg, _short, compile_launch, trace_newton_schulz
+
+    out = []
+    for ln in trace_newton_schulz(shape, input_dtype, arch):
+        names = list(ln.fn.arg_names)
+        arg = dict(zip(names, ln.args))
+        kw = ln.kwargs
+        programs = math.prod(ln.grid)
+        kern = _short(ln.kernel)
+        tens = [a for a in ln.args if isinstance(a, _TensorArg)]
+        scaled = bool(kw.get("HAS_SCALE", False))
+        if sass and _short(ln.kernel) in ("sym", "apply"):
+            waits = compile_launch(ln, arch)["sass"]["wgmma_waits_in_loop"]
+            scaled = not waits or min(waits) < 1
+        if kern == "sym":
+            bm, L = kw["BLOCK_M"], int(arg["L"])
+            flops = programs * bm * bm * 2.0 * L
+            P, S, Y, C = (arg[n] for n in ("P", "S", "Y", "C"))
+            nbytes = math.prod(P.shape) * _elem(P.dtype) * (1 if P == S else 2) + math.prod(C.shape) * _elem(C.dtype)
+            if kw.get("HAS_Y"):
+                nbytes += math.prod(Y.shape) * _elem(Y.dtype)
+            klass = "sym-sync" if scaled else "sym"
+        elif kern == "apply":
+            bm, bn, k = kw["BLOCK_M"], kw["BLOCK_N"], int(arg["K_IN"])
+            flops = programs * bm * bn * 2.0 * k
+            Q, X, O = (arg[n] for n in ("Q", "X", "O"))
+            nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (Q, X, O))
+            klass = "apply-sync" if scaled else "apply"
+        else:
+            flops = 0.0
+            nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in tens[:1])
+            klass = "norm" if nbytes > 1 << 16 else "tiny"
+        out.append(LaunchCost(kern, klass, flops, float(nbytes), programs))
+    return out
+
+
+def _wave_eff(programs: int, ctas_per_sm: int = 1) -> float:
+    slots = ctas_per_sm * H100_SMS
+    return programs / (math.ceil(programs / slots) * slots) if programs else 1.0
+
+
+def predict_fastortho(costs: list[LaunchCost], ctas_per_sm: int = 1, scenario: str = "as-compiled") -> dict:
+    """(best, worst) milliseconds on an H100 SXM, GPU time and host-bound time separately."""
+    sc = SCENARIOS[scenario]
+    rates = {k: sc.get(k, v) for k, v in RATES.items()}
+    sync = sc.get("sync", SYNC_FACTOR)
+    best = worst = 0.0
+    by_class: dict[str, float] = {}
+    for c in costs:
+        by_class[c.klass] = by_class.get(c.klass, 0.0) + c.flops
+        mem = c.bytes / (COPY_TBS * 1e12)
+        if c.klass in ("sym", "apply", "sym-sync", "apply-sync"):
+            base = c.klass.split("-")[0]
+            lo, hi = rates[base]
+            if c.klass.endswith("sync"):
+                lo, hi = lo * sync[0], hi * sync[1]
+            eff = _wave_eff(c.programs, ctas_per_sm)
+            t_best = max(c.flops / (hi * 1e12 * eff), mem)
+            t_worst = max(c.flops / (lo * 1e12 * eff), mem)
+        elif c.klass == "norm":
+            t_best, t_worst = c.bytes / (NORM_TBS[1] * 1e12), c.bytes / (NORM_TBS[0] * 1e12)
+        else:
+            t_best = t_worst = 0.0
+        best += max(t_best, GPU_FLOOR_US * 1e-6)
+        worst += max(t_worst, GPU_FLOOR_US * 1e-6)
+    n = len(costs)
+    host = (n * HOST_US[0] * 1e-6, n * HOST_US[1] * 1e-6)
+    return dict(gpu_ms=(best * 1e3, worst * 1e3), host_ms=(host[0] * 1e3, host[1] * 1e3),
+                call_ms=(max(best, host[0]) * 1e3, max(worst, host[1]) * 1e3), launches=n,
+                executed_flops=sum(c.flops for c in costs), flops_by_class=by_class)
+
+
+def cublas_loop_ms(B: int, m: int, n: int, steps: int, per_matrix: bool = False) -> float:
+    """Predicted torch cuBLAS loop (module docstring) for B matrices, batched or one call per matrix."""
+    k, L = min(m, n), max(m, n)
+    bb = 1 if per_matrix else B
+
+    def gemm(M, N, K):
+        tiles = math.ceil(M / 128) * math.ceil(N / 256) * bb
+        eff = tiles / (math.ceil(tiles / H100_SMS) * H100_SMS)
+        return max(bb * 2.0 * M * N * K / (CUBLAS_TFLOPS * 1e12 * eff), CUBLAS_FLOOR_US * 1e-6)
+
+    copy_x = bb * 2 * k * L * 2 / (COPY_TBS * 1e12)     # baddbmm's defensive copy of X (read + write)
+    step = gemm(k, k, L) + gemm(k, k, k) + gemm(k, L, k) + copy_x
+    t = steps * step
+    return (B * t if per_matrix else t) * 1e3
+
+
+# What-if rates: the same launches with the kernel work of the issue done (still predictions).
+SCENARIOS = {
+    "as-compiled": {},
+    "async-everywhere": {"sync": (1.0, 1.0)},       # scale in the epilogue: every launch pipelined
+    "hopper-native": {"sync": (1.0, 1.0), "sym": (700.0, 750.0), "apply": (0.89 * CUBLAS_TFLOPS, CUBLAS_TFLOPS)},
+}
+
+
+def predictions(steps: int | None = None, scenario: str = "as-compiled", sass: bool = False) -> list[dict]:
+    from fastortho.kernels.aot import ns_call_args
+
+    nsteps = len(ns_call_args()["coefficients"]) if steps is None else steps
+    rows = []
+    for shape, goal, goal_ms, goal_ratio, against in SHAPES:
+        B, m, n = shape
+        costs = launch_costs(shape, sass=sass)
+        p = predict_fastortho(costs, scenario=scenario)
+        loop = cublas_loop_ms(B, m, n, nsteps)
+        per = cublas_loop_ms(B, m, n, nsteps, per_matrix=True)
+        ref = per if against == "per-matrix loop" else loop
+        ratio = (ref / p["call_ms"][1], ref / p["call_ms"][0])    # (worst, best)
+        met_ms = None if goal_ms is None else (p["call_ms"][0] <= goal_ms, p["call_ms"][1] <= goal_ms)
+        met_ratio = None if goal_ratio is None else (ratio[1] >= goal_ratio, ratio[0] >= goal_ratio)
+        checks = [x for x in (met_ms, met_ratio) if x is not None]
+        if all(w for _, w in checks):
+            verdict = "predicted met"
+        elif not any(b for b, _ in checks):
+            verdict = "predicted missed"
+        else:
+            verdict = "uncertain (met only at the optimistic end)"
+        rows.append(dict(shape=shape, goal=goal, steps=nsteps, executed_gflop=p["executed_flops"] / 1e9,
+                         flops_by_class={k: v / 1e9 for k, v in p["flops_by_class"].items()},
+                         launches=p["launches"], gpu_ms=p["gpu_ms"], host_ms=p["host_ms"], call_ms=p["call_ms"],
+                         cublas_loop_ms=loop, cublas_per_matrix_loop_ms=per, ratio=ratio, ratio_against=against,
+                         verdict=verdict))
+    return rows
+
+
+def _shape(s) -> str:
+    B, m, n = s
+    return f"{m}×{n}" if B == 1 else f"{B}×{m}×{n}"
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| shape (5 steps, bf16 G) | executed GFLOP (sym / sym-sync / apply / apply-sync) | launches | "
+             "predicted GPU ms | host ms (no graph) | predicted call ms | cuBLAS loop ms (pred.) | predicted ratio | goal | "
+             "verdict (prediction) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fc = r["flops_by_class"]
+        cls = " / ".join(f"{fc.get(c, 0.0):.0f}" for c in ("sym", "sym-sync", "apply", "apply-sync"))
+        ref = r["cublas_per_matrix_loop_ms"] if r["ratio_against"] == "per-matrix loop" else r["cublas_loop_ms"]
+        ratio = "—" if r["ratio_against"] is None else f"{r['ratio'][0]:.2f}–{r['ratio'][1]:.2f}× {r['ratio_against']}"
+        fmt = (lambda a, b: f"{a * 1e3:.0f}–{b * 1e3:.0f} µs") if r["call_ms"][1] < 0.5 else (lambda a, b: f"{a:.2f}–{b:.2f}")
+        lines.append(f"| {_shape(r['shape'])} | {r['executed_gflop']:.1f} ({cls}) | {r['launches']} | "
+                     f"{fmt(*r['gpu_ms'])} | {fmt(*r['host_ms'])} | {fmt(*r['call_ms'])} | {ref:.3g} | {ratio} | "
+                     f"{r['goal']} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, help="write the rows to this JSON file")
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                    help="rates to use (repeatable; default: as-compiled)")
+    ap.add_argument("--sass", action="store_true",
+                    help="classify synchronous launches from the compiled sm_90 SASS (compiles; ~1–2 min cold)")
+    args = ap.parse_args(argv)
+    out = {}
+    for sc in args.scenario or ["as-compiled"]:
+        try:
+            rows = predictions(scenario=sc, sass=args.sass)
+        except ImportError as exc:
+            print(f"ns_model: needs fastortho and triton importable ({exc})", file=sys.stderr)
+            return 2
+        print(f"\nPREDICTIONS for one H100 SXM, scenario {sc!r} (analytic model, not measurements)")
+        print(to_markdown(rows))
+        out[sc] = rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``bench/ns_model.py``: executed FLOPs per launch against hand counts and the package's NS FLOP
+formula (``kernels.ns_gram.matmul_flops``), and the cuBLAS-loop reference."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastortho.kernels import HAS_TRITON
+from fastortho.kernels.ns_gram import matmul_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import ns_model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="the model traces the Triton launchers")
+
+
+def _mm(costs):
+    return [c for c in costs if c.kernel in ("sym", "apply")]
+
+
+def test_hand_count_128x128_standard():
+    """64 × 128×128, 5 steps, standard NS, sm_90 table: sym 64² tiles (T = 2: 3 triangle tiles),
+    apply 64×128 tiles (2 programs). Per matrix and step:
+      XXᵀ: 3·64·64·2·128 = 3 145 728;  A²: same;  apply: 2·64·128·2·128 = 4 194 304."""
+    costs = ns_model.launch_costs((64, 128, 128))
+    mm = _mm(costs)
+    assert [c.kernel for c in mm] == ["sym", "sym", "apply"] * 5
+    per_step = [c.flops / 64 for c in mm[:3]]
+    assert per_step == [3_145_728, 3_145_728, 4_194_304]
+    assert sum(c.flops for c in mm) == 64 * 5 * 10_485_760
+    # first step reads G with the scale (synchronous class), the rest is pipelined
+    assert [c.klass for c in mm[:3]] == ["sym-sync", "sym", "apply-sync"]
+    assert all(not c.klass.endswith("sync") for c in mm[3:])
+
+
+@pytest.mark.parametrize("shape,gram", [((1, 4096, 4096), False), ((1, 4096, 16384), True),
+                                        ((24, 768, 3072), True), ((2, 256, 512), True), ((3, 512, 192), False)])
+def test_executed_flops_equal_package_formula(shape, gram):
+    """Σ of the traced launches = matmul_flops(k, L, steps, gram, tile) (independent derivation)."""
+    B, m, n = shape
+    k, L = min(m, n), max(m, n)
+    costs = ns_model.launch_costs(shape)
+    from fastortho.kernels.aot import trace_newton_schulz
+
+    sym_bm = {ln.kwargs["BLOCK_M"] for ln in trace_newton_schulz(shape, "bf16", 90) if ln.kernel == "_sym_mm_kernel"}
+    assert len(sym_bm) == 1
+    want = B * matmul_flops(k, L, 5, gram=gram, tile=sym_bm.pop())
+    got = sum(c.flops for c in _mm(costs))
+    assert got == want      # tile sizes divide k and L here; padded tiles would add executed FLOPs
+
+
+def test_anchor_executed_flops_4096():
+    """4096², 5 steps, 128² sym tiles: 1.3959e12 executed (gpu review: 1396 GFLOP), 4096×16384
+    Gram space: 2.6586e12 (2659 GFLOP)."""
+    assert sum(c.flops for c in ns_model.launch_costs((1, 4096, 4096))) == pytest.approx(1.3959e12, rel=1e-4)
+    assert sum(c.flops for c in ns_model.launch_costs((1, 4096, 16384))) == pytest.approx(2.6586e12, rel=1e-4)
+
+
+def test_cublas_loop_reference():
+    """4096², 5 steps: 5·(2·4096³·3) = 2.0616e12 FLOP at 789 TFLOP/s = 2.613 ms (all 128×256 grids
+    are 512 tiles = 3.88 waves: efficiency 512/528), plus X's defensive copy 5·2·33.5 MB / 3 TB/s."""
+    ms = ns_model.cublas_loop_ms(1, 4096, 4096, 5)
+    want = 2.0616e12 / 789e12 / (512 / 528) * 1e3 + 5 * 2 * 4096 * 4096 * 2 / 3e12 * 1e3
+    assert ms == pytest.approx(want, rel=1e-3)
+
+
+def test_predictions_are_labelled_and_ordered():
+    rows = ns_model.predictions()
+    assert [r["shape"] for r in rows] == [s for s, *_ in ns_model.SHAPES]
+    for r in rows:
+        assert r["call_ms"][0] <= r["call_ms"][1] and r["verdict"].startswith(("predicted", "uncertain"))
+    md = ns_model.to_markdown(rows)
+    assert "verdict (prediction)" in md
