@@ -32,7 +32,7 @@ Where each list comes from (values checked in ``tests/test_coefficients.py``):
 
 ``keller`` and ``cubic`` list their constant triple 5 times (the step count of Keller Jordan's Muon).
 
-More steps than the list has (:meth:`Schedule.rows`): more steps never hurt, and they converge.
+More steps than the list has (:meth:`Schedule.rows`) never hurt, and they converge:
 
 * A Polar Express schedule made by :func:`polar_express_schedule` (``"polar_express"``) is
   regenerated for the asked step count: the greedy composition from the same ℓ₀, safety and cushion.
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,19 @@ def is_convergent_row(row: Sequence[float], tol: float = 1e-12) -> bool:
     """
     a, b, c = (float(v) for v in row)
     return abs(a + b + c - 1) <= tol and abs(a + 3 * b + 5 * c) <= tol
+
+
+def _as_steps(steps: object, minimum: int) -> int:
+    """``steps`` as an int ≥ ``minimum`` (any integer type, e.g. numpy's; not bool or float)."""
+    try:
+        if isinstance(steps, bool):
+            raise TypeError
+        k = operator.index(steps)
+    except TypeError:
+        raise ValueError(f"steps must be an int >= {minimum}, got {steps!r}") from None
+    if k < minimum:
+        raise ValueError(f"steps must be an int >= {minimum}, got {steps!r}")
+    return k
 
 
 @dataclass(frozen=True)
@@ -132,15 +146,16 @@ class Schedule:
         """The per-step table for ``steps`` steps (the native length when None).
 
         Fewer steps than the list: its first ``steps`` rows. More: a generated schedule
-        (``generator`` set) is regenerated for ``steps`` with the same ℓ₀, safety and cushion; a fixed
-        list continues with :attr:`tail` (never its last row when that row does not converge: Keller's
-        triple repeated keeps σ oscillating in [0.7, 1.2], You's last row ends at ~1e-2 error).
-        Either way every extra step moves each normalized σ ∈ (0, √(7/3)) closer to 1.
+        (``generator`` set) is regenerated for ``steps`` with the same ℓ₀, safety and cushion (its
+        guaranteed band [ℓ_k, 2 − ℓ_k] narrows with every step); a fixed list continues with
+        :attr:`tail` (never its last row when that row does not converge: Keller's triple repeated
+        keeps σ oscillating in [0.7, 1.2], You's last row stalls at ~1e-2 error). With the quintic
+        fixed point or the cubic as tail, each extra step moves every normalized σ ∈ (0, √(7/3))
+        strictly closer to 1; any other convergent last row converges at least quadratically near 1.
         """
         if steps is None:
             return self.coefficients
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        steps = _as_steps(steps, 0)
         if steps <= len(self.coefficients):
             return self.coefficients[:steps]
         if self.generator is not None:
@@ -205,8 +220,7 @@ def polar_express_schedule(
     ``polar_express_schedule(5, 1e-3, safety=1.02, cushion=0.02)`` reproduces the list used by
     modded-nanogpt and dion to ~1e-15, and the returned schedule scales its input by ``safety``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    steps = _as_steps(steps, 1)
     if not 0 < lower <= 1:
         raise ValueError(f"lower must be in (0, 1], got {lower}")
     if safety < 1 or not 0 <= cushion < 1:
@@ -311,9 +325,7 @@ def get_schedule(
     else:
         rows = list(coefficients)
         if len(rows) == 3 and all(isinstance(v, (int, float)) for v in rows):
-            steps = 5 if steps is None else steps
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-                raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+            steps = 5 if steps is None else _as_steps(steps, 0)
             rows = [rows] * max(steps, 1)
         try:
             triples = tuple((float(a), float(b), float(c)) for a, b, c in rows)

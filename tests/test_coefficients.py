@@ -1,6 +1,7 @@
 """Schedules: published numbers reproduced from their definitions, and the resolution rules."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +39,8 @@ PE_PAPER_RAW_7 = [
 
 
 def _max_rel(xs, ys):
-    return max(abs(x - y) / abs(y) for tx, ty in zip(xs, ys, strict=True) for x, y in zip(tx, ty, strict=True))
+    pairs = (xy for tx, ty in zip(xs, ys, strict=True) for xy in zip(tx, ty, strict=True))
+    return max(abs(x - y) / abs(y) for x, y in pairs)
 
 
 def test_generator_reproduces_published_pe5():
@@ -198,7 +200,10 @@ def test_steps_must_be_a_nonnegative_int():
             SCHEDULES["you"].rows(bad)
         with pytest.raises(ValueError, match="steps"):
             get_schedule((3.4445, -4.7750, 2.0315), bad)
+    with pytest.raises(ValueError, match="steps"):
+        polar_express_schedule(0)
     assert get_schedule("you", 0)[0] == ()
+    assert get_schedule("you", np.int64(7)) == get_schedule("you", 7)  # any integer type
 
 
 # Error vs the float64 SVD polar factor, 128x512 float64 Gaussian (sigma/sigma_max in [1/3, 1]),

@@ -91,7 +91,8 @@ def peer_newton_schulz(G: torch.Tensor, name: str, steps: int, dtype: torch.dtyp
 def rel(X: torch.Tensor, Y: torch.Tensor) -> float:
     """max over the batch of ‖X − Y‖_F / ‖Y‖_F, in float64."""
     X, Y = X.to(torch.float64), Y.to(torch.float64)
-    return (torch.linalg.vector_norm(X - Y, dim=(-2, -1)) / torch.linalg.vector_norm(Y, dim=(-2, -1))).max().item()
+    num = torch.linalg.vector_norm(X - Y, dim=(-2, -1))
+    return (num / torch.linalg.vector_norm(Y, dim=(-2, -1))).max().item()
 
 
 def inputs() -> dict[str, torch.Tensor]:
