@@ -94,7 +94,8 @@ def _moe_1t() -> Preset:
     Lm = L - n_dense
     h, q_lora, kv_lora, nope, rope, vd = 64, 1536, 512, 128, 64, 128
     attn = (MuonParam("attn.q_a", (q_lora, d), L), MuonParam("attn.q_b", (h * (nope + rope), q_lora), L),
-            MuonParam("attn.kv_a", (kv_lora + rope, d), L), MuonParam("attn.kv_b", (h * (nope + vd), kv_lora), L),
+            MuonParam("attn.kv_a", (kv_lora + rope, d), L),
+            MuonParam("attn.kv_b", (h * (nope + vd), kv_lora), L),
             MuonParam("attn.o", (d, h * vd), L))
     dense = (MuonParam("dense.gate", (dense_ffn, d), n_dense), MuonParam("dense.up", (dense_ffn, d), n_dense),
              MuonParam("dense.down", (d, dense_ffn), n_dense))

@@ -56,7 +56,7 @@ import os
 import sys
 import tempfile
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -495,7 +495,7 @@ def LAYOUTS(p: Preset, W: int, node: int = 8) -> list[tuple[Layout, list[str]]]:
     out.append((Layout("ddp", replicate=W), ["owner", "local"]))
     if p.n_experts:
         E = min(W, 64)
-        out = [(replace(lay, ep=1), s) for lay, s in out if lay.name in ("fsdp",) or lay.name.startswith("hsdp")]
+        out = [(lay, s) for lay, s in out if lay.name == "fsdp" or lay.name.startswith("hsdp")]
         if W > E:
             out.append((Layout(f"ep{E}+fsdp{W // E}", fsdp=W, ep=E, expert_dim=1),
                         ["a2a+experts:gather", "a2a+experts:a2a*", "owner-fsdp*+experts:owner-fsdp*"]))
@@ -510,7 +510,8 @@ def table(models: list[str], worlds: list[int], hw: Hardware, tokens: int, mfu: 
     for name in models:
         p = preset(name)
         for W in worlds:
-            layouts = [(only, ["a2a", "gather", "owner", "local", "owner-fsdp*", "a2a*"])] if only else LAYOUTS(p, W)
+            every = ["a2a", "gather", "owner", "local", "owner-fsdp*", "a2a*"]
+            layouts = [(only, every)] if only else LAYOUTS(p, W)
             for lay, strategies in layouts:
                 for s in strategies:
                     r = simulate(p, lay, s, hw, tokens_per_gpu=tokens, mfu=mfu)
@@ -527,7 +528,8 @@ def _fmt_rows(rows: list[Result]) -> str:
     for r in rows:
         lines.append(
             f"| {r.model} | {r.world} | {r.layout} | {r.strategy} | {r.bytes_per_rank / 1e9:.3g} | "
-            f"{r.bytes_per_param:.3g} | {r.ns_flops_max / 1e12:.4g} | {r.imbalance:.3f} | {r.t_ns * 1e3:.4g} | "
+            f"{r.bytes_per_param:.3g} | {r.ns_flops_max / 1e12:.4g} | {r.imbalance:.3f} | "
+            f"{r.t_ns * 1e3:.4g} | "
             f"{r.t_comm * 1e3:.4g} | {r.t_elem * 1e3:.3g} | {r.t_opt * 1e3:.4g} | {r.t_ovl * 1e3:.4g} | "
             f"{r.t_adamw * 1e3:.3g} | {r.t_opt / r.t_adamw:.3g} | {r.t_fb:.3g} | {100 * r.overhead:.3g} | "
             f"{100 * r.overhead_ovl:.3g} |")
@@ -598,13 +600,18 @@ def _plain_png(series, path, w=640, h=400):
         return (len(data).to_bytes(4, "big") + tag + data
                 + (zlib.crc32(tag + data) & 0xFFFFFFFF).to_bytes(4, "big"))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0]))
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 8-bit RGB
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
     with open(path, "wb") as f:
         f.write(png)
 
 
 # ------------------------------------------------------------------------------------------------
+HW_FLAGS = ("ns_tflops", "nvlink_gbs", "ib_gbs", "link_eff", "lat_nvlink_us", "lat_ib_us", "lat_peer_us",
+            "hbm_tbs", "gpus_per_node", "nbytes")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -618,15 +625,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens-per-gpu", type=int, default=16384, help="tokens per GPU per optimizer step")
     ap.add_argument("--mfu", type=float, default=0.4, help="model flops utilization of forward+backward")
     hwd = Hardware()
-    for f in ("ns_tflops", "nvlink_gbs", "ib_gbs", "link_eff", "lat_nvlink_us", "lat_ib_us", "lat_peer_us",
-              "hbm_tbs", "gpus_per_node", "nbytes"):
+    for f in HW_FLAGS:
         ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(hwd, f)), default=getattr(hwd, f))
     ap.add_argument("--png", help="plot path (default: overhead.png in a new temp dir)")
     ap.add_argument("--no-png", action="store_true")
     a = ap.parse_args(argv)
-    hw = Hardware(**{f: getattr(a, f) for f in ("ns_tflops", "nvlink_gbs", "ib_gbs", "link_eff", "lat_nvlink_us",
-                                                  "lat_ib_us", "lat_peer_us", "hbm_tbs", "gpus_per_node",
-                                                  "nbytes")})
+    hw = Hardware(**{f: getattr(a, f) for f in HW_FLAGS})
     if a.world is not None and not 1 <= a.world <= 1 << 16:
         ap.error(f"--world must be in 1..65536, got {a.world}")
     models = [a.model] if a.model else sorted(PRESETS, key=lambda n: preset(n).total)
@@ -637,8 +641,9 @@ def main(argv: list[str] | None = None) -> None:
         if a.world and only.world != a.world:
             ap.error(f"--replicate·--fsdp·--tp = {only.world} must equal --world {a.world}")
         worlds = [only.world]
-    print(f"# assumptions: NS {hw.ns_tflops:g} TF/s/GPU (assumed: H100 SXM cuBLAS bf16 GEMM, not yet measured "
-          f"for fastortho), NVLink {hw.nvlink_gbs:g} GB/s, IB {hw.ib_gbs:g} GB/s per GPU (×{hw.link_eff:g}), "
+    print(f"# assumptions: NS {hw.ns_tflops:g} TF/s/GPU (assumed: H100 SXM cuBLAS bf16 GEMM, not yet "
+          f"measured for fastortho), NVLink {hw.nvlink_gbs:g} GB/s, IB {hw.ib_gbs:g} GB/s per GPU "
+          f"(×{hw.link_eff:g}), "
           f"HBM {hw.hbm_tbs:g} TB/s ×{hw.hbm_eff:g}, {a.tokens_per_gpu} tokens/GPU/step, MFU {a.mfu:g}, "
           f"NS dtype {hw.nbytes} B, {hw.gpus_per_node} GPUs/node")
     rows = table(models, worlds, hw, a.tokens_per_gpu, a.mfu, only)
@@ -655,12 +660,8 @@ def main(argv: list[str] | None = None) -> None:
                      for lay, ss in LAYOUTS(p, W) for s in ss if not s.endswith("*")]
             cands = [c for c in cands if c is not None]
             best = min(cands, key=lambda r: r.t_opt)
-            series.setdefault(f"{name} best ({best.layout.split()[0]})", []).append((W, 100 * best.overhead))
-    # merge the per-layout labels of one model into one line
-    merged: dict[str, list[tuple[int, float]]] = {}
-    for k, v in series.items():
-        merged.setdefault(k.split(" best")[0] + " best", []).extend(v)
-    desc = plot(merged, path)
+            series.setdefault(f"{name} best", []).append((W, 100 * best.overhead))
+    desc = plot(series, path)
     print(f"plot: {path} ({desc})")
 
 

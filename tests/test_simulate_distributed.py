@@ -112,7 +112,8 @@ def _spawn(world):
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(world, _free_port(), d), nprocs=world, join=True, start_method=method)
+        mp.start_processes(_worker, args=(world, _free_port(), d), nprocs=world, join=True,
+                           start_method=method)
         res = []
         for r in range(world):
             with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
@@ -187,8 +188,8 @@ def test_model_matches_optimizer(world):
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
-@pytest.mark.xfail(strict=True, reason="comm_stats['ns_flops'] counts a Shard(0) expert stack's global cost on "
-                                       "every rank; each rank orthogonalizes only its own experts")
+@pytest.mark.xfail(strict=True, reason="comm_stats['ns_flops'] counts a Shard(0) expert stack's global "
+                                       "cost on every rank; each rank orthogonalizes only its own experts")
 def test_local_stack_flops(world):
     """The work of a Shard(0) expert stack is its own experts (2 and 1 of 3 at W = 2): the model counts
     that, the optimizer's statistic does not yet (reported; the fix belongs in fastortho/distributed.py)."""
