@@ -12,6 +12,10 @@ spill_stores, spill_loads, shared_bytes, local_bytes, stack_bytes, plus mma, sme
 Run alone it prints its own markdown table (the one in ``bench/RESULTS.md``)::
 
     python bench/kernel_report_triton.py [--archs 80,90] [--check]
+
+``--launched`` reports instead what ``newton_schulz`` really launches for the goal shapes (first
+step, restart, steady state, tall, fp32 G; ``fastortho.kernels.aot.build_manifest``), with the SASS
+facts: wgmma waits inside the main loop, TMA, store widths, CTAs/SM and wave efficiency on 132 SMs.
 """
 from __future__ import annotations
 
@@ -60,11 +64,34 @@ def to_markdown(rows) -> str:
     return "\n".join(lines)
 
 
+LAUNCH_SHAPES = ("4096x4096", "4096x16384", "24x768x3072", "64x128x128")
+
+
+def launched(archs=("90",), shapes=LAUNCH_SHAPES, dtypes=("bf16", "fp32")) -> list[dict]:
+    """Manifest entries (``fastortho.kernels.aot``) of the kernels newton_schulz launches."""
+    from fastortho.kernels import HAS_TRITON
+
+    if not HAS_TRITON:
+        return []
+    from fastortho.kernels.aot import build_manifest, parse_shape, with_tall
+
+    return build_manifest([int(str(a).replace("sm_", "")) for a in archs],
+                          with_tall([parse_shape(s) for s in shapes]), list(dtypes))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--check", action="store_true", help="exit 1 if a kept config lacks mma, overflows or spills")
+    ap.add_argument("--launched", action="store_true", help="report the launched variants (manifest) instead")
     args = ap.parse_args(argv)
+    if args.launched:
+        from fastortho.kernels.aot import summary_markdown
+
+        entries = launched(tuple(a.strip() for a in args.archs.split(",")))
+        print(summary_markdown(entries))
+        bad = [e for e in entries if e["spill_bytes"] or e["smem_bytes"] > e["smem_limit"]]
+        return 1 if args.check and bad else 0
     rows = report(tuple(a.strip() for a in args.archs.split(",")))
     print(to_markdown(rows))
     return 1 if args.check and not all(r["ok"] for r in rows) else 0

@@ -593,6 +593,22 @@ def summary_markdown(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def waves_markdown(entries: list[dict], arch: int = 90, input_dtype: str = "bf16") -> str:
+    """Per shape and launched kernel on sm_<arch>: programs, CTAs/SM (registers + shared memory),
+    waves and wave efficiency on the 132 SMs of an H100 SXM / H200."""
+    lines = ["| shape | kernel [variant] | tile | launches | programs | regs | smem KiB | CTAs/SM | waves | "
+             "wave efficiency |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        if e["arch"] != arch or e["input_dtype"] != input_dtype:
+            continue
+        c = e["config"]
+        tile = (f"{c['block_m']}x{c.get('block_n', c['block_m'])}x{c['block_k']}" if "block_m" in c else "—")
+        lines.append(f"| {e['shape']} | {e['kernel']} [{e['variant']}] | {tile} | {e['launches']} | {e['programs']} | "
+                     f"{e['regs']} | {e['smem_bytes'] / 1024:.0f} | {e['ctas_per_sm']} | {e['waves_h100']:.2f} | "
+                     f"{e['wave_efficiency_h100']:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastortho.kernels.aot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -615,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(entries, f, indent=1)
     md = summary_markdown(entries)
+    if any(e["arch"] == 90 for e in entries):
+        md += "\n\nWaves on 132 SMs (sm_90, bf16 G):\n\n" + waves_markdown(entries)
     with open(os.path.join(args.out, "manifest.md"), "w") as f:
         f.write(md + "\n")
     print(md)
