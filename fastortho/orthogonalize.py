@@ -36,6 +36,8 @@ def _check_input(G: Tensor, fn: str) -> None:
 
 
 def _check_finite(G: Tensor, fn: str) -> None:
+    if G.is_meta:  # shapes only: there are no values to check
+        return
     if not bool(torch.isfinite(G).all()):
         raise ValueError(f"{fn}: input contains NaN or Inf")
 
@@ -148,6 +150,23 @@ def newton_schulz(
     return X.reshape(*lead, m, n)
 
 
+def _polar_meta(G: Tensor, method: str, dtype: torch.dtype | None, hermitian: bool, iterations: bool):
+    """Shape inference on the meta device: results with the shapes and dtypes ``polar`` returns."""
+    if method == "svd":
+        wdtype = torch.float64
+    else:
+        wdtype = dtype or (torch.float64 if G.dtype == torch.float64 else torch.float32)
+        if wdtype not in (torch.float32, torch.float64):
+            raise TypeError(f"polar(method={method!r}): working dtype must be float32 or float64, got {wdtype}")
+    out = [torch.empty(G.shape, dtype=wdtype, device="meta")]
+    if hermitian:
+        n = 1 if G.ndim == 1 else G.shape[-1]
+        out.append(torch.empty((*G.shape[:-2], n, n), dtype=wdtype, device="meta"))
+    if iterations:
+        out.append(torch.empty(G.shape[:-2] if G.ndim >= 2 else (), dtype=torch.int64, device="meta"))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def polar(
     G: Tensor,
     method: Literal["qdwh", "higham", "newton_schulz", "svd"] = "qdwh",
@@ -191,7 +210,8 @@ def polar(
     singular values of order ε·σ_max, which a float64 cut would map to 1). "higham" has its own
     rule (see ``fastortho.polar_higham``).
     NaN/Inf input raises ``ValueError``; a non-finite result raises ``FloatingPointError`` (this
-    path is for accuracy, not hot loops: it synchronizes with the device).
+    path is for accuracy, not hot loops: it synchronizes with the device). A meta-device G returns
+    meta tensors of the result's shapes and dtypes (shape inference; no values are computed).
 
     Returns:
         P in the working dtype (float64 for "svd"; G's dtype for "newton_schulz"); with
@@ -207,11 +227,13 @@ def polar(
         raise ValueError(f"scaling must be 'norm' or 'fro', got {scaling!r}")
     if method == "qdwh" and scaling != "norm":
         raise ValueError("scaling applies to method='higham' only (QDWH's weights are its scaling)")
+    if rtol is not None and not (0.0 <= rtol < 1.0):
+        raise ValueError(f"rtol must be in [0, 1) (the relative rank cut), got {rtol}")
+    if G.is_meta and method != "newton_schulz":
+        return _polar_meta(G, method, dtype, return_hermitian, return_iterations)
     if method != "newton_schulz":
         _check_finite(G, "polar")
     iters = None
-    if rtol is not None and not (0.0 <= rtol < 1.0):
-        raise ValueError(f"rtol must be in [0, 1) (the relative rank cut), got {rtol}")
     if method == "svd":
         P = polar_svd(G, rtol)
     elif method == "newton_schulz":
