@@ -253,6 +253,9 @@ def sec_ns(run: Run, cap: float) -> dict:
                 impls["gram_newton_schulz"] = lambda: gns(G if B > 1 else G[0])
             row = {"shape": shape, "g_dtype": str(gdt).replace("torch.", "")}
             for name, fn in impls.items():
+                if time.perf_counter() > t_end:
+                    row[name] = {"error": "skipped (section cap)"}
+                    continue
                 try:
                     t = timeit(fn, "cuda", warmup=3, reps=15, max_time_s=6.0)
                     row[name] = {"p20": t.p20, "p50": t.p50, "p80": t.p80, "n": t.n}
