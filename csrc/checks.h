@@ -9,8 +9,8 @@
 
 namespace fastortho {
 
-// grads (fp32/bf16/fp16), bufs (fp32/bf16), outs (bf16/fp32/fp16): one dtype per list, same shapes,
-// contiguous, one device; sumsq: fp32, contiguous, shape (n,), same device.
+// grads (fp32/bf16/fp16), bufs (fp32/bf16/fp16), outs (bf16/fp32/fp16): one dtype per list, same
+// shapes, contiguous, one device; sumsq: float64 (or float32), contiguous, shape (n,), same device.
 void check_momentum_args(at::TensorList grads, at::TensorList bufs, at::TensorList outs,
                          const at::Tensor& sumsq);
 

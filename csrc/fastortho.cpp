@@ -55,10 +55,14 @@ int dtype_code(at::ScalarType t) {
 
 void check_momentum_args(at::TensorList grads, at::TensorList bufs, at::TensorList outs,
                          const at::Tensor& sumsq) {
-  check_pair("grads", grads, "bufs", bufs, {at::kFloat, at::kBFloat16, at::kHalf}, {at::kFloat, at::kBFloat16});
+  check_pair("grads", grads, "bufs", bufs, {at::kFloat, at::kBFloat16, at::kHalf},
+             {at::kFloat, at::kBFloat16, at::kHalf});
   check_pair("grads", grads, "outs", outs, {at::kFloat, at::kBFloat16, at::kHalf},
              {at::kBFloat16, at::kFloat, at::kHalf});
-  TORCH_CHECK(sumsq.scalar_type() == at::kFloat, "sumsq must be float32, got ", sumsq.scalar_type());
+  // float64 holds the kernels' double sum as it is: it cannot overflow for fp32/bf16/fp16 u (at most
+  // numel * 2^256); float32 rounds it and overflows to inf above 3.4e38.
+  TORCH_CHECK(sumsq.scalar_type() == at::kDouble || sumsq.scalar_type() == at::kFloat,
+              "sumsq must be float64 (or float32), got ", sumsq.scalar_type());
   TORCH_CHECK(sumsq.dim() == 1 && sumsq.size(0) == static_cast<int64_t>(grads.size()) && sumsq.is_contiguous(),
               "sumsq must be a contiguous tensor of shape (", grads.size(), ",), got ", sumsq.sizes());
   if (!grads.empty()) {

@@ -34,9 +34,13 @@ Backends: ``"c"`` is ``torch.ops.fastortho`` from the compiled ``fastortho._C`` 
 list; CPU and CUDA kernels share their per-element math; a list mixing dtype combinations is split
 into one call per combination and the per-tensor results scattered back, which copies a small index
 to the device: for CUDA-graph capture pass one dtype combination per call); ``"foreach"`` is plain PyTorch ``_foreach``
-ops, the reference and the fallback; ``"auto"`` takes ``"c"`` when it has a kernel for the device.
-Both backends give bit-identical fp32 buffers and NS inputs (see ``tests/test_csrc.py`` for the
-cases where they do not, and the bounds there).
+ops, the reference and the fallback; ``"auto"`` takes ``"c"`` when it has a kernel for the device and
+the dtypes. Both backends give bit-identical fp32 buffers and NS inputs (see ``tests/test_csrc.py`` for
+the cases where they do not, and the bounds there).
+
+Dtypes: the kernels take fp32, bf16 and fp16 tensors (math in fp32, one rounding to the storage
+dtype). float64 tensors (grads, buffers, NS inputs, params, updates) take the ``_foreach`` path with
+the math in float64, exactly torch.optim.Muon's float64 operations.
 """
 from __future__ import annotations
 
@@ -53,11 +57,10 @@ __all__ = ["muon_momentum_", "muon_apply_"]
 
 Backend = Literal["auto", "c", "foreach"]
 
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BUF_DTYPES = (torch.float32, torch.bfloat16)
-_OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_UPDATE_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+#: dtypes the compiled kernels handle (math in fp32); float64 is served by the ``_foreach`` path
+_C_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_GRAD_DTYPES = _BUF_DTYPES = _OUT_DTYPES = _PARAM_DTYPES = _UPDATE_DTYPES = _FLOAT_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,15 +97,22 @@ def _check_lists(
     return device
 
 
-def _pick_backend(backend: str, device: torch.device | None) -> str:
+def _pick_backend(backend: str, device: torch.device | None, *lists: Sequence[Tensor]) -> str:
+    """``"c"`` or ``"foreach"``; ``"auto"`` takes ``"c"`` for a device with kernels when every tensor's
+    dtype has one (float64 has none: it goes to the float64 ``_foreach`` path)."""
     if backend not in ("auto", "c", "foreach"):
         raise ValueError(f"backend must be 'auto', 'c' or 'foreach', got {backend!r}")
     if device is None or backend == "foreach":
         return "foreach"
+    c_dtypes = all(t.dtype in _C_DTYPES for lst in lists for t in lst)
     if backend == "c":
         _C_loader.require_c(device.type)
+        if not c_dtypes:
+            bad = sorted({str(t.dtype) for lst in lists for t in lst if t.dtype not in _C_DTYPES})
+            raise TypeError(f"backend='c' has kernels for dtypes {', '.join(map(str, _C_DTYPES))} only, got {bad}; "
+                            "use backend='auto' or 'foreach' (float64 runs as _foreach ops in float64)")
         return "c"
-    return "c" if device.type in _C_loader.C_DEVICE_TYPES else "foreach"
+    return "c" if device.type in _C_loader.C_DEVICE_TYPES and c_dtypes else "foreach"
 
 
 def _groups(*lists: Sequence[Tensor]) -> dict[tuple[torch.dtype, ...], list[int]]:
@@ -141,27 +151,35 @@ def muon_momentum_(
     The Nesterov blend uses the fp32 value of the new buffer before it is rounded to a bf16 buffer.
 
     Args:
-        grads: gradients (fp32/bf16/fp16, contiguous). Never written.
-        bufs: momentum buffers, same shapes (fp32 or bf16; a bf16 buffer is updated in fp32 and
-            rounded once). Updated in place.
+        grads: gradients (fp32/bf16/fp16/fp64, contiguous). Never written.
+        bufs: momentum buffers, same shapes (fp32, bf16, fp16 or fp64; a 16-bit buffer is updated in
+            fp32 and rounded once). Updated in place.
         momentum: :math:`\beta`.
         nesterov: use the Nesterov blend as the NS input.
         convention: ``"ema"`` (torch.optim.Muon, KellerJordan) or ``"sum"`` (Moonlight, dion).
-        out_dtype: dtype of the returned NS inputs (bf16, fp32 or fp16).
+        out_dtype: dtype of the returned NS inputs (bf16, fp32, fp16 or fp64).
         backend: ``"c"`` (compiled kernels), ``"foreach"`` (pure torch) or ``"auto"``.
         out: optional preallocated NS inputs (``out_dtype``, the grads' shapes, contiguous, distinct
             from the buffers), e.g. a workspace reused across steps; returned as the first result.
-        sumsq_out: optional preallocated fp32 tensor of shape ``(len(grads),)``.
+        sumsq_out: optional preallocated float64 (or float32) tensor of shape ``(len(grads),)``.
 
     Returns:
         ``(ns_inputs, sumsq)``: ``ns_inputs[i]`` is :math:`u_i` rounded to ``out_dtype`` (a new tensor,
-        or ``out[i]``; never a buffer); ``sumsq`` is an fp32 tensor of shape ``(len(grads),)`` on the grads'
-        device with :math:`\sum u_i^2` computed from the fp32 :math:`u_i` **before** rounding to
-        ``out_dtype``, for the Frobenius normalization :math:`\|u_i\|_F = \sqrt{\text{sumsq}_i}`. A
-        NaN/Inf anywhere in :math:`u_i` makes ``sumsq[i]`` non-finite: that is the health check,
-        with no extra pass. The C kernels sum the exact squares in float64 and round once (within
-        one fp32 rounding of the exact value); the foreach fallback squares a float64 norm (within
-        a few fp32 ulps).
+        or ``out[i]``; never a buffer); ``sumsq`` is a float64 tensor of shape ``(len(grads),)`` on the
+        grads' device with :math:`\sum u_i^2` computed from the fp32 (float64) :math:`u_i` **before**
+        rounding to ``out_dtype``, for the Frobenius normalization :math:`\|u_i\|_F = \sqrt{\text{sumsq}_i}`.
+
+        It is the health check, with no extra pass: ``sumsq[i]`` is finite if and only if every
+        element of :math:`u_i` is. A finite fp32 :math:`u` has :math:`u^2 < 2^{256}`, so a float64 sum
+        of any length below :math:`2^{767}` elements cannot overflow (an fp32 sum would, for
+        :math:`|u| \gtrsim 10^{19}`: such momenta are finite and get a normal update). The C kernels sum
+        the exact squares in float64 (no rounding but the adds); the foreach fallback squares a float64
+        norm (within a few ulps). For float64 :math:`u` the fallback computes :math:`\sum (u/s)^2 \cdot s^2`
+        with :math:`s` the power of two at or above :math:`\max|u|`, which overflows only where the true
+        sum exceeds float64's range; it is then the largest finite float64 (finite in, finite out) and
+        finiteness is decided by an ``isfinite`` reduction of :math:`u`.
+        A float32 ``sumsq_out`` gets the same sum rounded to fp32 (it saturates to inf above
+        :math:`3.4\cdot 10^{38}`: for the health check pass float64).
     """
     if convention not in ("ema", "sum"):
         raise ValueError(f"convention must be 'ema' or 'sum', got {convention!r}")
@@ -170,9 +188,9 @@ def muon_momentum_(
     momentum = float(momentum)
     nesterov = bool(nesterov)
     device = _check_lists("grads", grads, "bufs", bufs, _GRAD_DTYPES, _BUF_DTYPES)
-    be = _pick_backend(backend, device)
+    be = _pick_backend(backend, device, grads, bufs, [torch.empty(0, dtype=out_dtype)])
     if device is None:
-        return [], torch.zeros(0, dtype=torch.float32)
+        return [], torch.zeros(0, dtype=torch.float64)
     if out is None:
         outs = [torch.empty(g.shape, dtype=out_dtype, device=device) for g in grads]
     else:
@@ -182,12 +200,12 @@ def muon_momentum_(
             if o.data_ptr() == b.data_ptr() and o.numel() > 0:
                 raise ValueError(f"out[{i}] aliases bufs[{i}]; the NS input needs its own memory")
     if sumsq_out is None:
-        sumsq = torch.empty(len(grads), dtype=torch.float32, device=device)
+        sumsq = torch.empty(len(grads), dtype=torch.float64, device=device)
     else:
-        if sumsq_out.dtype != torch.float32 or sumsq_out.shape != (len(grads),) or sumsq_out.device != device \
-                or not sumsq_out.is_contiguous():
-            raise ValueError(f"sumsq_out must be a contiguous float32 tensor of shape ({len(grads)},) on {device}, "
-                             f"got {sumsq_out.dtype} {tuple(sumsq_out.shape)} on {sumsq_out.device}")
+        if sumsq_out.dtype not in (torch.float64, torch.float32) or sumsq_out.shape != (len(grads),) \
+                or sumsq_out.device != device or not sumsq_out.is_contiguous():
+            raise ValueError(f"sumsq_out must be a contiguous float64 (or float32) tensor of shape ({len(grads)},) "
+                             f"on {device}, got {sumsq_out.dtype} {tuple(sumsq_out.shape)} on {sumsq_out.device}")
         sumsq = sumsq_out
     if be == "c":
         op = torch.ops.fastortho.muon_momentum_
@@ -196,7 +214,7 @@ def muon_momentum_(
             op(list(grads), list(bufs), outs, sumsq, momentum, nesterov, convention == "ema")
         else:
             for idx in groups.values():
-                part = torch.empty(len(idx), dtype=torch.float32, device=device)
+                part = torch.empty(len(idx), dtype=sumsq.dtype, device=device)
                 op([grads[i] for i in idx], [bufs[i] for i in idx], [outs[i] for i in idx], part,
                    momentum, nesterov, convention == "ema")
                 sumsq[idx] = part
@@ -206,25 +224,74 @@ def muon_momentum_(
 
 
 def _momentum_foreach(grads, bufs, outs, sumsq, momentum, nesterov, convention) -> None:
-    """Reference: the peers' own torch formulas on fp32 copies (fp32 tensors are used as they are)."""
-    g32 = [g.float() for g in grads]  # .float() of an fp32 tensor is the tensor itself: never written
-    b32 = [b if b.dtype == torch.float32 else b.float() for b in bufs]
+    """Reference: the peers' own torch formulas on fp32 copies (fp32 tensors are used as they are);
+    tensors whose grad or buffer is float64 run the same formulas in float64."""
+    wide = [i for i, (g, b) in enumerate(zip(grads, bufs)) if torch.float64 in (g.dtype, b.dtype)]
+    if wide:
+        narrow = [i for i in range(len(grads)) if i not in set(wide)]
+        parts = torch.empty(len(grads), dtype=torch.float64, device=sumsq.device)
+        for idx, fn in ((narrow, _momentum_foreach_fp32), (wide, _momentum_foreach_fp64)):
+            if idx:
+                part = torch.empty(len(idx), dtype=torch.float64, device=sumsq.device)
+                fn([grads[i] for i in idx], [bufs[i] for i in idx], [outs[i] for i in idx], part,
+                   momentum, nesterov, convention)
+                parts[idx] = part
+        sumsq.copy_(parts)
+        return
+    _momentum_foreach_fp32(grads, bufs, outs, sumsq, momentum, nesterov, convention)
+
+
+def _momentum_formulas(g, b, momentum, nesterov, convention):
+    """torch.optim.Muon's (ema) or Moonlight's (sum) buffer update in place on ``b``; returns the NS inputs."""
     if convention == "ema":
-        torch._foreach_lerp_(b32, g32, 1.0 - momentum)
-        u32 = torch._foreach_lerp(g32, b32, momentum) if nesterov else b32
-    else:
-        torch._foreach_mul_(b32, momentum)
-        torch._foreach_add_(b32, g32)
-        u32 = torch._foreach_add(g32, b32, alpha=momentum) if nesterov else b32
-    # sum of squares of the fp32 u, before rounding to out_dtype. The norm is taken in float64: an fp32
-    # norm of one 64M-element tensor on the CPU is off by 1% (measured), and squaring a float64 norm
-    # back loses nothing that matters in fp32.
-    norms = torch._foreach_norm(u32, 2, dtype=torch.float64)
-    sumsq.copy_(torch.stack(norms).square_())
-    narrowed = [(b, b_new) for b, b_new in zip(bufs, b32) if b is not b_new]
+        torch._foreach_lerp_(b, g, 1.0 - momentum)
+        return torch._foreach_lerp(g, b, momentum) if nesterov else b
+    torch._foreach_mul_(b, momentum)
+    torch._foreach_add_(b, g)
+    return torch._foreach_add(g, b, alpha=momentum) if nesterov else b
+
+
+def _write_back(bufs, outs, b_work, u_work) -> None:
+    narrowed = [(b, b_new) for b, b_new in zip(bufs, b_work) if b is not b_new]
     if narrowed:
         torch._foreach_copy_([b for b, _ in narrowed], [b_new for _, b_new in narrowed])
-    torch._foreach_copy_(outs, u32)
+    torch._foreach_copy_(outs, u_work)
+
+
+def _momentum_foreach_fp32(grads, bufs, outs, sumsq, momentum, nesterov, convention) -> None:
+    g32 = [g.float() for g in grads]  # .float() of an fp32 tensor is the tensor itself: never written
+    b32 = [b if b.dtype == torch.float32 else b.float() for b in bufs]
+    u32 = _momentum_formulas(g32, b32, momentum, nesterov, convention)
+    # sum of squares of the fp32 u, before rounding to out_dtype. The norm is taken in float64: an fp32
+    # norm of one 64M-element tensor on the CPU is off by 1% (measured), and it overflows for
+    # |u| >~ 1e19, where float64 (u^2 < 2^256 for finite fp32 u) cannot.
+    norms = torch._foreach_norm(u32, 2, dtype=torch.float64)
+    sumsq.copy_(torch.stack(norms).square_())
+    _write_back(bufs, outs, b32, u32)
+
+
+def _momentum_foreach_fp64(grads, bufs, outs, sumsq, momentum, nesterov, convention) -> None:
+    g64 = [g.double() for g in grads]
+    b64 = [b if b.dtype == torch.float64 else b.double() for b in bufs]
+    u64 = _momentum_formulas(g64, b64, momentum, nesterov, convention)
+    sumsq.copy_(_scaled_sumsq_fp64(u64))
+    _write_back(bufs, outs, b64, u64)
+
+
+def _scaled_sumsq_fp64(us: list[Tensor]) -> Tensor:
+    r""":math:`\sum u^2` of float64 tensors without intermediate overflow: :math:`s^2 \sum (u/s)^2` with
+    :math:`s = 2^{\lceil\log_2 \max|u|\rceil}` (exact divisions), saturated at the largest finite
+    float64 when every element is finite; NaN when any element is not (an isfinite reduction)."""
+    amax = torch.stack([u.abs().amax() if u.numel() else u.new_zeros(()) for u in us])
+    finite = torch.stack([u.isfinite().all() for u in us])
+    _, e = torch.frexp(torch.where(finite & (amax > 0), amax, torch.ones_like(amax)))
+    scale = torch.ldexp(torch.ones_like(amax), e.to(torch.float64))
+    scaled = [u / s for u, s in zip(us, scale.unbind(0))]
+    s2 = torch.stack(torch._foreach_norm(scaled, 2)).square_()
+    big = torch.finfo(torch.float64).max
+    # s2 <= numel and s^2 may overflow on its own: multiply in the log domain's safe order
+    total = torch.where(s2 > 0, (s2 * scale).clamp(max=big) * scale, s2).clamp(max=big)
+    return torch.where(finite, total, torch.full_like(total, float("nan")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +320,9 @@ def muon_apply_(
     fp32.
 
     Args:
-        params: parameters (fp32/bf16/fp16, contiguous), updated in place.
-        updates: orthogonalized updates :math:`O_i` (bf16/fp32/fp16), same shapes. Not written.
+        params: parameters (fp32/bf16/fp16/fp64, contiguous), updated in place. float64 parameters are
+            updated in float64 (``p.mul_(d); p.add_(O, alpha=-a)`` with float64 scalars, as torch does).
+        updates: orthogonalized updates :math:`O_i` (bf16/fp32/fp16/fp64), same shapes. Not written.
         lr: :math:`\eta`, a number or a 0-dim tensor.
         weight_decay: :math:`\lambda`, a number or a 0-dim tensor.
         scales: :math:`s_i`, one per tensor (e.g. :math:`\sqrt{\max(1, m/n)}`), a sequence of numbers
@@ -271,7 +339,7 @@ def muon_apply_(
     for name, v in (("lr", lr), ("weight_decay", weight_decay)):
         if isinstance(v, Tensor) and v.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
-    be = _pick_backend(backend, device)
+    be = _pick_backend(backend, device, params, updates)
     if n == 0:
         return
     tensor_scalars = any(isinstance(v, Tensor) for v in (lr, weight_decay, scales))
@@ -297,7 +365,23 @@ def muon_apply_(
 
 
 def _apply_foreach(params, updates, lr, weight_decay, scales, tensor_scalars, dev_f32) -> None:
-    """Reference: ``p.mul_(d); p.add_(O, alpha=-a)`` on fp32 copies, one rounding to p's dtype."""
+    """Reference: ``p.mul_(d); p.add_(O, alpha=-a)`` on fp32 copies, one rounding to p's dtype;
+    float64 parameters in float64 with float64 scalars (torch.optim.Muon's float64 operations)."""
+    wide = [i for i, p in enumerate(params) if p.dtype == torch.float64]
+    if wide:
+        # torch.optim.Muon reads a tensor lr as a Python float: the float64 path does the same (a host
+        # read, hence a sync for a CUDA tensor; float64 has no fused kernel to keep it on the device)
+        lr64, wd64 = float(lr), float(weight_decay)
+        sc64 = scales.tolist() if isinstance(scales, Tensor) else [float(x) for x in scales]
+        torch._foreach_mul_([params[i] for i in wide], 1.0 - lr64 * wd64)
+        for i in wide:
+            params[i].add_(updates[i], alpha=-(lr64 * sc64[i]))  # one fma, as torch's add_(alpha=)
+        rest = [i for i in range(len(params)) if i not in set(wide)]
+        if rest:
+            sc = scales[rest] if isinstance(scales, Tensor) else [scales[i] for i in rest]
+            _apply_foreach([params[i] for i in rest], [updates[i] for i in rest], lr, weight_decay, sc,
+                           tensor_scalars, dev_f32)
+        return
     p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
     o32 = [o.float() for o in updates]
     if not tensor_scalars:

@@ -5,9 +5,11 @@ against the peers' own one-line torch formulas (torch.optim.Muon / Moonlight). E
 
 * buffers and NS inputs: bit-identical to the reference for every dtype combination (same roundings
   in the same order: ``csrc/muon_step.h``), NaN compared as equal;
-* ``sumsq``: the C kernels sum exact fp32 squares in float64 and round once, so they are within one
-  fp32 rounding (relative 2**-24) of the float64 oracle; the foreach fallback squares a float64
-  ``_foreach_norm`` (bound used: 1e-6 relative; an fp32 norm was off by 1.2% on the 64M tensor);
+* ``sumsq`` (float64): the C kernels sum exact fp32 squares in float64, so they are within the
+  float64 summation error of the oracle (bound used: one fp32 rounding, 2**-24 relative, as when the
+  result was rounded to fp32); the foreach fallback squares a float64 ``_foreach_norm`` (bound used:
+  1e-6 relative; an fp32 norm was off by 1.2% on the 64M tensor). It never overflows for finite input
+  (a 1e20 gradient has a finite sumsq) and is non-finite exactly when an element is;
 * ``muon_apply_`` with Python-number scalars: bit-identical; with tensor scalars the reference rounds
   ``a*O`` before the add where the kernel fuses it, so they differ by at most one ulp of the result
   (measured: max |diff| = 2.4e-7 on N(0,1) params, i.e. one fp32 ulp at magnitude 2-4).
@@ -36,7 +38,7 @@ needs_c = pytest.mark.skipif(
 )
 
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BUF_DTYPES = [torch.float32, torch.bfloat16]
+BUF_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OUT_DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # tails around the vector width (4 on GPU, 16 lanes on CPU) and the chunk size
@@ -207,7 +209,7 @@ def test_cpu_momentum_matches_reference(gdt, bdt, odt):
                 assert _equal(cb[i], rb[i]), f"{convention} nesterov={nesterov} buf[{i}]: {_where_differ(cb[i], rb[i])}"
                 assert _equal(cu[i], ru[i]), f"{convention} nesterov={nesterov} u[{i}]: {_where_differ(cu[i], ru[i])}"
             # sumsq of the fp32 u: the fp32 u is the reference's fp32 u (bit-identical buffers)
-            assert cs.dtype == torch.float32 and cs.shape == (len(SHAPES),)
+            assert cs.dtype == torch.float64 and cs.shape == (len(SHAPES),)
             oracle = _oracle_sumsq(muon_momentum_(grads, [b.clone() for b in bufs], backend="foreach",
                                                   **{**kw, "out_dtype": torch.float32})[0])
             rel = 2.0**-24 * 1.01  # one rounding of a float64 sum (exact squares) to fp32
@@ -355,7 +357,7 @@ def test_preallocated_outputs(backend):
     ref_b = [b.clone() for b in bufs]
     ref_u, ref_s = muon_momentum_(grads, ref_b, momentum=0.9, nesterov=True, backend=backend)
     out = [torch.full(g.shape, 7.0, dtype=torch.bfloat16) for g in grads]
-    s_out = torch.full((2,), 7.0)
+    s_out = torch.full((2,), 7.0, dtype=torch.float64)
     u, s = muon_momentum_(grads, bufs, momentum=0.9, nesterov=True, backend=backend, out=out, sumsq_out=s_out)
     assert all(a is b for a, b in zip(u, out)) and s is s_out
     assert all(_equal(a, b) for a, b in zip(u + bufs, ref_u + ref_b)) and torch.equal(s, ref_s)
@@ -364,6 +366,58 @@ def test_preallocated_outputs(backend):
                        out=[o.float() for o in out])
     with pytest.raises(ValueError, match="sumsq_out"):
         muon_momentum_(grads, bufs, momentum=0.9, nesterov=True, backend=backend, sumsq_out=torch.empty(3))
+
+
+@pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=needs_c)])
+@pytest.mark.parametrize("gdt", GRAD_DTYPES)
+def test_huge_finite_values_have_finite_sumsq(backend, gdt):
+    """Finite u of magnitude 1e19..3e38 (fp32 max; 6e4 for fp16 grads) has Σu² up to ~1e80: float64
+    holds it, an fp32 sum overflowed to inf and flagged a finite update as non-finite."""
+    top = 6e4 if gdt == torch.float16 else 3e38
+    grads = [(torch.randn(16, 8) * s).clamp(-top, top).to(gdt) for s in (1e20, 1e30, 1e38)]
+    grads[2][0, 0] = top
+    bufs = [torch.zeros(g.shape) for g in grads]
+    us, sumsq = muon_momentum_(grads, bufs, momentum=0.9, nesterov=True, out_dtype=torch.float32, backend=backend)
+    assert sumsq.dtype == torch.float64 and bool(sumsq.isfinite().all())
+    rtol = 2.0**-24 if backend == "c" else FOREACH_SUMSQ_RTOL
+    torch.testing.assert_close(sumsq, _oracle_sumsq(us).to(sumsq), rtol=rtol, atol=0)
+    # a float32 sumsq_out still gets the rounded sum (and saturates): the opt-in legacy form
+    s32 = torch.empty(3, dtype=torch.float32)
+    muon_momentum_(grads, [torch.zeros(g.shape) for g in grads], momentum=0.9, nesterov=True,
+                   backend=backend, sumsq_out=s32)
+    assert torch.equal(s32, sumsq.float())
+
+
+def test_float64_fallback():
+    """float64 grads/buffers/NS inputs/params run torch.optim.Muon's formulas in float64 on the
+    foreach path ("auto" picks it); the statistic is scaled, saturates at float64's max for finite
+    input beyond its range, and is NaN exactly when an element is not finite."""
+    g = torch.randn(6, 5, dtype=torch.float64)
+    b = torch.randn(6, 5, dtype=torch.float64)
+    rb = b.clone()
+    (u,), s = muon_momentum_([g], [b], momentum=0.95, nesterov=True, out_dtype=torch.float64)
+    rb.lerp_(g, 1 - 0.95)
+    assert torch.equal(b, rb) and torch.equal(u, g.lerp(rb, 0.95))
+    torch.testing.assert_close(s, _oracle_sumsq([u]), rtol=1e-14, atol=0)
+    huge = [torch.full((4, 4), 1e300, dtype=torch.float64), torch.full((3,), 1e-300, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, float("inf")], dtype=torch.float64),
+            torch.zeros(0, dtype=torch.float64)]
+    _, s = muon_momentum_(huge, [torch.zeros_like(x) for x in huge], momentum=0.9, nesterov=False,
+                          out_dtype=torch.float64)
+    assert s[0] == torch.finfo(torch.float64).max
+    assert s[1] == 0.0  # 3e-600 underflows, as any float64 sum would: finite and small is all it says
+    assert s[2] == 0 and s[4] == 0 and bool(s[3].isnan())
+    # mixed lists: fp32 tensors keep the fp32 path bit for bit, the fp64 ones run in float64
+    g32, b32 = torch.randn(7, 3), torch.randn(7, 3)
+    ref_b = b32.clone()
+    (u32, _), _ = muon_momentum_([g32, g], [b32, b.clone()], momentum=0.9, nesterov=True)
+    (ref_u,), _ = muon_momentum_([g32], [ref_b], momentum=0.9, nesterov=True, backend="foreach")
+    assert _equal(u32, ref_u) and _equal(b32, ref_b)
+    p, o = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5).bfloat16()
+    rp = p.clone()
+    muon_apply_([p], [o], lr=0.02, weight_decay=0.1, scales=[1.5])
+    rp.mul_(1 - 0.02 * 0.1).add_(o, alpha=-0.02 * 1.5)
+    assert torch.equal(p, rp)
 
 
 @pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=needs_c)])
@@ -383,7 +437,7 @@ def test_non_finite_shows_in_sumsq(backend):
 @pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=needs_c)])
 def test_empty_list(backend):
     outs, sumsq = muon_momentum_([], [], momentum=0.9, nesterov=True, backend=backend)
-    assert outs == [] and sumsq.shape == (0,) and sumsq.dtype == torch.float32
+    assert outs == [] and sumsq.shape == (0,) and sumsq.dtype == torch.float64
     muon_apply_([], [], lr=0.1, weight_decay=0.1, scales=[], backend=backend)
 
 
@@ -461,8 +515,9 @@ def test_errors_momentum(backend):
         mm([g.t()[:, :2]], [torch.randn(4, 2)])
     with pytest.raises(TypeError, match="dtype"):
         mm([g.to(torch.complex64)], [b])
-    with pytest.raises(TypeError, match="dtype"):
-        mm([g], [b.double()])
+    if backend == "c":  # float64 has no kernel; the foreach fallback takes it (test_float64_fallback)
+        with pytest.raises(TypeError, match="dtype"):
+            mm([g], [b.double()])
     with pytest.raises(ValueError, match="layout"):
         mm([g.to_sparse()], [b])
     with pytest.raises(ValueError, match="device"):
@@ -470,7 +525,10 @@ def test_errors_momentum(backend):
     with pytest.raises(ValueError, match="convention"):
         mm([g], [b], convention="adam")
     with pytest.raises(TypeError, match="out_dtype"):
-        mm([g], [b], out_dtype=torch.float64)
+        mm([g], [b], out_dtype=torch.int32)
+    if backend == "c":
+        with pytest.raises(TypeError, match="dtype"):
+            mm([g], [b], out_dtype=torch.float64)
 
 
 @pytest.mark.parametrize("backend", ["foreach", pytest.param("c", marks=needs_c)])

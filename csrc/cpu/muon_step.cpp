@@ -152,7 +152,8 @@ FO_INLINE void momentum_items(const MomentumJob& job, int64_t begin, int64_t end
   FO_MOM_CASE(GC, G, BC, B, 2, c10::Half)
 #define FO_MOM_B(GC, G)                  \
   FO_MOM_U(GC, G, 0, float)              \
-  FO_MOM_U(GC, G, 1, c10::BFloat16)
+  FO_MOM_U(GC, G, 1, c10::BFloat16)      \
+  FO_MOM_U(GC, G, 2, c10::Half)
 
 FO_INLINE void momentum_range_impl(int combo, const MomentumJob& job, int64_t begin, int64_t end) {
   switch (combo) {
@@ -196,11 +197,12 @@ void muon_momentum_cpu(at::TensorList grads, at::TensorList bufs, at::TensorList
                      avx2 ? momentum_range_avx2(combo, job, b, e) : momentum_range_base(combo, job, b, e);
                    });
   // fixed-order reduction over a tensor's chunks: the result does not depend on the thread count
-  float* out = sumsq.data_ptr<float>();
+  const bool f64 = sumsq.scalar_type() == at::kDouble;
   for (size_t t = 0; t < n; ++t) {
     double s = 0.0;
     for (int64_t it = first[t]; it < first[t + 1]; ++it) s += partial[it];
-    out[t] = static_cast<float>(s);
+    if (f64) sumsq.data_ptr<double>()[t] = s;
+    else sumsq.data_ptr<float>()[t] = static_cast<float>(s);
   }
 }
 

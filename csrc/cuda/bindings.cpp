@@ -32,7 +32,8 @@ void muon_momentum_cuda(at::TensorList grads, at::TensorList bufs, at::TensorLis
   C10_CUDA_CHECK(cuda::launch_muon_momentum(
       ts.data(), n, dtype_code(grads[0].scalar_type()), dtype_code(bufs[0].scalar_type()),
       dtype_code(outs[0].scalar_type()), make_momentum_scalars(momentum, nesterov, ema),
-      partials.data_ptr<double>(), sumsq.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+      partials.data_ptr<double>(), sumsq.data_ptr(), sumsq.scalar_type() == at::kDouble,
+      c10::cuda::getCurrentCUDAStream().stream()));
 }
 
 void muon_apply_cuda(at::TensorList params, at::TensorList updates, double lr, double weight_decay,

@@ -31,10 +31,11 @@ struct ApplyTensor {
 int64_t momentum_workspace_len(const MomentumTensor* ts, int n);
 
 // One pass over every tensor (a few launches of up to kMaxTensorsPerLaunch tensors each, plus a tiny
-// deterministic per-tensor reduction of the per-chunk partials into `sumsq[i]`, fp32). Returns the
-// first launch error, or cudaSuccess.
+// deterministic per-tensor reduction of the per-chunk partials into `sumsq[i]`: float64 when
+// `sumsq_f64`, else rounded to fp32). Returns the first launch error, or cudaSuccess.
 cudaError_t launch_muon_momentum(const MomentumTensor* ts, int n, int g_dtype, int b_dtype, int u_dtype,
-                                 MomentumScalars m, double* partials, float* sumsq, cudaStream_t stream);
+                                 MomentumScalars m, double* partials, void* sumsq, bool sumsq_f64,
+                                 cudaStream_t stream);
 
 cudaError_t launch_muon_apply(const ApplyTensor* ts, int n, int p_dtype, int o_dtype, ApplyScalars s,
                               cudaStream_t stream);

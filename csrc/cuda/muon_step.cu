@@ -132,20 +132,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One block per tensor of the pack: the sum of its chunks' partials, in a fixed order (deterministic).
+template <typename S>
 __global__ void __launch_bounds__(kThreads)
-    sumsq_reduce_kernel(const MomentumPack pk, const double* __restrict__ partials, float* __restrict__ sumsq) {
+    sumsq_reduce_kernel(const MomentumPack pk, const double* __restrict__ partials, S* __restrict__ sumsq) {
   const int t = blockIdx.x;
   double acc = 0.0;
   for (int c = pk.chunk_start[t] + threadIdx.x; c < pk.chunk_start[t + 1]; c += kThreads) {
     acc += partials[pk.chunk_base + c];
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) sumsq[pk.tensor_base + t] = static_cast<float>(acc);
+  if (threadIdx.x == 0) sumsq[pk.tensor_base + t] = static_cast<S>(acc);
 }
 
 template <typename G, typename B, typename U>
-cudaError_t momentum_typed(const MomentumTensor* ts, int n, MomentumScalars m, double* partials, float* sumsq,
-                           cudaStream_t stream) {
+cudaError_t momentum_typed(const MomentumTensor* ts, int n, MomentumScalars m, double* partials, void* sumsq,
+                           bool sumsq_f64, cudaStream_t stream) {
   MomentumPack pk;
   int64_t chunk_base = 0;
   for (int first = 0; first < n; first += kMaxTensorsPerLaunch) {
@@ -168,7 +169,11 @@ cudaError_t momentum_typed(const MomentumTensor* ts, int n, MomentumScalars m, d
       muon_momentum_kernel<G, B, U><<<chunks, kThreads, 0, stream>>>(pk, m, partials);
       if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     }
-    sumsq_reduce_kernel<<<cnt, kThreads, 0, stream>>>(pk, partials, sumsq);
+    if (sumsq_f64) {
+      sumsq_reduce_kernel<double><<<cnt, kThreads, 0, stream>>>(pk, partials, static_cast<double*>(sumsq));
+    } else {
+      sumsq_reduce_kernel<float><<<cnt, kThreads, 0, stream>>>(pk, partials, static_cast<float*>(sumsq));
+    }
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     chunk_base += chunks;
   }
@@ -259,13 +264,14 @@ int64_t momentum_workspace_len(const MomentumTensor* ts, int n) {
 #define FO_T(C) typename TypeOf<C>::type
 
 cudaError_t launch_muon_momentum(const MomentumTensor* ts, int n, int g_dtype, int b_dtype, int u_dtype,
-                                 MomentumScalars m, double* partials, float* sumsq, cudaStream_t stream) {
+                                 MomentumScalars m, double* partials, void* sumsq, bool sumsq_f64,
+                                 cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
 #define FO_MOM(GC, BC, UC)                                                                         \
   if (g_dtype == GC && b_dtype == BC && u_dtype == UC)                                             \
-    return momentum_typed<FO_T(GC), FO_T(BC), FO_T(UC)>(ts, n, m, partials, sumsq, stream);
+    return momentum_typed<FO_T(GC), FO_T(BC), FO_T(UC)>(ts, n, m, partials, sumsq, sumsq_f64, stream);
 #define FO_MOM_U(GC, BC) FO_MOM(GC, BC, 0) FO_MOM(GC, BC, 1) FO_MOM(GC, BC, 2)
-#define FO_MOM_B(GC) FO_MOM_U(GC, 0) FO_MOM_U(GC, 1)
+#define FO_MOM_B(GC) FO_MOM_U(GC, 0) FO_MOM_U(GC, 1) FO_MOM_U(GC, 2)
   FO_MOM_B(0) FO_MOM_B(1) FO_MOM_B(2)
 #undef FO_MOM_B
 #undef FO_MOM_U

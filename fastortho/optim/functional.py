@@ -94,9 +94,10 @@ def lr_scale_factor(m: int, n: int, rule: str) -> float:
 def resolve_lr_scale(lr_scale: str | None, adjust_lr_fn: str | None) -> str:
     """One rule from fastortho's ``lr_scale`` and torch.optim.Muon's ``adjust_lr_fn``; they must agree."""
     if adjust_lr_fn not in TORCH_ADJUST_LR_FN:
+        # torch.optim.Muon's message first (its tests match it), then the choices
         raise ValueError(
-            f"adjust_lr_fn must be one of {sorted(k for k in TORCH_ADJUST_LR_FN if k)} or None, "
-            f"got {adjust_lr_fn!r}"
+            f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn must be one of "
+            f"{sorted(k for k in TORCH_ADJUST_LR_FN if k)} or None"
         )
     from_torch = TORCH_ADJUST_LR_FN[adjust_lr_fn]
     if lr_scale is None:

@@ -17,15 +17,29 @@ __all__ = ["Muon"]
 _KELLER = (3.4445, -4.7750, 2.0315)
 _NONFINITE = ("skip", "raise", "ignore")
 
-#: Keys every Muon group carries, with their defaults (torch.optim.Muon's first). ``__setstate__`` fills
-#: missing ones so checkpoints written by older versions (or by torch.optim.Muon) load.
+#: Keys every Muon group carries, with their defaults: torch.optim.Muon's keys first, with torch's
+#: values (so a fastortho state dict loads into torch.optim.Muon and steps there). ``__setstate__``
+#: fills missing ones so checkpoints written by older versions (or by torch.optim.Muon) load.
+_TORCH_NS_STEPS = 5
 _MUON_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=_KELLER, eps=1e-7,
-    ns_steps=None, adjust_lr_fn=None,
+    ns_steps=_TORCH_NS_STEPS, adjust_lr_fn=None,
     coefficients=None, normalize="fro", lr_scale=None, momentum_convention="ema",
     momentum_placement="before_ortho", orthogonalizer="newton_schulz", ns_dtype=None, backend="auto",
     flatten=None, split_sizes=None, nonfinite="skip", algorithm="muon",
 )
+
+
+def _resolve_ns_steps(ns_steps: int | None, coefficients: Any) -> int:
+    """The step count a group stores: ``ns_steps`` if given, else torch's 5 for ``ns_coefficients`` or
+    the native length of ``coefficients``."""
+    if ns_steps is not None:
+        return int(ns_steps)
+    if coefficients is None:
+        return _TORCH_NS_STEPS
+    from fastortho.coefficients import get_schedule
+
+    return len(get_schedule(coefficients)[0])
 
 
 class Muon(Optimizer):
@@ -103,9 +117,12 @@ class Muon(Optimizer):
             (torch's argument; default Keller's triple).
         eps: :math:`\varepsilon` in :math:`X_0 = u/\max(\text{safety}\cdot\|u\|_F, \varepsilon)` (default 1e-7).
         ns_steps: Newton–Schulz steps. None (default) = 5 with ``ns_coefficients`` (torch's default) or
-            the schedule's native length with ``coefficients``; a longer count repeats the last row.
+            the schedule's native length with ``coefficients``; the resolved count is what the group
+            stores (an int, as torch's). More steps than a list has: see
+            :func:`fastortho.coefficients.get_schedule`.
         adjust_lr_fn: torch's name for the scale rule: None/"original", "match_rms_adamw"
             (= ``"rms_match"``), "spectral_unclamped" (= ``"spectral"``). Must agree with ``lr_scale``.
+            Bad values of torch's arguments raise torch's exception with torch's message.
         coefficients: a schedule name (``"keller"``, ``"you"``, ``"polar_express"``,
             ``"polar_express_paper"``, ``"cubic"``), a sequence of triples or a
             :class:`fastortho.Schedule`; overrides ``ns_coefficients`` and brings its own safety factor.
@@ -143,7 +160,12 @@ class Muon(Optimizer):
     Differences from torch.optim.Muon, all opt-out: on CPU the orthogonalizer runs in fp32 rather than
     bf16; non-finite updates are skipped rather than applied; non-2-D parameters are accepted (routed
     to AdamW or orthogonalized as stacks/flattened kernels) instead of raising; state is created for
-    every parameter at construction (so checkpoints of every rank have the same keys).
+    every parameter at construction (so checkpoints of every rank have the same keys); ``momentum``
+    must be below 1 and ``ns_steps`` at least 0 (torch accepts both and then never updates the buffer /
+    runs no step); ``ns_steps`` ≥ 100 and a wrong-length ``ns_coefficients`` raise at construction, with
+    torch's message, where torch raises at the first step. Finite momenta of any magnitude get their
+    update: torch's bf16 Frobenius norm overflows to inf for :math:`\|u\|_F \gtrsim 3\cdot 10^{38}`
+    and its update then collapses to zero (weight decay only).
 
     Example (migrating from torch.optim.Muon)::
 
@@ -183,19 +205,27 @@ class Muon(Optimizer):
         process_group: Any = None,
         strategy: str = "auto",
     ) -> None:
+        # torch.optim.Muon's checks and messages, in its order
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
             raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum should be in [0, 1) but is: {momentum}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+        if not momentum < 1.0:
+            raise ValueError(f"momentum should be < 1 but is: {momentum} (the EMA weight 1 - momentum "
+                             "would be <= 0: the buffer would never follow the gradient)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
-        if ns_steps is not None and not 0 <= ns_steps < 100:
-            raise ValueError(f"ns_steps must be in [0, 100), got {ns_steps}")
-        if len(tuple(ns_coefficients)) != 3:
-            raise ValueError("ns_coefficients must be a tuple of exactly 3 values")
         F.resolve_lr_scale(lr_scale, adjust_lr_fn)  # validates both names and their agreement
+        # torch raises these two at the first step (same type and message); here at construction
+        if ns_steps is not None and ns_steps >= 100:
+            raise ValueError("Number of steps must be less than 100 for computational efficiency")
+        if ns_steps is not None and ns_steps < 0:
+            raise ValueError(f"ns_steps should be >= 0 but is: {ns_steps}")
+        if len(tuple(ns_coefficients)) != 3:
+            raise ValueError("Coefficients must be a tuple of exactly 3 values")
+        ns_steps = _resolve_ns_steps(ns_steps, coefficients)
         self._check_choice("momentum_convention", momentum_convention, ("ema", "sum"))
         self._check_choice("momentum_placement", momentum_placement, ("before_ortho", "after_ortho"))
         self._check_choice("orthogonalizer", orthogonalizer, ("newton_schulz", "polar", "svd"))
@@ -254,16 +284,19 @@ class Muon(Optimizer):
         if algo == "adamw":
             for k, v in self._adamw_defaults.items():
                 param_group.setdefault(k, v)
-        super().add_param_group(param_group)
+        # a group's own schedule runs its native length, not the optimizer's default count
+        own_schedule = "coefficients" in param_group and "ns_steps" not in param_group
+        super().add_param_group(param_group)  # fills the missing keys from the defaults, in place
         group = self.param_groups[-1]
         if algo == "muon":
             F.resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"])
+            if own_schedule:
+                group["ns_steps"] = _resolve_ns_steps(None, group["coefficients"])
+            # complex parameters raise at step() (RuntimeError, torch's message and timing)
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ValueError(f"Muon group got a {p.ndim}-D parameter of shape {tuple(p.shape)}; "
                                      "route it to an AdamW group (algorithm='adamw')")
-                if torch.is_complex(p):
-                    raise ValueError("Muon does not support complex parameters")
                 bsz, m, n = F.matrix_shape(p.shape, group["flatten"])
                 if group["split_sizes"] and (bsz != 1 or sum(group["split_sizes"]) != m):
                     raise ValueError(f"split_sizes {tuple(group['split_sizes'])} must sum to the {m} rows "
@@ -340,8 +373,13 @@ class Muon(Optimizer):
 
     def _apply_group(self, group: dict[str, Any], units: Sequence[F.MatrixUnit]) -> None:
         """Decoupled weight decay and the scaled update of one group; counts skipped non-finite updates."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device.type == "cpu" and not torch.compiler.is_compiling():
+            # torch.optim.Muon reads a tensor lr as a Python float (float64 arithmetic): a CPU tensor
+            # costs no device sync, and this keeps fp32 parameters bit-identical to torch's
+            lr = lr.item()
         finite = F.apply_phase(
-            units, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+            units, lr=lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
             nesterov=group["nesterov"], convention=group["momentum_convention"],
             placement=group["momentum_placement"], nonfinite=group["nonfinite"],
         )
