@@ -157,7 +157,8 @@ def _polar_meta(G: Tensor, method: str, dtype: torch.dtype | None, hermitian: bo
     else:
         wdtype = dtype or (torch.float64 if G.dtype == torch.float64 else torch.float32)
         if wdtype not in (torch.float32, torch.float64):
-            raise TypeError(f"polar(method={method!r}): working dtype must be float32 or float64, got {wdtype}")
+            raise TypeError(f"polar(method={method!r}): working dtype must be float32 or float64, "
+                            f"got {wdtype}")
     out = [torch.empty(G.shape, dtype=wdtype, device="meta")]
     if hermitian:
         n = 1 if G.ndim == 1 else G.shape[-1]

@@ -88,7 +88,8 @@ def _auto_heads(model: nn.Module, embed_ids: set[int]) -> tuple[dict[int, str], 
         why = "the model has embeddings" if embed_ids else "every Linear is inside a repeated block"
         return heads, (f"muon_param_groups: no output head found (no Linear tied to an embedding or named "
                        f"{sorted(HEAD_NAMES)}); {why}, so no Linear is guessed: all Linear weights, "
-                       f"including the last one '{last}.weight', go to Muon. If the model has an output layer, pass "
+                       f"including the last one '{last}.weight', go to Muon. If the model has an output "
+                       f"layer, pass "
                        f"heads=[model.<head module>] to route it to AdamW; pass heads=[] to confirm there "
                        f"is none (no warning).")
     n, lin = outside[-1]
@@ -139,7 +140,8 @@ def _routes(
             elif isinstance(it, torch.Tensor):
                 out.add(id(it))
             else:
-                raise TypeError(f"{arg}: expected modules, parameters or parameter names, got {type(it).__name__}")
+                raise TypeError(f"{arg}: expected modules, parameters or parameter names, "
+                                f"got {type(it).__name__}")
         return out
 
     to_adamw, to_muon = ids(force_adamw, "force_adamw"), ids(force_muon, "force_muon")

@@ -102,7 +102,8 @@ def _no_warning(fn, *args, **kw):
 
 def test_sizes_are_not_evidence_of_a_head():
     # The filed reproduction: d = context = 1024 (GPT-2 medium). c_proj is a hidden matrix.
-    m = nn.ModuleDict(dict(wte=nn.Embedding(50304, 1024), wpe=nn.Embedding(1024, 1024), c_proj=nn.Linear(1024, 1024)))
+    m = nn.ModuleDict(dict(wte=nn.Embedding(50304, 1024), wpe=nn.Embedding(1024, 1024),
+                           c_proj=nn.Linear(1024, 1024)))
     with pytest.warns(UserWarning, match=r"no output head found.*'c_proj.weight', go to Muon.*heads=\[\]"):
         r = _route(muon_param_groups(m))
     assert r[id(m.c_proj.weight)] == ("muon", None, None)

@@ -13,7 +13,8 @@ float32 stops at κ = 1e4: at κ = 1e6 the smallest directions lie below float32
 import pytest
 import torch
 
-scipy_linalg = pytest.importorskip("scipy.linalg", reason="scipy is in the test extra: pip install -e '.[test]'")
+scipy_linalg = pytest.importorskip("scipy.linalg",
+                                   reason="scipy is in the test extra: pip install -e '.[test]'")
 
 import fastortho  # noqa: E402
 
@@ -67,7 +68,8 @@ def test_hermitian_factor_matches_scipy(method, shape):
 
 
 def test_batched_input_matches_scipy_per_matrix():
-    G = torch.stack([with_spectrum((40, 56), log_spectrum(40, k), seed=i) for i, k in enumerate((1e1, 1e3, 1e5))])
+    G = torch.stack([with_spectrum((40, 56), log_spectrum(40, k), seed=i)
+                     for i, k in enumerate((1e1, 1e3, 1e5))])
     P = fastortho.polar(G)  # qdwh, float64
     for i in range(3):
         U, _ = _scipy_polar(G[i])
