@@ -159,3 +159,62 @@ def test_half_precision_input_is_upcast():
         P = fastortho.polar(Gh, method="higham")
         assert P.dtype == torch.float32
         assert polar_error(P, Gh.double()).item() < 4e-6  # measured ~1e-6
+
+
+def _flat_top(k: int, kappa: float, low: int = 4) -> torch.Tensor:
+    """σ = 1 except the last ``low`` values, log-spaced down to 1/κ: ‖G‖_F ≈ √k·σ_max, the case where
+    a Frobenius-norm stand-in for σ_max in the rank test is √k too loose."""
+    s = torch.ones(k, dtype=torch.float64)
+    s[-low:] = torch.logspace(-1, -torch.log10(torch.tensor(kappa)).item(), low, dtype=torch.float64)
+    return s
+
+
+def _count_svd(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = torch.linalg.svd
+
+    def counting(A, *args, **kwargs):
+        calls.append(A.shape[0] if A.ndim == 3 else 1)
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(256, 1024), (1024, 256), (512, 512)], ids=str)
+def test_full_rank_never_takes_the_svd(monkeypatch, shape):
+    # κ = 1e3 with a flat top: float32 default cut max(m, n)·2⁻²³ ≈ 6e-5..1.2e-4 is 8x..16x below
+    # σ_min, but rtol·‖R‖_F ≈ 1.4e-3..2e-3 is above it (the test this replaces paid Newton and an SVD).
+    G = with_spectrum(shape, _flat_top(min(shape), 1e3))
+    calls = _count_svd(monkeypatch)
+    P, it = fastortho.polar(G.float(), method="higham", return_iterations=True)
+    assert calls == [] and it.item() > 0
+    assert polar_error(P, G).item() < 1e-4  # measured 1.3e-6 / 1.3e-6 / 1.1e-6
+
+
+def test_gaussian_squares_above_the_cut_never_take_the_svd(monkeypatch):
+    # Square Gaussians: σ_min/σ_max ~ 1/(2N), near the float32 cut N·2⁻²³. Only matrices whose
+    # smallest σ is clearly above the cut are used (asserted, so the case cannot go empty).
+    G = torch.randn(6, 256, 256, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    S = torch.linalg.svdvals(G)
+    cut = higham_default_rtol(256, 256, torch.float32, torch.float32)
+    ratio = S[:, -1] / S[:, 0] / cut
+    G = G[ratio > 1.5]
+    assert G.shape[0] >= 4 and (ratio[ratio > 1.5] < 40).any()  # some within √N = 16x of the cut
+    calls = _count_svd(monkeypatch)
+    P, it = fastortho.polar(G.float(), method="higham", return_iterations=True)
+    assert calls == [] and (it > 0).all()
+    assert polar_error(P, G).max().item() < 1e-3  # measured 1e-4 (κ ~ 1e4)
+
+
+@pytest.mark.parametrize("above, svd", [(1.15, False), (0.85, True)])
+def test_rank_test_is_tight_at_the_cut(monkeypatch, above, svd):
+    # σ_min = above·rtol·σ_max, flat top (‖R‖_F = 8·σ_max): kept without an SVD when 15% above the
+    # cut, cut (canonical factor through the SVD) when 15% below it.
+    rtol = 1e-4
+    s = _flat_top(64, 1.0 / (above * rtol), low=2)
+    G = with_spectrum((64, 96), s)
+    calls = _count_svd(monkeypatch)
+    P, it = fastortho.polar(G, method="higham", rtol=rtol, return_iterations=True)
+    assert (calls != []) == svd and (it.item() == 0) == svd
+    assert polar_error(P, G, reference=polar_svd(G, rtol=rtol)).item() < 1e-9
