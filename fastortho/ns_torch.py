@@ -12,6 +12,17 @@ from torch import Tensor
 Triple = tuple[float, float, float]
 
 
+def pow2_prescale(G: Tensor) -> Tensor:
+    """p = 2^-E per matrix of G (B, m, n), E the binary exponent of max|G| (max|G·p| in [1, 2)),
+    clamped so that p and 1/p are normal numbers of G's dtype. Multiplying by p is exact, so the
+    torch and Triton backends see the same G·p; NaN/Inf give the largest clamp (they propagate)."""
+    amax = G.abs().amax(dim=(-2, -1), keepdim=True)
+    _, e = torch.frexp(amax)                      # amax = f·2^e, f in [0.5, 1)
+    lo, hi = (-1022, 1022) if G.dtype == torch.float64 else (-126, 126)
+    e = torch.where(torch.isfinite(amax), e - 1, hi).clamp(lo, hi)
+    return torch.ldexp(torch.ones_like(amax), -e)
+
+
 def scale_input(
     G: Tensor, *, safety: float, normalize: str, eps: float
 ) -> tuple[Tensor, Tensor | None]:
@@ -19,24 +30,27 @@ def scale_input(
 
     ν = ‖G‖_F for ``"fro"``; ν = ‖GGᵀ‖_F^{1/2} ≥ σ_max (tighter by up to √rank) for ``"spectral"``,
     which needs the Gram matrix GGᵀ: it is returned scaled (= X₀X₀ᵀ) so the first step reuses it.
-    The division by a clamped norm maps a zero matrix to zeros rather than NaN. Norms are taken of
-    G / max|G| so that squares neither overflow (|G| ~ 1e20 in fp32) nor underflow (|G| ~ 1e-25).
+    The normalization contract shared with the Triton backend: norms are taken of G·p, p the power
+    of two with max|G·p| in [1, 2) (:func:`pow2_prescale`, exact), so squares neither overflow
+    (|G| ~ 1e20 in fp32) nor underflow (|G| ~ 1e-25); with d = safety·ν(G·p),
+    X₀ = (G·p) / max(d, eps·p), and ν(G) = ν(G·p)/p is never formed. A zero matrix gives zeros.
     """
     wdtype = torch.float64 if G.dtype == torch.float64 else torch.float32
     Gw = G.to(wdtype)
-    amax = Gw.abs().amax(dim=(-2, -1), keepdim=True)
-    Gn = Gw / amax.clamp_min(torch.finfo(wdtype).tiny)  # entries in [-1, 1], exact power-free scaling
+    p = pow2_prescale(Gw)
+    Gn = Gw * p  # exact
     A = None
     if normalize == "fro":
         nu_n = torch.linalg.vector_norm(Gn, dim=(-2, -1), keepdim=True)
     else:
         A = Gn @ Gn.mT
         nu_n = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True).sqrt()
-    d_n = safety * nu_n  # the denominator for Gn; amax·d_n is the one for G (may overflow: unused)
-    big = amax * d_n >= eps
-    X = torch.where(big, Gn / d_n.clamp_min(torch.finfo(wdtype).tiny), Gw / eps)
+    d = safety * nu_n
+    lim = eps * p  # eps·p overflowing (tiny G) or underflowing (huge G) still decides correctly
+    d = torch.where(d < lim, lim, d)  # written so that NaN survives
+    X = Gn / d
     if A is not None:
-        A = torch.where(big, A / (d_n * d_n).clamp_min(torch.finfo(wdtype).tiny), A * (amax / eps) ** 2)
+        A = A / (d * d)
     return X, A
 
 

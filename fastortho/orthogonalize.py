@@ -95,7 +95,15 @@ def newton_schulz(
             ``polar_express_schedule``), or a sequence of (a, b, c) triples (safety 1).
         normalize: ν(G) = ‖G‖_F (``"fro"``) or ‖GGᵀ‖_F^{1/2} (``"spectral"``, a tighter bound on
             σ_max, free because the first step needs GGᵀ anyway; seed 002 argues for operator-norm
-            scaling). The schedule's safety factor multiplies ν.
+            scaling). The schedule's safety factor multiplies ν. Both backends compute it the same
+            way, on the device without a host sync: with p = 2^-E, E the binary exponent of
+            max|G| (so max|G·p| ∈ [1, 2); an exact scaling), ν is taken of G·p in fp32 (fp64 for
+            fp64 input) and X₀ = (G·p) / max(safety·ν(G·p), eps·p); "spectral" forms the Gram
+            matrix of G·p. So no square overflows or underflows for any finite G, and ν(G) itself,
+            which may overflow, is never formed: G·2^k gives the result of G bit for bit for any
+            power of two 2^k that keeps G·2^k normal, while safety·ν > eps (tested at 2^±100 ≈
+            1e±30). Limit: the Triton kernels apply s = p/max(…) as one fp32 number, subnormal
+            (fewer bits) once safety·ν(G) > 2^126 ≈ 8.5e37.
         eps: floor of the denominator: a matrix with safety·ν < eps is scaled by 1/eps (so a zero
             matrix gives zeros, not NaN), as in torch.optim.Muon's ``max(‖G‖, eps)``.
         dtype: compute (storage) dtype of the iteration; None is bfloat16 on CUDA and float32

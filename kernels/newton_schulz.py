@@ -42,7 +42,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["HAS_TRITON", "_round", "_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel"]
+__all__ = ["HAS_TRITON", "_round", "_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel",
+           "_pow2", "_exponent"]
 
 
 if HAS_TRITON:
@@ -214,23 +215,43 @@ if HAS_TRITON:
         tl.store(O + pid_b * so_b + rows[:, None] * so_r + cols[None, :] * so_c, out, mask=mask)
 
     @triton.jit
+    def _pow2(e):
+        """2^e as fp32 for an integer tensor e in [-126, 127], built from the exponent bits (exact)."""
+        return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _exponent(x):
+        """Clamped binary exponent of |x|: E with |x|·2^-E in [1, 2) for normal |x| ≤ 2^126, clamped
+        to [-126, 126] (zero and subnormals give -126, so |x|·2^126 ≤ 1; |x| ≥ 2^127, Inf and NaN
+        give 126, so a finite |x|·2^-126 < 4). Both 2^-E and 2^E are then normal fp32 numbers."""
+        bits = x.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127
+        return tl.minimum(tl.maximum(e, -126), 126)
+
+    @triton.jit
     def _sumsq_partial_kernel(
-        X, PART,
+        X, PART, EXPO,
         R, N, SPLIT,
         sx_b, sx_r, sx_c,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        """PART[b, p] = Σ x² over row blocks p, p+SPLIT, p+2·SPLIT, … of X[b] (fp32).
+        """Scaled partial sums of squares in one pass (no overflow or underflow for finite input):
+        EXPO[b, p] = E, the clamped exponent of max|x| over this program's rows (``_exponent``), and
+        PART[b, p] = Σ (x·2^-E)² over row blocks p, p+SPLIT, p+2·SPLIT, … of X[b], fp32.
 
-        A fixed split and a fixed traversal order per matrix keep the norm batch-invariant
-        (a library reduction over a batch may change its order with the batch size)."""
+        Every scaled x has |x·2^-E| < 4, so squares neither overflow (|x| ~ 1e20) nor underflow
+        (|x| ~ 1e-25). E is a running maximum: when a tile raises it, the accumulator is rescaled by
+        the exact power of two 2^-2ΔE (ΔE capped at 63; older terms below 2^-126 of the new maximum
+        are negligible). A fixed split and traversal order per matrix keep the result
+        batch-invariant (a library reduction over a batch may change its order with the batch size)."""
         pid = tl.program_id(0)
         pid_b = (pid // SPLIT).to(tl.int64)
         part = pid % SPLIT
         rr = tl.arange(0, BLOCK_R)
         cc = tl.arange(0, BLOCK_C)
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        e_run = tl.full((), -126, tl.int32)
         base = X + pid_b * sx_b
         for r0 in range(part * BLOCK_R, R, SPLIT * BLOCK_R):
             rows = (r0 + rr).to(tl.int64)
@@ -238,24 +259,51 @@ if HAS_TRITON:
                 cols = (c0 + cc).to(tl.int64)
                 m = (rows[:, None] < R) & (cols[None, :] < N)
                 x = tl.load(base + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=m, other=0.0)
-                x = x.to(tl.float32)
-                acc += x * x
+                x = tl.abs(x.to(tl.float32))
+                e_new = tl.maximum(e_run, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
+                r = _pow2(-tl.minimum(e_new - e_run, 63))
+                acc = acc * r * r
+                y = x * _pow2(-e_new)
+                acc += y * y
+                e_run = e_new
         tl.store(PART + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        tl.store(EXPO + pid, e_run)
 
     @triton.jit
-    def _scale_kernel(PART, SCALE, SPLIT, safety, eps, ROOT: tl.constexpr, BLOCK_S: tl.constexpr):
-        """SCALE[b] = 1 / max(safety·ν_b, eps) with ν_b = (Σ_p PART[b, p])^(1/ROOT).
+    def _scale_kernel(PART, EXPO, PRE, SCALE, AUX, SPLIT, safety, eps,
+                      ROOT: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Per-matrix scale of the normalization, from the partials of ``_sumsq_partial_kernel``.
 
-        ROOT = 2 gives ‖G‖_F; ROOT = 4 applied to the sums of squares of GGᵀ gives ‖GGᵀ‖_F^{1/2}.
-        NaN survives the max (comparison written so NaN < eps is false), Inf gives s = 0 and
-        then 0·Inf = NaN downstream; a zero matrix gives s = 1/eps and stays zero."""
+        With E = max_p EXPO[b, p] and S = Σ_p PART[b, p]·2^(2(EXPO[b, p] − E)) = Σ (x·2^-E)²:
+
+        * ROOT = 2 (X = G): p = 2^-E, ν(G·p) = √S, and AUX[b] = p;
+        * ROOT = 4 (X = (G·p)(G·p)ᵀ, p = PRE[b] the power of two of the ROOT = 2 pass):
+          ν(G·p) = ‖(G·p)(G·p)ᵀ‖_F^{1/2} = (√S·2^E)^{1/2}, and AUX[b] = t below;
+
+        then t = 1 / max(safety·ν(G·p), eps·p) and SCALE[b] = s = p·t = 1 / max(safety·ν(G), eps),
+        never forming ν(G) itself (which may overflow). NaN survives the max (the comparison is
+        written so NaN < eps·p is false), Inf gives s = 0 and then 0·Inf = NaN downstream; a zero
+        matrix gives s = 1/eps and stays zero."""
         b = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_S)
-        v = tl.load(PART + b * SPLIT + offs, mask=offs < SPLIT, other=0.0)
+        ok = offs < SPLIT
+        ex = tl.load(EXPO + b * SPLIT + offs, mask=ok, other=-126)
+        e = tl.max(ex, axis=0)
+        f = _pow2(tl.maximum(ex - e, -63))
+        v = tl.load(PART + b * SPLIT + offs, mask=ok, other=0.0) * f * f
         total = tl.sum(v, axis=0)
-        nu = tl.sqrt(total)
-        if ROOT == 4:
-            nu = tl.sqrt(nu)
+        if ROOT == 2:
+            p = _pow2(-e)
+            nu = tl.sqrt(total)
+        else:
+            p = tl.load(PRE + b)
+            nu = tl.sqrt(tl.sqrt(total) * _pow2(e))
         d = safety * nu
-        d = tl.where(d < eps, eps, d)
-        tl.store(SCALE + b, 1.0 / d)
+        lim = eps * p
+        d = tl.where(d < lim, lim, d)
+        t = 1.0 / d
+        tl.store(SCALE + b, p * t)
+        if ROOT == 2:
+            tl.store(AUX + b, p)
+        else:
+            tl.store(AUX + b, t)

@@ -41,21 +41,25 @@ def first_gram(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, c
                fp32_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀, s): s = 1/max(safety·ν, eps) per matrix and A₀ = round(X₀X₀ᵀ), X₀ = s·G.
 
-    "fro": ν = ‖G‖_F, and the scale is applied while loading G. "spectral": ν = ‖GGᵀ‖_F^{1/2},
-    read off the unscaled Gram product (fp32 buffer), then A₀ = round(s²·GGᵀ).
+    Norms are taken of G·p, p the power of two with max|G·p| in [1, 2) (exact scaling), so no
+    square overflows or underflows whatever G's scale (``inv_norm_scale``).
+    "fro": ν = ‖G‖_F from one scaled pass over G, and s is applied while loading G.
+    "spectral": ν = ‖GGᵀ‖_F^{1/2}: p from a pass over G, then the Gram product of G·p (fp32
+    buffer, entries < 16·L: no overflow), its norm, and A₀ = round(t²·(G·p)(G·p)ᵀ), t = s/p.
     ``fp32_first``: the Gram product reads G in fp32 (3xTF32 on a GPU), no input rounding."""
     B, k, _ = Gv.shape
     rd = torch.float32 if fp32_first else cdt
     if normalize == "fro":
-        s = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
+        s, _ = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
         A = torch.empty(B, k, k, device=Gv.device, dtype=cdt)
         sym_mm(Gv, Gv, A, scale=s, round_dtype=rd, first_fp32=fp32_first)
         return A, s
     if normalize == "spectral":
+        _, p = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
         raw = torch.empty(B, k, k, device=Gv.device, dtype=torch.float32)
-        sym_mm(Gv, Gv, raw, round_dtype=rd, first_fp32=fp32_first)
-        s = inv_norm_scale(raw, safety=safety, eps=eps, root=4)
-        return (raw * (s * s)[:, None, None]).to(cdt), s
+        sym_mm(Gv, Gv, raw, scale=p, round_dtype=rd, first_fp32=fp32_first)
+        s, t = inv_norm_scale(raw, safety=safety, eps=eps, root=4, pre=p)
+        return (raw * (t * t)[:, None, None]).to(cdt), s
     raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
 
 

@@ -167,19 +167,33 @@ def _split(rows: int, cols: int) -> int:
     return max(1, min(64, (rows * cols) // (1 << 18)))
 
 
-def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2) -> torch.Tensor:
-    """(B,) fp32 tensor s_b = 1 / max(safety·ν_b, eps), ν_b = (Σ X[b]²)^(1/root), no host sync.
+def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
+                   pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, aux), (B,) fp32 tensors, from one scaled pass over X; no host sync.
 
-    root = 2: Frobenius norm of X[b]; root = 4 on X = GGᵀ: ‖GGᵀ‖_F^{1/2} ≥ σ_max(G)."""
+    root = 2 (X = G): s_b = 1 / max(safety·‖G_b‖_F, eps) and aux = p_b, the power of two with
+    max|G_b|·p_b in [1, 2) (clamped to [2^-126, 2^126]).
+    root = 4 (X = (G·p)(G·p)ᵀ, ``pre`` = p from the root-2 pass): s_b = 1 / max(safety·ν_b, eps)
+    with ν_b = ‖G_bG_bᵀ‖_F^{1/2} ≥ σ_max(G_b), and aux = t_b = s_b / p_b, the factor that
+    turns X_b into X₀X₀ᵀ = t_b²·X_b.
+
+    Squares are taken of x·2^-E (E the clamped exponent of max|x|), so neither ‖G‖² nor ν(G)
+    itself is ever formed: finite inputs from 1e-38 to 3e38 give the same s up to rounding
+    (``kernels/newton_schulz._sumsq_partial_kernel``). s is rounded once to fp32; it is subnormal
+    (fewer than 24 significant bits) only when safety·ν(G) > 2^126 ≈ 8.5e37."""
     _require_triton()
     B, R, N = X.shape
+    if root not in (2, 4) or (root == 4) != (pre is not None):
+        raise ValueError("inv_norm_scale: root=2 without pre, or root=4 with pre (the root-2 pass's aux)")
     split = _split(R, N)
     block_r, block_c = (16, 32) if interpreter_enabled() else (32, 128)
     part = torch.empty(B * split, device=X.device, dtype=torch.float32)
+    expo = torch.empty(B * split, device=X.device, dtype=torch.int32)
     scale = torch.empty(B, device=X.device, dtype=torch.float32)
+    aux = torch.empty(B, device=X.device, dtype=torch.float32)
     if B == 0:
-        return scale
-    _sumsq_partial_kernel[(B * split,)](X, part, R, N, split, *X.stride(), BLOCK_R=block_r, BLOCK_C=block_c)
-    _scale_kernel[(B,)](part, scale, split, float(safety), float(eps), ROOT=root,
-                        BLOCK_S=triton.next_power_of_2(split))
-    return scale
+        return scale, aux
+    _sumsq_partial_kernel[(B * split,)](X, part, expo, R, N, split, *X.stride(), BLOCK_R=block_r, BLOCK_C=block_c)
+    _scale_kernel[(B,)](part, expo, pre if pre is not None else scale, scale, aux, split, float(safety), float(eps),
+                        ROOT=root, BLOCK_S=triton.next_power_of_2(split))
+    return scale, aux
