@@ -494,20 +494,37 @@ class QKClip:
             s.max_logit.copy_(part)
 
     @torch.no_grad()
-    def apply(self, recompute: Callable[[], Any] | None = None) -> dict[str, dict[str, Tensor]]:
+    def apply(self, recompute: Callable[[], Any] | None = None, passes: int = 1) -> dict[str, dict[str, Tensor]]:
         r"""Rescale the q/k rows of every head whose observed max logit exceeds :math:`\tau`; reset the maxima.
 
         Args:
             recompute: if given, the maxima observed so far are discarded and ``recompute()`` (a forward
                 pass on the current batch, run under ``no_grad``) measures them again at the current
-                weights first; the clip then bounds those logits by :math:`\tau` exactly.
+                weights first; the clip then bounds the first declared layer's logits on that batch by
+                :math:`\tau` exactly.
+            passes: with ``recompute``, how many measure-and-clip rounds to run. Clipping a layer changes
+                the inputs of the layers after it, so ``passes`` = the number of attention layers bounds
+                every layer's logits on that batch by :math:`\tau` exactly (each round fixes at least the
+                first layer still above it); fewer rounds leave later layers within the drift one clip
+                causes downstream.
 
         Returns (and keeps for :meth:`report`): per module name, ``max_logit`` (``(n_heads,)``, the maxima
-        the clip used) and ``clipped`` (number of heads above :math:`\tau`), as device tensors: no host sync.
+        of the first round) and ``clipped`` (heads above :math:`\tau` in it), as device tensors (no host
+        sync).
         """
-        if recompute is not None:
-            self.reset()
-            recompute()
+        if passes < 1 or (passes > 1 and recompute is None):
+            raise ValueError(f"passes must be >= 1, and > 1 only with recompute= (got passes={passes})")
+        first: dict[str, dict[str, Tensor]] | None = None
+        for _ in range(passes):
+            if recompute is not None:
+                self.reset()
+                recompute()
+            last = self._clip_once()
+            first = last if first is None else first
+        self._last = first if first is not None else {}
+        return self._last
+
+    def _clip_once(self) -> dict[str, dict[str, Tensor]]:
         self._reduce()
         factors: dict[int, tuple[Tensor, int, Tensor | None, Tensor]] = {}
         last: dict[str, dict[str, Tensor]] = {}
@@ -517,7 +534,7 @@ class QKClip:
                 warnings.warn(f"QKClip: no attention logits were observed for {spec.name!r} since the last apply(); "
                               "its heads are not clipped. Its forward must call F.scaled_dot_product_attention "
                               "(hooks=True), or call clip.observe / clip.update_max_logits yourself.",
-                              UserWarning, stacklevel=2)
+                              UserWarning, stacklevel=3)
             s = spec.max_logit.clone()
             fq, fk = clip_factors(s, self.tau, spec.n_kv_heads)
             g = torch.arange(spec.n_heads, device=fq.device) // (spec.n_heads // spec.n_kv_heads)
@@ -534,7 +551,6 @@ class QKClip:
             _mul_local_(w, f, axis)
             if b is not None:
                 _mul_local_(b, f, 0)
-        self._last = last
         self.reset()
         return last
 
