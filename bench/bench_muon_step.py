@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -80,14 +81,18 @@ def copy_bandwidth(device: torch.device, reps: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--grad-dtype", default="bf16", choices=DTYPES)
-    ap.add_argument("--buf-dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--out-dtype", default="bf16", choices=DTYPES)
-    ap.add_argument("--param-dtype", default="fp32", choices=DTYPES)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda (default when a GPU is visible) or cpu")
+    ap.add_argument("--grad-dtype", default="bf16", choices=DTYPES, help="gradient dtype (default bf16)")
+    ap.add_argument("--buf-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="momentum buffer dtype (default fp32)")
+    ap.add_argument("--out-dtype", default="bf16", choices=DTYPES,
+                    help="dtype of the Newton–Schulz input u and of the update O (default bf16)")
+    ap.add_argument("--param-dtype", default="fp32", choices=DTYPES, help="parameter dtype (default fp32)")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of GPT-2 small's matrix elements")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--impls", default="c,foreach,loop")
+    ap.add_argument("--reps", type=int, default=10, help="timed calls per case; p20/p50/p80 reported (default 10)")
+    ap.add_argument("--impls", default="c,foreach,loop",
+                    help="comma-separated: c (fastortho._C kernels), foreach (torch fallback), loop (per tensor)")
     ap.add_argument("--csv", default=None, help="append result rows to this CSV")
     args = ap.parse_args(argv)
 
@@ -127,6 +132,7 @@ def main(argv=None) -> int:
     header = f"{'op':<10} {'impl':<8} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} {'GB/s':>8}"
     header += f" {'% copy':>7}" if peak else ""
     print(header)
+    started = time.perf_counter()
     for op in ("momentum", "apply"):
         base = None
         for impl in impls:
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
             line = f"{op:<10} {impl:<8} {t.p20:9.3f} {t.p50:9.3f} {t.p80:9.3f} {rate:8.1f}"
             if peak:
                 line += f" {100 * rate / peak:6.1f}%"
-            print(line)
+            print(line + f"   ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
             rows.append(dict(device=dev, op=op, impl=impl, tensors=len(shapes), numel=numel, bytes=nbytes,
                              p20_ms=t.p20, p50_ms=t.p50, p80_ms=t.p80, gbps=rate,
                              copy_gbps=peak or "", frac_copy=(rate / peak) if peak else "",
@@ -163,6 +169,8 @@ def main(argv=None) -> int:
                     r["speedup_vs_foreach"] = base / r["p50_ms"]
             print("#   speed-up vs foreach: " + ", ".join(
                 f"{r['impl']} {r['speedup_vs_foreach']:.2f}x" for r in rows if r["op"] == op))
+    print("# p20/p50/p80: percentiles of the time per call; GB/s: must-move bytes (each operand read or "
+          "written once) / p50; % copy: that rate against dst.copy_(src) on this device.")
     if args.csv:
         write_csv(args.csv, rows)
     return 0

@@ -13,10 +13,11 @@ Implementations: ``triton`` (automatic standard/Gram choice), ``triton-standard`
 plain PyTorch loop A = X@Xᵀ; B = b*A + c*(A@A); X = a*X + B@X) and, for batches,
 ``triton-per-matrix`` / ``loop-per-matrix`` (one call per matrix).
 
-Writes a CSV and a PNG, prints a table, the FLOP ratios and the goals of issue 4 (H100 SXM).
+Prints the FLOP ratios, a timing table and the speed goals on an H100 SXM; writes a CSV and a PNG
+to ``--out DIR`` (default: a new temporary folder; the path is printed).
 
     python bench/bench_newton_schulz.py                      # GPU, full shape list
-    python bench/bench_newton_schulz.py --device cpu --tiny  # CI: tiny shapes, torch paths
+    python bench/bench_newton_schulz.py --device cpu --tiny  # seconds: tiny shapes, torch paths
                                                              # (+ triton with TRITON_INTERPRET=1)
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -45,7 +48,7 @@ TINY = [(1, 64, 64), (1, 32, 128), (3, 24, 96), (4, 16, 16)]
 PEAKS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4,
          "A100": 312.0}
 
-# Issue 4 goals on an H100 SXM (ms, 5 steps, bf16) and the compute floors at 989 TFLOP/s.
+# Speed goals on an H100 SXM (ms, 5 steps, bf16) and the compute floors at 989 TFLOP/s.
 GOALS = {(1, 4096, 4096): ("triton", 1.9, "floor 1.39 ms symmetric (1.37e12 FLOP), 2.08 ms naive"),
          (1, 4096, 16384): ("triton-gram", 3.6, "floor 2.64 ms Gram-space (2.61e12 FLOP)"),
          ("std", 1, 4096, 16384): ("triton-standard", 5.8, "floor 4.52 ms symmetric (4.47e12 FLOP)")}
@@ -135,12 +138,17 @@ def flop_table(shapes, steps: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CI)")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--impl", action="append", help="only these implementations (repeatable)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda (default when a GPU is visible) or cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: seconds on a CPU")
+    ap.add_argument("--steps", type=int, default=5, help="Newton–Schulz steps per call (default 5)")
+    ap.add_argument("--reps", type=int, default=20,
+                    help="timed calls per case; p20/p50/p80 are reported (default 20; 3 for Triton on CPU)")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="folder for the CSV and the PNG (default: a new temporary folder, printed)")
+    ap.add_argument("--impl", action="append",
+                    help="only these implementations (repeatable): triton, triton-standard, triton-gram, "
+                         "triton-per-matrix, torch, loop, loop-per-matrix")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -155,13 +163,20 @@ def main(argv=None) -> int:
     print("## Matmul FLOPs per call relative to the plain loop (4m²n + 2m³ per step)\n")
     print("| shape | naive FLOPs | standard, exact triangle | standard, tiles | Gram, exact | Gram, tiles |")
     print("|---|---|---|---|---|---|")
+
+    def ratio(r, key):
+        return f"{r[key]:.4f}" if key in r else "—"
+
     for r in flop_table(FULL, args.steps):
         print(f"| {r['shape']} | {r['naive']:.3e} | {r['sym_exact']:.4f} | {r['sym_tiles']:.4f} | "
-              f"{r.get('gram_exact', float('nan')):.4f} | {r.get('gram_tiles', float('nan')):.4f} |")
-    print()
+              f"{ratio(r, 'gram_exact')} | {ratio(r, 'gram_tiles')} |")
+    print("\nMatmul FLOPs the kernels execute ÷ the plain loop's: exact = upper triangle of each symmetric "
+          "product, tiles = whole triangle tiles; — = Gram space not used (long side < 1.5 × short side).\n")
 
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastortho-bench-ns-"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"# CSV and PNG go to {out_dir}\n", flush=True)
+    started = time.perf_counter()
     tag = "tiny" if args.tiny else device.type
     csv_path = out_dir / f"newton_schulz_{tag}.csv"
     rows = []
@@ -178,6 +193,8 @@ def main(argv=None) -> int:
             reps = 3 if (device.type == "cpu" and name.startswith("triton")) else args.reps
             t = timeit(fn, device, warmup=1 if device.type == "cpu" else 3, reps=reps, max_time_s=60)
             res[name] = t
+            print(f"  {B}x{m}x{n} {name}: {t.n} calls ({time.perf_counter() - started:.1f} s elapsed)",
+                  file=sys.stderr, flush=True)
             eff = tflops(nf, t.p50)
             row = {"device": dev, "shape": f"{B}x{m}x{n}", "impl": name, "steps": args.steps,
                    **t.as_dict("ms_"), "naive_flops": nf,
@@ -188,13 +205,19 @@ def main(argv=None) -> int:
         for row in rows[-len(res):]:
             sp = base.p50 / row["ms_p50"] if base else float("nan")
             row["speedup_vs_loop"] = sp
+            pct = (f"{row['pct_peak']:.1f}" if math.isfinite(row["pct_peak"])
+                   else ("n/a on CPU" if device.type == "cpu" else "n/a (peak unknown)"))
+            vs = f"{sp:.2f}×" if base else "n/a (no loop row)"
             print(f"| {row['shape']} | {row['impl']} | {row['ms_p20']:.3f} | {row['ms_p50']:.3f} | {row['ms_p80']:.3f} | "
                   f"{row['naive_flops'] / 1e9:.4g} | {row['executed_flops'] / 1e9:.4g} | {row['eff_tflops']:.4g} | "
-                  f"{row['pct_peak']:.1f} | {sp:.2f}× |")
+                  f"{pct} | {vs} |", flush=True)
         if "triton" in res and "triton-per-matrix" in res:
             print(f"|  |  batched triton vs per-matrix: triton {res['triton-per-matrix'].p50 / res['triton'].p50:.2f}×, "
                   f"loop {res.get('loop-per-matrix', res['triton']).p50 / res['triton'].p50:.2f}× |")
         del G
+    print("\np20/p50/p80: percentiles of the time per call (CUDA events on a GPU, wall clock on a CPU); "
+          "eff. TFLOP/s = naive FLOPs / p50; % peak against the GPU's dense bf16 peak; "
+          "vs loop: the plain PyTorch loop's p50 ÷ this row's.")
     write_csv(csv_path, rows)
     print(f"\nCSV: {csv_path}")
     _plot(rows, out_dir / f"newton_schulz_{tag}.png", dev)
@@ -236,7 +259,7 @@ def _goals(rows, device):
     if device.type != "cuda":
         print("\nGoals (H100 SXM): timings need a GPU; FLOP ratios above are the measurable part.")
         return
-    print("\n## Issue 4 goals (H100 SXM)\n")
+    print("\n## Speed goals (H100 SXM)\n")
 
     def p50(shape, impl):
         return next((r["ms_p50"] for r in rows if r["shape"] == shape and r["impl"] == impl), math.nan)

@@ -1,6 +1,6 @@
 """Accuracy of every Newton–Schulz schedule × 3..8 steps, and CPU time per call against peers.
 
-Writes the first table of bench/RESULTS.md (``--markdown``). Matrices (float64, fixed seeds):
+Prints the schedule tables of bench/RESULTS.md (it writes no file). Matrices (float64, fixed seeds):
 1024×1024 and 1024×4096 Gaussian, 1024×4096 with σ log-spaced over [1e-4, 1]. For each: σ band
 and ‖X − UVᵀ‖_F/‖UVᵀ‖_F against the float64 SVD, in fp32 (torch backend) and in the bf16 storage
 model (``fastortho.bench.ns_bf16_model``: bf16 operands, fp32 accumulation and epilogue, one
@@ -10,14 +10,17 @@ tests/test_bench.py).
 Timing (same run): ``fastortho.newton_schulz`` (torch backend, fp32, "keller" × 5) against a plain
 PyTorch loop with the same coefficients (Keller-style: ``A = X@X.T; B = b*A + c*A@A; X = a*X + B@X``)
 and ``torch.optim.Muon``'s internal NS (``torch.optim._muon._zeropower_via_newtonschulz``), which
-forces bf16: on CPU it runs only at the small size.
+forces bf16: on CPU it runs only at the small size. The accuracy tables carry no time column (one
+call per row would be noise); speed is the timing table's job, a median over at least 5 calls.
 
-    python bench/bench_schedules.py [--tiny] [--markdown]
+    python bench/bench_schedules.py            # ≈ 15 min on 2 CPU cores, progress on stderr
+    python bench/bench_schedules.py --tiny     # seconds
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +56,7 @@ def torch_muon_ns(G: torch.Tensor) -> torch.Tensor:
 
 def timing_rows(shapes, torch_muon_max_elems: int) -> list[dict]:
     rows = []
+    start = time.perf_counter()
     for m, n in shapes:
         G = gaussian(m, n).float()
         cands = {
@@ -62,18 +66,21 @@ def timing_rows(shapes, torch_muon_max_elems: int) -> list[dict]:
         if m * n <= torch_muon_max_elems:
             cands["torch.optim.Muon NS (bf16, forced)"] = lambda: torch_muon_ns(G)
         for name, fn in cands.items():
-            t = timeit(fn, "cpu", warmup=1, reps=5, max_time_s=60)
+            t = timeit(fn, "cpu", warmup=1, reps=7, min_time_s=1.0, max_time_s=60)
             flops = 5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3)
             rows.append(dict(shape=f"{m}x{n}", impl=name, p50_ms=t.p50, p20_ms=t.p20, p80_ms=t.p80,
-                             gflops=flops / (t.p50 * 1e-3) / 1e9))
+                             gflops=flops / (t.p50 * 1e-3) / 1e9, n=t.n))
+            print(f"  timing {m}x{n} {name}: {t.n} calls ({time.perf_counter() - start:.0f} s elapsed)",
+                  file=sys.stderr, flush=True)
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="small sizes (CI)")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables")
-    args = p.parse_args()
+    p.add_argument("--tiny", action="store_true", help="64-row matrices instead of 1024-row ones (seconds)")
+    p.add_argument("--markdown", action="store_true",
+                   help="accepted for compatibility: the tables are always Markdown")
+    args = p.parse_args(argv)
     if args.tiny:
         mats = {"64x64 Gaussian": gaussian(64, 64), "64x256 Gaussian": gaussian(64, 256),
                 "64x256 log-spaced 1..1e-4": log_spaced(64, 256)}
@@ -82,16 +89,20 @@ def main() -> None:
         mats = {"1024x1024 Gaussian": gaussian(1024, 1024), "1024x4096 Gaussian": gaussian(1024, 4096),
                 "1024x4096 log-spaced 1..1e-4": log_spaced(1024, 4096)}
         shapes, tm_max = [(256, 1024), (1024, 1024), (1024, 4096)], 256 * 1024
-    print(f"# {device_string('cpu')}")
+    print(f"# {device_string('cpu')}", flush=True)
     for label, G in mats.items():
         for dtype in ("fp32", "bf16-model"):
             print(f"\n### {label}, {dtype}\n")
-            print(format_rows(schedule_rows(G, dtype=dtype, reps=1)))
+            print(format_rows(schedule_rows(G, dtype=dtype, reps=0, progress=True)), flush=True)
     print("\n### CPU time per call, 5 steps of (3.4445, -4.7750, 2.0315)\n")
-    print("| shape | implementation | p50 ms | p20 ms | p80 ms | GFLOP/s (naive 4m²n+2m³ per step) |")
-    print("|---|---|---|---|---|---|")
-    for r in timing_rows(shapes, tm_max):
-        print(f"| {r['shape']} | {r['impl']} | {r['p50_ms']:.1f} | {r['p20_ms']:.1f} | {r['p80_ms']:.1f} | {r['gflops']:.1f} |")
+    rows = timing_rows(shapes, tm_max)
+    print("| shape | implementation | p50 ms | p20 ms | p80 ms | calls | GFLOP/s (naive 4m²n+2m³ per step) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['impl']} | {r['p50_ms']:.1f} | {r['p20_ms']:.1f} | {r['p80_ms']:.1f} | {r['n']} "
+              f"| {r['gflops']:.1f} |")
+    print("\np20/p50/p80: percentiles of the wall time per call over `calls` timed calls after one warm-up; "
+          "GFLOP/s counts the naive flops at p50 for every row, so Gram space shows as a higher rate.")
 
 
 if __name__ == "__main__":

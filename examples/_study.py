@@ -1,7 +1,11 @@
-"""Shared plumbing of the seed studies (examples/seed00*.py): paths, seeding, and RESULTS.md sections.
+"""Shared plumbing of the studies in examples/: command line, output folder, and RESULTS.md sections.
 
-The seed studies own the part of ``examples/RESULTS.md`` between ``<!-- seeds:begin -->`` and
-``<!-- seeds:end -->``; inside it each study owns ``<!-- seedNNN:begin -->`` … ``<!-- seedNNN:end -->``.
+By default a study writes its figures and its RESULTS.md section to a new temporary folder (or to
+``--out DIR``) and prints where; nothing in the repository changes. ``--write-results`` regenerates
+the committed results instead: ``examples/figures/`` and the study's block of ``examples/RESULTS.md``.
+
+The studies own the part of a RESULTS.md between ``<!-- studies:begin -->`` and
+``<!-- studies:end -->``; inside it each study owns ``<!-- <name>:begin -->`` … ``<!-- <name>:end -->``.
 Everything outside those markers belongs to other scripts and is left byte-for-byte alone.
 """
 from __future__ import annotations
@@ -9,53 +13,89 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # headless: the studies only write PNGs
+try:
+    import matplotlib
 
-import torch  # noqa: E402
+    matplotlib.use("Agg")  # headless: the studies only write PNGs
+except ImportError:  # the command line and output folder work without it (tests/test_bench.py)
+    pass
 
 HERE = Path(__file__).resolve().parent
-FIGURES = HERE / "figures"
-RESULTS = HERE / "RESULTS.md"
-OUTER_BEGIN, OUTER_END = "<!-- seeds:begin -->", "<!-- seeds:end -->"
-ORDER = ["seed002", "seed003", "seed003_ns", "seed001", "seed004"]
+OUTER_BEGIN, OUTER_END = "<!-- studies:begin -->", "<!-- studies:end -->"
+ORDER = ["linear_regression", "simple_problems", "ns_steps_vs_svd", "momentum_placement", "lr_transfer"]
+
+# Where this run writes: RESULTS.md and figures/ under one folder (so the Markdown's relative image links
+# work there too). Set by setup(); nothing is written before it is called.
+_out: Path | None = None
+
+
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+    """``--out DIR`` and ``--write-results``, shared by every script in examples/."""
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help="folder for this run's figures and tables (default: a new temporary folder, printed)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="regenerate the committed results in examples/ (RESULTS.md, figures) instead of "
+                         "writing to --out")
+
+
+def output_dir(args: argparse.Namespace, name: str) -> Path:
+    """The folder this run writes to: examples/ with --write-results, else --out or a new temp folder."""
+    if args.write_results and args.out is not None:
+        sys.exit("--write-results writes the committed results in examples/; drop --out or drop --write-results")
+    if args.write_results and getattr(args, "quick", False):
+        sys.exit("--write-results regenerates the committed (full-size) results; run it without --quick")
+    if args.write_results:
+        out = HERE
+    elif args.out is not None:
+        out = args.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out = Path(tempfile.mkdtemp(prefix=f"fastortho-{name}-"))
+    print(f"outputs go to {out}" + (" (the committed results)" if args.write_results else ""), flush=True)
+    return out
 
 
 def setup(description: str) -> argparse.Namespace:
-    """Parse ``--quick`` / ``--no-write``, pin torch to one thread (the studies are small; one thread
-    is faster than contending for shared cores) and make the figures folder."""
+    """Parse ``--quick``, ``--out`` and ``--write-results``; pin torch to one thread (the studies are
+    small; one thread is faster than contending for shared cores); choose the output folder."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test (~30 s)")
-    ap.add_argument("--no-write", action="store_true",
-                    help="do not touch examples/RESULTS.md or examples/figures (plots go to a temp folder)")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test (about 30 s)")
+    add_output_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("FASTORTHO_EXAMPLE_THREADS", "1")))
-    global _figures
-    _figures = Path(tempfile.mkdtemp(prefix="fastortho-figures-")) if args.no_write else FIGURES
-    _figures.mkdir(exist_ok=True)
+    global _out
+    _out = output_dir(args, Path(sys.argv[0]).stem)
+    (_out / "figures").mkdir(exist_ok=True)
     return args
 
 
-_figures = FIGURES
+def _require_setup() -> Path:
+    if _out is None:
+        raise RuntimeError("call _study.setup() first: it chooses where this run writes")
+    return _out
 
 
 def figure_path(name: str) -> Path:
-    return _figures / name
+    return _require_setup() / "figures" / name
 
 
 def update_results(key: str, markdown: str) -> None:
-    """Replace this study's block inside the seeds section of RESULTS.md (re-read right before writing)."""
+    """Replace this study's block inside the studies section of the output folder's RESULTS.md (re-read
+    right before writing) and say where it went."""
+    results = _require_setup() / "RESULTS.md"
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# fastortho examples: results\n"
+    text = results.read_text() if results.exists() else "# fastortho examples: results\n"
     if OUTER_BEGIN not in text:
         text = text.rstrip("\n") + (
-            f"\n\n{OUTER_BEGIN}\n## Seed studies\n\nWritten by `examples/seed00*.py` (one command each; "
-            "`--quick` for a smoke run). Each block says what the seed claims and what we observed.\n"
+            f"\n\n{OUTER_BEGIN}\n## Studies\n\nWritten by the study scripts in `examples/` with `--write-results` (one "
+            "command each; `--quick` for a smoke run). Each block says what the source claims and what we observed.\n"
             f"{OUTER_END}\n"
         )
     head, rest = text.split(OUTER_BEGIN, 1)
@@ -66,7 +106,63 @@ def update_results(key: str, markdown: str) -> None:
     blocks[key] = block
     keys = [k for k in ORDER if k in blocks] + sorted(k for k in blocks if k not in ORDER)
     inner = preamble + "\n\n" + "\n\n".join(blocks[k] for k in keys) + "\n"
-    RESULTS.write_text(head + OUTER_BEGIN + inner + OUTER_END + tail)
+    results.write_text(head + OUTER_BEGIN + inner + OUTER_END + tail)
+    print(f"wrote {results} (section {key!r}) and figures in {_out / 'figures'}")
+
+
+def _coincide(y1, y2, rtol: float = 0.01) -> bool:
+    import numpy as np
+
+    y1, y2 = np.asarray(y1, dtype=float), np.asarray(y2, dtype=float)
+    if y1.shape != y2.shape or y1.size == 0:
+        return False
+    scale = np.maximum(np.abs(y2), 1e-300)
+    return bool(np.all(np.abs(y1 - y2) <= rtol * scale))
+
+
+def save_figure(fig, name: str, dpi: int = 110) -> Path:
+    """Finish and save a figure: coinciding curves made visible and named, readable log axes.
+
+    * Lines of one axes whose data agree within 1% would hide each other: the later ones get dashes
+      and open markers, and their legend entry says which curve they coincide with.
+    * Log axes get labelled ticks at 1, 2 and 5 per decade when they span at most three decades, at 1
+      and 3 up to five decades, so a short log range never shows one or two ticks only.
+    * Every figure needs a title: a figure whose axes have none raises.
+    """
+    from matplotlib.ticker import LogLocator
+
+    for ax in fig.axes:
+        lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        changed = False
+        for j, ln in enumerate(lines):
+            twin = next((o for o in lines[:j] if _coincide(ln.get_xdata(), o.get_xdata())
+                         and _coincide(ln.get_ydata(), o.get_ydata())), None)
+            if twin is not None:
+                ln.set_linestyle((0, (4, 3)))
+                ln.set_marker("o")
+                ln.set_markerfacecolor("none")
+                n = len(ln.get_xdata())
+                ln.set_markevery((n // 24, max(1, n // 12)))
+                ln.set_label(f"{ln.get_label()} (coincides with {twin.get_label().split(' (')[0]})")
+                changed = True
+        legend = ax.get_legend()
+        if changed and legend is not None:
+            texts = legend.get_texts()
+            ax.legend(fontsize=texts[0].get_fontsize() if texts else None)
+        for axis, scale in ((ax.yaxis, ax.get_yscale()), (ax.xaxis, ax.get_xscale())):
+            if scale != "log":
+                continue
+            lo, hi = (ax.get_ylim() if axis is ax.yaxis else ax.get_xlim())
+            if lo > 0 and hi / lo <= 1e3:
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            elif lo > 0 and hi / lo <= 1e5:
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+        if not ax.get_title():
+            if not (fig._suptitle and fig._suptitle.get_text()):
+                raise ValueError(f"figure {name}: every axes needs a title (or the figure a suptitle)")
+    path = figure_path(name)
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 def md_table(header: list[str], rows: list[list[object]]) -> str:

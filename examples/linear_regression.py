@@ -1,10 +1,10 @@
-"""Seed 002: Muon vs SGD on streaming matrix-valued linear regression with isotropic Gaussian inputs.
+"""Muon vs SGD on streaming matrix-valued linear regression with isotropic Gaussian inputs (free-probability notes).
 
 Model: y = x_outᵀ W x_in, x_in ~ N(0, I_Nin), x_out ~ N(0, I_Nout), risk R(W) = ½‖W − W*‖_F²; the batch
 gradient is G = (1/B) Σ_i x_out⁽ⁱ⁾ x_in⁽ⁱ⁾ᵀ ⟨x_out⁽ⁱ⁾, (W − W*) x_in⁽ⁱ⁾⟩ (noiseless targets, fresh batch
 every step). Three parts:
 
-A. the seed's exact SGD risk recursions against simulation:
+A. the notes' exact SGD risk recursions against simulation:
    unnormalized  E R_{t+1} = (1 − 2η + η²(B + 3 + NinNout + 2(Nin + Nout))/B) R_t,
    normalized    E R_{t+1} ≈ R_t − η√(2κ R_t) + η²/2,  κ = B/(B + NinNout);
 B. Muon (W ← W − η·NS(G), no momentum, as in the poster) vs SGD across batch sizes, each at its best
@@ -12,14 +12,14 @@ B. Muon (W ← W − η·NS(G), no momentum, as in the poster) vs SGD across bat
 C. Frobenius vs spectral normalization before Newton–Schulz in the B ∝ N regime (B = N), with one NS
    step (the poster's single polynomial Φ₅) and with five.
 
-Run: ``python examples/seed002_linear_regression.py [--quick]`` (≈ 2 min on one core; --quick ≈ 20 s).
+Run: ``python examples/linear_regression.py [--quick]`` (≈ 2 min on one core; --quick ≈ 20 s).
 """
 from __future__ import annotations
 
 import math
 import time
 
-import _seedstudy as S
+import _study as S
 import matplotlib.pyplot as plt
 import torch
 
@@ -42,14 +42,14 @@ def risk(Delta: torch.Tensor) -> torch.Tensor:
 
 
 def update(G: torch.Tensor, rule: str) -> torch.Tensor:
-    """Update direction for each rule (all through the public API except the seed's op-norm Φ₅)."""
+    """Update direction for each rule (all through the public API except the notes' op-norm Φ₅)."""
     if rule == "sgd":
         return G
     if rule == "nsgd":  # normalized SGD: G/‖G‖_F
         return G / torch.linalg.matrix_norm(G).clamp_min(1e-30)[..., None, None]
     if rule == "muon":
         return fastortho.newton_schulz(G, coefficients="keller")
-    if rule == "ns1-op":  # the seed's p = ∞: X = G/σ_max, one quintic Φ₅(X) = aX + bXXᵀX + c(XXᵀ)²X
+    if rule == "ns1-op":  # the notes' p = ∞: X = G/σ_max, one quintic Φ₅(X) = aX + bXXᵀX + c(XXᵀ)²X
         X = G / torch.linalg.matrix_norm(G, ord=2).clamp_min(1e-30)[..., None, None]
         A = X @ X.mT
         a, b, c = KELLER
@@ -124,17 +124,17 @@ def part_a(quick: bool) -> tuple[str, list[list[object]]]:
     axes[1].set_title("normalized SGD: simulation vs recursion (dashed)")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.set_ylabel("E R(W_t)")
+        ax.set_ylabel(r"$\mathbb{E}\,R(W_t)$")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed002_recursions.png"), dpi=110)
+    S.save_figure(fig, "linreg_recursions.png")
     plt.close(fig)
     table = S.md_table(["rule", "B", "η", "max rel. dev. sim vs theory", "max |dev|/SE"], rows)
     return table, rows
 
 
 def part_b(quick: bool) -> tuple[str, dict]:
-    N = 16  # B = 256 = N² is the seed's large-batch regime
+    N = 16  # B = 256 = N² is the notes' large-batch regime
     Bs = [1, 4, 16, 64, 256]
     T, runs = (100 if quick else 200), (2 if quick else 3)
     grids = {"sgd": torch.logspace(-3.5, 0.0, 12), "muon": torch.logspace(-3.5, -0.5, 13)}
@@ -157,7 +157,7 @@ def part_b(quick: bool) -> tuple[str, dict]:
     axes[2].set_ylabel("η*")
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed002_batch_scaling.png"), dpi=110)
+    S.save_figure(fig, "linreg_batch_scaling.png")
     plt.close(fig)
     rows = [[B, res[("sgd", B)][0], res[("sgd", B)][1], res[("muon", B)][0], res[("muon", B)][1],
              res[("sgd", B)][1] / res[("muon", B)][1], res[("sgd", B)][3], res[("muon", B)][3]] for B in Bs]
@@ -182,7 +182,7 @@ def part_c(quick: bool) -> tuple[str, dict]:
         for rule in rules:
             X = update(G, rule)
             # cosine with the exact msign (1 = fully orthogonalized) and with the raw gradient G
-            # (1 = the update is just normalized SGD: the seed's degeneracy)
+            # (1 = the update is just normalized SGD: the notes' degeneracy)
             spread[(rule, N)] = (float(cos(X.flatten(1), exact.flatten(1), dim=1).mean()),
                                  float(cos(X.flatten(1), G.flatten(1), dim=1).mean()))
     for N in Ns:
@@ -198,10 +198,10 @@ def part_c(quick: bool) -> tuple[str, dict]:
     axes[0].set_title("B = N: final risk / R₀ at best lr")
     axes[1].set_title("cos(update, G) at init (1 = normalized SGD)")
     for ax in axes:
-        ax.set_xlabel("N = N_in = N_out = B")
+        ax.set_xlabel(r"$N = N_\mathrm{in} = N_\mathrm{out} = B$")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed002_normalization.png"), dpi=110)
+    S.save_figure(fig, "linreg_normalization.png")
     plt.close(fig)
     rows = [[rule] + [f"{spread[(rule, N)][1]:.2f} / {spread[(rule, N)][0]:.2f}" for N in Ns_cos] for rule in rules]
     rows_r = [[rule] + [f"{res[(rule, N)]:.3g}" for N in Ns] for rule in rules]
@@ -233,7 +233,7 @@ def main() -> None:
     bigc, n0 = Ns_cos[-1], Ns_cos[0]
     c_fro = [spread_c[("ns1-fro", N)][1] for N in Ns_cos]
     c_op = [spread_c[("ns1-op", N)][1] for N in Ns_cos]
-    trend = ("rises with N, i.e. drifts toward normalized SGD as the seed predicts" if c_fro[-1] > c_fro[0] + 0.02
+    trend = ("rises with N, i.e. drifts toward normalized SGD as the notes predict" if c_fro[-1] > c_fro[0] + 0.02
              else "shows no clear rise with N over this range, so the predicted degeneracy is not visible at these sizes")
     gap = ("and stays below the Frobenius one" if all(o < f for o, f in zip(c_op, c_fro))
            else "and is not consistently further from G than the Frobenius one")
@@ -247,9 +247,9 @@ def main() -> None:
                f"rules lie within {max(one) / min(one):.2f}× of each other, while the (nearly) exact msign rules "
                f"are {min(full) / max(one):.1f}–{max(full) / min(one):.1f}× worse: on this isotropic problem, "
                "orthogonalizing the update more fully costs loss, and keeping the NS nonlinearity by σ_max "
-               "normalization buys nothing measurable, so the seed's benefit claim for operator-norm "
+               "normalization buys nothing measurable, so the notes' benefit claim for operator-norm "
                "normalization is not borne out here (its degeneracy claim is).")
-    md = f"""### Seed 002: Muon vs SGD on matrix-valued linear regression (`python examples/seed002_linear_regression.py`)
+    md = f"""### Muon vs SGD on matrix-valued linear regression (after free-probability notes on their exact risk dynamics) (`python examples/linear_regression.py`)
 
 **Claim.** Under isotropic Gaussian inputs the expected SGD risk follows an exact linear recursion
 (unnormalized gradient) and an approximate square-root recursion (normalized gradient); Muon's risk has a
@@ -263,13 +263,13 @@ A: the simulated mean risk follows the exact unnormalized recursion to within {s
 an approximation (Jensen, and its O(η√R/√(B²κ−1)) term), and its largest gaps are near the noise floor. B: at each batch size's best constant lr,
 SGD/Muon final-risk ratio runs {', '.join(f'{r:.2g}' for r in ratio)} for B = {', '.join(map(str, Bs))};
 the best SGD lr goes {', '.join(f'{v:.2g}' for v in lr_sgd)} and Muon's {', '.join(f'{v:.2g}' for v in lr_muon)}.
-The targets are noiseless (the seed's setup), so SGD's gradient noise vanishes with the risk and at a
+The targets are noiseless (the notes' setup), so SGD's gradient noise vanishes with the risk and at a
 tuned constant lr it converges linearly, while Muon's fixed-norm step leaves a floor of order η²; Muon's
 best lr shrinks with B and SGD's grows (Figure 3). The steps-to-R₀/10 columns compare early progress, where
 the gap is smaller.
 C: at init, cos(update, G) for one Frobenius-normalized NS step is {spread_c[('ns1-fro', n0)][1]:.2f} at
 N = {n0} and {spread_c[('ns1-fro', bigc)][1]:.2f} at N = {bigc} (1 would be normalized SGD); with σ_max
-normalization (the seed's p = ∞) it is {spread_c[('ns1-op', n0)][1]:.2f} → {spread_c[('ns1-op', bigc)][1]:.2f}, with
+normalization (the notes' p = ∞) it is {spread_c[('ns1-op', n0)][1]:.2f} → {spread_c[('ns1-op', bigc)][1]:.2f}, with
 fastortho's "spectral" (the Gram bound ‖GGᵀ‖_F^½ ≥ σ_max) {spread_c[('ns1-spectral', n0)][1]:.2f} →
 {spread_c[('ns1-spectral', bigc)][1]:.2f}; five steps bring either normalization to cos(·, msign) ≥
 {min(spread_c[('ns5-fro', bigc)][0], spread_c[('ns5-spectral', bigc)][0]):.2f}. Best final risk / R₀ at N = {big}:
@@ -277,9 +277,9 @@ normalized SGD {res_c[('nsgd', big)]:.3g}, NS1-fro {res_c[('ns1-fro', big)]:.3g}
 NS5-fro {res_c[('ns5-fro', big)]:.3g}, NS5-spectral {res_c[('ns5-spectral', big)]:.3g}, exact msign {res_c[('svd', big)]:.3g}.
 {VERDICT}
 
-![recursions](figures/seed002_recursions.png)
-![batch scaling](figures/seed002_batch_scaling.png)
-![normalization](figures/seed002_normalization.png)
+![recursions](figures/linreg_recursions.png)
+![batch scaling](figures/linreg_batch_scaling.png)
+![normalization](figures/linreg_normalization.png)
 
 **A. Recursions** (N_in = N_out = 16; SE = Monte Carlo standard error of the mean risk)
 
@@ -293,8 +293,7 @@ NS5-fro {res_c[('ns5-fro', big)]:.3g}, NS5-spectral {res_c[('ns5-spectral', big)
 
 {tc}
 """
-    if not args.no_write:
-        S.update_results("seed002", md)
+    S.update_results("linear_regression", md)
     print(f"done in {time.time() - t0:.0f}s")
 
 

@@ -1,4 +1,4 @@
-"""Seed 004: learning-rate transfer across width with the "spectral" scale rule √(fan_out/fan_in).
+"""Learning-rate transfer across width with the "spectral" scale rule √(fan_out/fan_in).
 
 Bernstein's derivation makes every Muon update saturate the RMS→RMS operator-norm bound:
 ΔW = −η·√(fan_out/fan_in)·U Vᵀ, so "the same η works at every width". We train a 3-layer MLP
@@ -8,14 +8,14 @@ and sweep η on a log grid. As a control, the same sweep with ``lr_scale="none"`
 whose RMS→RMS size grows with the input layer's fan_out). Transfer means the loss-vs-η curves of
 the different widths have their minimum at the same η.
 
-Run: ``python examples/seed004_lr_transfer.py [--quick]`` (≈ 2 min on one core).
+Run: ``python examples/lr_transfer.py [--quick]`` (≈ 2 min on one core).
 """
 from __future__ import annotations
 
 import math
 import time
 
-import _seedstudy as S
+import _study as S
 import matplotlib.pyplot as plt
 import torch
 
@@ -70,7 +70,7 @@ def main() -> None:
         ax.legend()
     axes[0].set_ylabel(f"train loss after {steps} steps")
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed004_lr_transfer.png"), dpi=110)
+    S.save_figure(fig, "lr_transfer.png")
     plt.close(fig)
 
     rows = []
@@ -85,7 +85,7 @@ def main() -> None:
         return max(v) - min(v)
 
     step = (math.log10(grid[-1]) - math.log10(grid[0])) / (len(grid) - 1)
-    md = f"""### Seed 004: learning-rate transfer across width with the "spectral" rule (`python examples/seed004_lr_transfer.py`)
+    md = f"""### Learning-rate transfer across width with the "spectral" rule (after Bernstein, "Deriving Muon") (`python examples/lr_transfer.py`)
 
 **Claim.** With the update −η·√(fan_out/fan_in)·U Vᵀ (steepest descent under the RMS→RMS operator norm)
 the optimal η transfers across width: the same η works for narrow and wide models.
@@ -97,13 +97,12 @@ the optimal η transfers across width: the same η works for narrow and wide mod
 (spread {spread('none'):.2f} decades). {'The optimum stays within one grid step across widths under the spectral rule' if spread('spectral') <= step + 1e-9 else 'The optimum moves by more than one grid step under the spectral rule'}{', and the control moves more' if spread('none') > spread('spectral') + 1e-9 else ', and the control does not move more at this range of widths'}. A factor-4 width range on a
 tiny dataset is a weak test; see the figure for how flat the minima are.
 
-![lr transfer](figures/seed004_lr_transfer.png)
+![lr transfer](figures/lr_transfer.png)
 
 {table}
 """
     print(table)
-    if not args.no_write:
-        S.update_results("seed004", md)
+    S.update_results("lr_transfer", md)
     print(f"done in {time.time() - t0:.0f}s")
 
 

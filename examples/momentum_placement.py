@@ -1,30 +1,30 @@
-"""Seed 001: momentum before vs after orthogonalization (``momentum_placement``).
+"""Momentum before vs after orthogonalization (``momentum_placement``).
 
 MsignThenAcc = msign(Σ_s w_s G_s)  (``momentum_placement="before_ortho"``, accumulate then orthogonalize)
 AccThenMsign = Σ_s w_s msign(G_s)  (``"after_ortho"``)
 as estimators of the true preconditioned update msign(E G) = (ggᵀ)^{-1/2} g.
 
-1. Measured bias. On seed 002's streaming matrix regression at a frozen W (so minibatch gradients are
+1. Measured bias. On the streaming matrix regression at a frozen W (so minibatch gradients are
    i.i.d. around g = W − W*), we measure E[estimator] − msign(g) by Monte Carlo for EMA windows of
    n_eff = (1+γ)/(1−γ) samples, and set it next to the second-order estimate of
    ``fastortho.diagnostics.ortho_bias_estimate`` (with the measured per-entry noise variance; it
    ignores correlations between entries).
 2. In training: ``fastortho.Muon`` with both placements on the same streaming regression (recording, at
-   every step, the cosine between Muon's actual update and msign of the true gradient) and on seed 003's
+   every step, the cosine between Muon's actual update and msign of the true gradient) and on the thesis notebook's
    three problems (multi-output linear regression, matrix quadratic, logistic regression), each at its
    best lr.
 
-Run: ``python examples/seed001_momentum_placement.py [--quick]`` (≈ 2 min on one core).
+Run: ``python examples/momentum_placement.py [--quick]`` (≈ 2 min on one core).
 """
 from __future__ import annotations
 
 import math
 import time
 
-import _seedstudy as S
+import _study as S
 import matplotlib.pyplot as plt
 import torch
-from seed003_optimizers import PROBLEMS
+from simple_problems import PROBLEMS
 
 import fastortho
 from fastortho import diagnostics
@@ -95,12 +95,12 @@ def bias_study(quick: bool) -> tuple[str, dict]:
         ax.loglog(ne, [res[g][key + "_th"] for g in gammas], mk[0] + "--", alpha=0.6, label=f"2nd-order estimate {key}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("n_eff = (1+γ)/(1−γ)")
-    ax.set_ylabel("‖E[estimator] − msign(g)‖_F")
+    ax.set_xlabel(r"$n_\mathrm{eff} = (1+\gamma)/(1-\gamma)$")
+    ax.set_ylabel(r"$\|\mathbb{E}[\mathrm{estimator}] - \mathrm{msign}(g)\|_F$")
     ax.set_title(f"bias vs averaging window ({NO_B}×{NI_B}, B = {B_B})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed001_bias.png"), dpi=110)
+    S.save_figure(fig, "momentum_bias.png")
     plt.close(fig)
     rows = [[g, res[g]["n_eff"], f"{res[g]['post']:.3g} ± {2 * res[g]['se_post']:.1g}", res[g]["post_th"],
              f"{res[g]['pre']:.3g} ± {2 * res[g]['se_pre']:.1g}", res[g]["pre_th"], res[g]["rmse_post"],
@@ -155,7 +155,7 @@ def training_study(quick: bool) -> tuple[str, dict]:
         res[("streaming regression", placement)] = best
         axes[0].semilogy(best[2], label=f"{placement} (lr {best[0]:.2g}, cos {best[3]:.2f}, |step| {best[4]:.2f})")
     axes[0].set_title(f"streaming matrix regression {NO}×{NI}, B = {B}")
-    # seed 003's problems
+    # the simple problems of examples/simple_problems.py
     for ax, problem in zip(axes[1:], PROBLEMS):
         for placement in ("before_ortho", "after_ortho"):
             best = None
@@ -184,7 +184,7 @@ def training_study(quick: bool) -> tuple[str, dict]:
         ax.set_ylabel("loss")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed001_training.png"), dpi=110)
+    S.save_figure(fig, "momentum_training.png")
     plt.close(fig)
     problems = ["streaming regression"] + list(PROBLEMS)
     rows = [[p] + [f"{res[(p, pl)][1]:.3g} (lr {res[(p, pl)][0]:.2g})" for pl in ("before_ortho", "after_ortho")]
@@ -212,12 +212,12 @@ def main() -> None:
         why = (f" after_ortho wins in training even though it is the worse estimator: its step is an average of "
                f"unit-spectrum matrices, whose size shrinks when successive msigns disagree (mean ‖step‖_F/√8 "
                f"{nrm_a:.2f} vs {nrm_b:.2f} for before_ortho on the streaming regression), an automatic lr decay that "
-               "a constant-lr comparison rewards. So the seed's estimator claim holds and its 'empirically better' "
+               "a constant-lr comparison rewards. So the post's estimator claim holds and its 'empirically better' "
                "claim is not reproduced at constant lr on these problems; a decaying lr schedule would be the fair "
                "test, not run here.")
     else:
         why = f" (mean ‖step‖_F/√8: {nrm_b:.2f} before_ortho, {nrm_a:.2f} after_ortho on the streaming regression.)"
-    md = f"""### Seed 001: momentum before vs after orthogonalization (`python examples/seed001_momentum_placement.py`)
+    md = f"""### Momentum before vs after orthogonalization (after "The M in Muon") (`python examples/momentum_placement.py`)
 
 **Claim.** Accumulating momentum first and then orthogonalizing (MsignThenAcc, our default
 `momentum_placement="before_ortho"`) is the better estimator of the true preconditioned update
@@ -234,8 +234,8 @@ In training, the mean cosine between Muon's actual update and msign(true gradien
 regression is {cos_b:.3f} (before_ortho) vs {cos_a:.3f} (after_ortho); before_ortho reaches the lower final loss
 on {len(wins)} of {len(problems)} problems ({', '.join(wins) or 'none'}).{why}
 
-![bias](figures/seed001_bias.png)
-![training](figures/seed001_training.png)
+![bias](figures/momentum_bias.png)
+![training](figures/momentum_training.png)
 
 **Bias against the true preconditioned update**
 
@@ -245,8 +245,7 @@ on {len(wins)} of {len(problems)} problems ({', '.join(wins) or 'none'}).{why}
 
 {t2}
 """
-    if not args.no_write:
-        S.update_results("seed001", md)
+    S.update_results("momentum_placement", md)
     print(f"done in {time.time() - t0:.0f}s")
 
 

@@ -1,4 +1,4 @@
-"""Seed 003, Figure 5.1 at small scale: Newton–Schulz steps 1..8 vs exact SVD orthogonalization in Muon.
+"""Newton–Schulz steps 1..8 vs exact SVD orthogonalization in Muon, on digits (a thesis' Figure 5.1, small scale).
 
 An MLP 64-128-128-128-10 on scikit-learn's digits (1437 train / 360 test). The two hidden 128×128 matrices
 are trained by ``fastortho.Muon``; the input and output layers and the biases by its auxiliary AdamW
@@ -8,14 +8,14 @@ accuracy with a 95% confidence interval (Student t over seeds), as the thesis' F
 CIFAR-10 speedrun with 20 seeds. The orthogonality error of the update (diagnostics) shows how far each
 step count is from exact.
 
-Run: ``python examples/seed003_ns_steps.py [--quick]`` (≈ 2 min on one core).
+Run: ``python examples/ns_steps_vs_svd.py [--quick]`` (≈ 2 min on one core).
 """
 from __future__ import annotations
 
 import math
 import time
 
-import _seedstudy as S
+import _study as S
 import matplotlib.pyplot as plt
 import torch
 from scipy import stats
@@ -93,10 +93,10 @@ def main() -> None:
     axes[0].legend()
     axes[1].semilogy(xs, [quality[c][0] for c in xs], "o-")
     axes[1].set_xlabel("Newton–Schulz steps")
-    axes[1].set_ylabel("‖XXᵀ − I‖_F/√n")
+    axes[1].set_ylabel(r"$\|XX^\top - I\|_F/\sqrt{n}$")
     axes[1].set_title("orthogonality error of NS(G), κ(G) = 1e3")
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed003_ns_steps.png"), dpi=110)
+    S.save_figure(fig, "ns_steps_vs_svd.png")
     plt.close(fig)
 
     rows = [[c if c else "SVD (exact)", f"{100 * res[c][0]:.2f} ± {100 * res[c][1]:.2f}",
@@ -106,7 +106,7 @@ def main() -> None:
     svd_lo = res[None][0] - res[None][1]
     within = [c for c in xs if res[c][0] + res[c][1] >= svd_lo and res[c][0] - res[c][1] <= res[None][0] + res[None][1]]
     below = [c for c in xs if res[c][0] + res[c][1] < svd_lo]
-    md = f"""### Seed 003 (Figure 5.1): Newton–Schulz steps vs exact SVD orthogonalization (`python examples/seed003_ns_steps.py`)
+    md = f"""### Newton–Schulz steps vs exact SVD orthogonalization (a thesis notebook's Figure 5.1, small scale) (`python examples/ns_steps_vs_svd.py`)
 
 **Claim.** The thesis ablates the number of Newton–Schulz steps in Muon against an exact SVD
 orthogonalization (CIFAR-10 speedrun, 20 seeds, 95% CIs), asking whether the cheap approximation costs
@@ -121,13 +121,12 @@ digits, {seeds} seeds × {epochs} epochs, Muon lr 0.02 on the two hidden matrice
 update well before it is exact; at this small scale the test accuracy is {'insensitive to' if not below else 'sensitive only at the low end of'} the
 step count.
 
-![NS steps](figures/seed003_ns_steps.png)
+![NS steps](figures/ns_steps_vs_svd.png)
 
 {table}
 """
     print(table)
-    if not args.no_write:
-        S.update_results("seed003_ns", md)
+    S.update_results("ns_steps_vs_svd", md)
     print(f"done in {time.time() - t0:.0f}s")
 
 

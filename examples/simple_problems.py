@@ -1,4 +1,4 @@
-"""Seed 003: Muon vs SGD vs AdamW on the thesis' simple problems, and the AdamW bias-correction × zero-init table.
+"""Muon vs SGD vs AdamW on the thesis' simple problems, and the AdamW bias-correction × zero-init table.
 
 Problems (§5.3 of the thesis notes), each with a matrix-shaped weight so Muon applies:
 
@@ -14,14 +14,14 @@ ablation (§4, Table 4.2) at small scale: an MLP on scikit-learn's digits traine
 (``fastortho.Muon`` with every parameter in an ``algorithm="adamw"`` group) with bias_correction ×
 zero_init, for (β₁, β₂) = (0.95, 0.95) (the thesis' pair) and (0.9, 0.999), constant lr.
 
-Run: ``python examples/seed003_optimizers.py [--quick]`` (≈ 2 min on one core).
+Run: ``python examples/simple_problems.py [--quick]`` (≈ 2 min on one core).
 """
 from __future__ import annotations
 
 import math
 import time
 
-import _seedstudy as S
+import _study as S
 import matplotlib.pyplot as plt
 import torch
 
@@ -142,7 +142,7 @@ def compare(quick: bool) -> tuple[str, dict]:
         ax.set_ylabel("full loss")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed003_optimizers.png"), dpi=110)
+    S.save_figure(fig, "simple_problems.png")
     plt.close(fig)
     def edge(o: str, lr: float) -> str:  # best lr on the grid's edge: the optimum may lie beyond it
         return "*" if min(abs(lr - float(GRIDS[o][0])), abs(lr - float(GRIDS[o][-1]))) < 1e-12 else ""
@@ -197,11 +197,11 @@ def bc_zi_table(quick: bool) -> tuple[str, dict]:
     for b1, b2 in ((0.95, 0.95), (0.9, 0.999)):
         ax.plot(t, (1 - b2**t).sqrt() / (1 - b1**t), label=f"β = ({b1}, {b2})")
     ax.set_xlabel("t")
-    ax.set_ylabel("ρ(t) = √(1−β₂ᵗ)/(1−β₁ᵗ)")
+    ax.set_ylabel(r"$\rho(t) = \sqrt{1-\beta_2^t}\,/\,(1-\beta_1^t)$")
     ax.set_title("bias correction as an lr schedule")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(S.figure_path("seed003_bias_correction_factor.png"), dpi=110)
+    S.save_figure(fig, "bias_correction_factor.png")
     plt.close(fig)
     hdr = ["betas"] + [names[c] for c in configs]
     return (f"MLP 64-64-10 on digits (1437 train / 360 test), AdamW lr {lr}, weight decay 0.1, constant lr, "
@@ -233,7 +233,7 @@ def main() -> None:
                    else f"neither effect exceeds the seed-to-seed sd ({sd:.3f}), so the thesis' ordering is not resolved")
         lines.append(f"for β = {betas} toggling bias correction moves the test loss by {bc_gap:.3f} and toggling "
                      f"zero-init by {zi_gap:.3f} ({verdict}; lowest mean loss at BC={best[0]}, ZI={best[1]})")
-    md = f"""### Seed 003: Muon vs SGD vs AdamW on simple problems; AdamW bias correction × zero init (`python examples/seed003_optimizers.py`)
+    md = f"""### Muon vs SGD vs AdamW on simple problems; AdamW bias correction × zero init (after a thesis notebook on Adam and Muon) (`python examples/simple_problems.py`)
 
 **Claim.** The thesis notes study Muon against SGD and AdamW on multi-output linear regression, a matrix
 quadratic and multinomial logistic regression, looking for the minimal setting where Muon helps, and
@@ -250,8 +250,8 @@ SGD; a decaying lr schedule, not run here, is what these problems need for a fai
 ablation: {'; '.join(lines)}. Differences below about one sd across
 {bz[((0.95, 0.95), True, True)].shape[0]} seeds (see the table) are not resolved at this scale.
 
-![optimizers](figures/seed003_optimizers.png)
-![bias-correction factor](figures/seed003_bias_correction_factor.png)
+![optimizers](figures/simple_problems.png)
+![bias-correction factor](figures/bias_correction_factor.png)
 
 {t1}
 
@@ -259,8 +259,7 @@ ablation: {'; '.join(lines)}. Differences below about one sd across
 
 {t2}
 """
-    if not args.no_write:
-        S.update_results("seed003", md)
+    S.update_results("simple_problems", md)
     print(f"done in {time.time() - t0:.0f}s")
 
 

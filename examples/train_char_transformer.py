@@ -8,8 +8,10 @@ matrix here, because torch.optim.Muon cannot split it and the comparison is of e
 torch.optim.Muon gets the same matrices plus a separate AdamW. Protocol as in ``train_digits.py``: tune AdamW's lr, then the Muon lrs with the
 auxiliary AdamW at AdamW's lr, equal step budgets, best lr re-run with ``--seeds`` seeds.
 
-Run: ``python examples/train_char_transformer.py`` (several minutes on 1 CPU thread; torch.optim.Muon's
-bf16 Newton–Schulz dominates its time on CPU). Writes ``examples/char_transformer_loss.png``.
+Run: ``python examples/train_char_transformer.py`` (about 30 min on 1 CPU thread; torch.optim.Muon's
+bf16 Newton–Schulz dominates its time on CPU). It prints a Markdown table and writes the loss plot to a
+new temporary folder (``--out DIR`` to choose one); ``--write-results`` regenerates the committed
+``examples/char_transformer_loss.png`` instead. ``--quick``: one lr per optimizer, a few steps.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_digits import HERE, OPTIMIZERS, make_optimizer, plot, summarize, sweep_and_rerun  # noqa: E402
+import _study  # noqa: E402
+from train_digits import OPTIMIZERS, make_optimizer, plot, summarize, sweep_and_rerun  # noqa: E402
 
 MODULES = ("functools.py", "collections/__init__.py", "typing.py", "argparse.py", "dataclasses.py")
 
@@ -66,17 +69,23 @@ class CharLM(nn.Module):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--ctx", type=int, default=64)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default 400)")
+    ap.add_argument("--batch", type=int, default=32, help="sequences per minibatch (default 32)")
+    ap.add_argument("--ctx", type=int, default=64, help="context length in characters (default 64)")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds for the re-runs at the best lr (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--adamw-grid", default="1e-3,3e-3,1e-2", help="comma-separated AdamW lrs")
     ap.add_argument("--muon-grid", default="1e-2,3e-2,1e-1", help="comma-separated Muon lrs")
     ap.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated subset of optimizers; "
                     "without AdamW, the Muon variants' aux AdamW lr is the first of --adamw-grid")
-    ap.add_argument("--png", default=os.path.join(HERE, "char_transformer_loss.png"))
+    ap.add_argument("--quick", action="store_true",
+                    help="one lr per optimizer (the first of each grid), 10 steps of 8 sequences, 1 seed: a smoke test")
+    _study.add_output_args(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.batch, args.seeds = 10, 8, 1
+        args.adamw_grid, args.muon_grid = args.adamw_grid.split(",")[0], args.muon_grid.split(",")[0]
+    out = _study.output_dir(args, "train_char_transformer")
     torch.set_num_threads(args.threads)
     text = load_text()
     chars = sorted(set(text))
@@ -119,9 +128,13 @@ def main() -> None:
           f"{args.steps} steps of {args.batch}x{args.ctx}, {args.threads} thread(s)")
     best = sweep_and_rerun(train, grids, args.seeds, adamw_lr=adamw_grid[0])
     print()
-    print(summarize(best, ["train_loss", "val_loss", "val_bpc"]))
-    plot(best, args.png,
-         f"char transformer, {args.steps} steps, mean of {args.seeds} seeds (band: min-max)")
+    table = summarize(best, ["train_loss", "val_loss", "val_bpc"])
+    print(table)
+    if not args.write_results:
+        (out / "char_transformer.md").write_text(table + "\n")
+        print(f"wrote {out / 'char_transformer.md'}")
+    plot(best, os.path.join(out, "char_transformer_loss.png"),
+         f"char transformer, {args.steps} steps, mean of {args.seeds} seed(s) (band: min–max)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The quick job on CPU (the README's first command). ``bench/bench_schedules.py`` 
 measurement at the sizes recorded in ``bench/RESULTS.md``.
 
 Columns: σ_min/σ_max of the output (1 is orthogonal), ‖X − UVᵀ‖_F/‖UVᵀ‖_F against the float64
-SVD polar factor, and the median wall time per call. ``--dtype bf16-model`` evaluates the bf16
+SVD polar factor, and the median wall time of ``--reps`` calls (``--reps 0`` drops the time column). ``--dtype bf16-model`` evaluates the bf16
 storage model with fp32 matmuls (every product and its fused combination computed in fp32 from
 bf16 operands and rounded once to bf16, as cuBLAS/Triton epilogues do): a CPU bf16 matmul is
 ~175× slower than fp32 here, and this model matches it (``tests/test_bench.py`` checks).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -59,10 +60,13 @@ def ns_bf16_model(G: Tensor, coefficients: Sequence[tuple[float, float, float]],
     return X.mT if tall else X
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
+def _median_ms(fn: Callable[[], object], reps: int, min_time_s: float = 0.2) -> float:
+    """Median wall time of at least ``reps`` calls (more, until ``min_time_s`` has passed), after one
+    warm-up call: a single call on a shared CPU varies by several times, the median of many does not."""
     fn()
-    times = []
-    for _ in range(reps):
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_time_s and len(times) < 100):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -70,13 +74,16 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
 
 
 def schedule_rows(
-    G: Tensor, *, dtype: str = "fp32", steps: Sequence[int] = range(3, 9), reps: int = 3,
-    schedules: Sequence[str] = tuple(SCHEDULES),
+    G: Tensor, *, dtype: str = "fp32", steps: Sequence[int] = range(3, 9), reps: int = 10,
+    schedules: Sequence[str] = tuple(SCHEDULES), progress: bool = False,
 ) -> list[dict]:
-    """One row per (schedule, steps) for the float64 matrix G: band, error vs SVD, ms per call."""
+    """One row per (schedule, steps) for the float64 matrix G: band, error vs SVD, and the median ms per
+    call over ``reps`` calls (``reps=0``: no timing, ``ms`` is None). ``progress`` prints one line per
+    schedule with the elapsed time to stderr."""
     ref = polar_svd(G)
     G32 = G.to(torch.float32)
     rows = []
+    start = time.perf_counter()
     for name in schedules:
         for k in steps:
             if dtype == "fp32":
@@ -90,34 +97,49 @@ def schedule_rows(
             lo, hi = singular_band(X)
             rows.append(dict(
                 schedule=name, steps=k, dtype=dtype, sigma_min=lo.item(), sigma_max=hi.item(),
-                error=polar_error(X, G, reference=ref).item(), ms=_median_ms(fn, reps),
+                error=polar_error(X, G, reference=ref).item(), ms=_median_ms(fn, reps) if reps > 0 else None,
             ))
+        if progress:
+            print(f"  {name} {dtype}: done ({time.perf_counter() - start:.1f} s elapsed)", file=sys.stderr,
+                  flush=True)
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
-    """Markdown table of :func:`schedule_rows` output."""
-    out = ["| schedule | steps | dtype | σ_min | σ_max | error vs SVD | ms/call |", "|---|---|---|---|---|---|---|"]
+LEGEND = ("σ_min, σ_max: smallest and largest singular value of the output (1 = orthogonal); error: "
+          "‖X − UVᵀ‖_F / ‖UVᵀ‖_F against the float64 SVD polar factor")
+
+
+def format_rows(rows: list[dict], reps: int | None = None) -> str:
+    """Markdown table of :func:`schedule_rows` output, with a one-line legend under it."""
+    timed = any(r["ms"] is not None for r in rows)
+    head = "| schedule | steps | dtype | σ_min | σ_max | error vs SVD |" + (" ms/call |" if timed else "")
+    out = [head, "|---" * (7 if timed else 6) + "|"]
     for r in rows:
         out.append(
             f"| {r['schedule']} | {r['steps']} | {r['dtype']} | {r['sigma_min']:.3f} | {r['sigma_max']:.3f} "
-            f"| {r['error']:.2e} | {r['ms']:.2f} |"
+            f"| {r['error']:.2e} |" + (f" {r['ms']:.2f} |" if timed else "")
         )
-    return "\n".join(out)
+    legend = LEGEND
+    if timed:
+        legend += f"; ms/call: median wall time of {reps if reps else 'several'} or more calls, after one warm-up"
+    return "\n".join(out) + "\n\n" + legend + "."
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastortho.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--m", type=int, default=256)
-    p.add_argument("--n", type=int, default=1024)
-    p.add_argument("--matrix", choices=["gaussian", "log-spaced"], default="gaussian")
-    p.add_argument("--dtype", choices=["fp32", "bf16-model"], default="fp32")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--m", type=int, default=256, help="rows of the test matrix (default 256)")
+    p.add_argument("--n", type=int, default=1024, help="columns of the test matrix (default 1024)")
+    p.add_argument("--matrix", choices=["gaussian", "log-spaced"], default="gaussian",
+                   help="standard Gaussian entries, or Haar singular vectors with σ log-spaced over [1e-4, 1]")
+    p.add_argument("--dtype", choices=["fp32", "bf16-model"], default="fp32",
+                   help="fp32 (fastortho.newton_schulz) or the bf16 storage model computed with fp32 matmuls")
+    p.add_argument("--reps", type=int, default=10,
+                   help="timed calls per row; the median is reported (default 10; 0: no time column)")
     args = p.parse_args(argv)
     G = gaussian(args.m, args.n) if args.matrix == "gaussian" else log_spaced(args.m, args.n)
     print(f"# Newton–Schulz schedules on a {args.m}x{args.n} {args.matrix} matrix, {args.dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print(format_rows(schedule_rows(G, dtype=args.dtype, reps=args.reps)))
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+    print(format_rows(schedule_rows(G, dtype=args.dtype, reps=args.reps, progress=True), args.reps))
 
 
 if __name__ == "__main__":
