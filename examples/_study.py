@@ -125,11 +125,11 @@ def save_figure(fig, name: str, dpi: int = 110) -> Path:
 
     * Lines of one axes whose data agree within 1% would hide each other: the later ones get dashes
       and open markers, and their legend entry says which curve they coincide with.
-    * Log axes get labelled ticks at 1, 2 and 5 per decade when they span at most three decades, at 1
-      and 3 up to five decades, so a short log range never shows one or two ticks only.
+    * Log axes get labelled ticks at every integer multiple within one decade, at 1, 2 and 5 per decade
+      up to three decades, at 1 and 3 up to five, so a short log range never shows one or two ticks only.
     * Every figure needs a title: a figure whose axes have none raises.
     """
-    from matplotlib.ticker import LogLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
         lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
@@ -153,10 +153,12 @@ def save_figure(fig, name: str, dpi: int = 110) -> Path:
             if scale != "log":
                 continue
             lo, hi = (ax.get_ylim() if axis is ax.yaxis else ax.get_xlim())
-            if lo > 0 and hi / lo <= 1e3:
-                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            elif lo > 0 and hi / lo <= 1e5:
-                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+            if lo > 0 and hi / lo <= 1e5:
+                span = hi / lo
+                subs = tuple(range(1, 10)) if span <= 10 else (1.0, 2.0, 5.0) if span <= 1e3 else (1.0, 3.0)
+                axis.set_major_locator(LogLocator(base=10, subs=subs))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.2, 0.5, 1, 2 ...
+                axis.set_minor_formatter(NullFormatter())
         if not ax.get_title():
             if not (fig._suptitle and fig._suptitle.get_text()):
                 raise ValueError(f"figure {name}: every axes needs a title (or the figure a suptitle)")

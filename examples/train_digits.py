@@ -139,7 +139,7 @@ def plot(best: dict[str, dict], path: str, title: str, ylabel: str = "training l
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     styles = [dict(ls="-", marker="o"), dict(ls="--", marker="s"), dict(ls=":", marker="^", lw=2.2)]
     same = coinciding(best)
@@ -161,6 +161,8 @@ def plot(best: dict[str, dict], path: str, title: str, ylabel: str = "training l
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.2, 0.5, 1, 2 ...
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
     if same:
         title += "\n" + "; ".join(f"{a} and {c} coincide (within 1%)" for a, c in same)
