@@ -91,3 +91,15 @@ def test_training_loop_is_in_the_readme():
     for needed in ("muon_param_groups", "fastortho.Muon(", "lr_scheduler", ".backward()", ".step()",
                    "zero_grad", "torch.save", "load_state_dict"):
         assert needed in loop[0], needed
+
+
+def test_readme_ci_statement_matches_the_ci_script():
+    """README says what .ci/run adds to its two blocks; that statement must stay true."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    exported = [kv for line in re.findall(r"^export (.+)$", ci, flags=re.M) for kv in line.split()]
+    text = README.read_text()
+    para = text[text.index("CI (`.ci/run`) runs these two blocks"):].split("\n\n")[0]
+    assert exported and all(kv in para for kv in exported), (exported, para)
+    extra = re.findall(r"^\.venv/bin/python -m (pytest .+)$", ci, flags=re.M)
+    assert extra and all(cmd in para for cmd in extra), (extra, para)
+    assert "exactly these" not in text
