@@ -103,3 +103,18 @@ def test_readme_ci_statement_matches_the_ci_script():
     extra = re.findall(r"^\.venv/bin/python -m (pytest .+)$", ci, flags=re.M)
     assert extra and all(cmd in para for cmd in extra), (extra, para)
     assert "exactly these" not in text
+
+
+def test_results_open_with_a_summary_that_readme_and_docs_link_to():
+    root = README.parent
+    results = (root / "bench" / "RESULTS.md").read_text()
+    headings = [ln for ln in results.splitlines() if ln.startswith("## ")]
+    assert headings[0] == "## Summary"
+    summary = results.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert len(summary.splitlines()) <= 40, "the summary must fit on one screen"
+    rows = [ln for ln in summary.splitlines() if ln.startswith("| ") and not ln.startswith("| what")]
+    assert all(ln.count("|") == 7 for ln in rows)  # what | result | against | machine | date | command
+    assert all("prediction" in ln or "not measured" in ln for ln in rows if "GPU" in ln.split("|")[1])
+    assert not [h for h in headings if re.search(r"\(issue \d", h)], "internal issue labels in headings"
+    assert "bench/RESULTS.md#summary" in README.read_text()
+    assert "RESULTS.md#summary" in (root / "docs" / "optimizer.md").read_text()
