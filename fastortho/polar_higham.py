@@ -16,26 +16,39 @@ G of shape (B, m, n):
   Measured iteration counts (``bench/RESULTS.md``): Frobenius ≤ 1,∞ at every κ tested, hence the
   default. Scaling is dropped once the relative step is below 1e-2 (μ ≈ 1 there; the quadratic
   phase of unscaled Newton is then exact). The first inverse is triangular (R), later ones are
-  LU inverses (``torch.linalg.inv_ex``: no host sync on failure).
-* Switch to the inverse-free tail (Higham–Schreiber's test): after a Newton step whose relative
-  step is ≤ 0.2 the next iterate has ‖XXᵀ − I‖ ≈ 2·(step²/2), and the matrix switches to
-  Newton–Schulz X ← ½(3I − XXᵀ)X = 1.5X − 0.5·(XXᵀ)X (two products, matmuls only; σ ← ½σ(3 − σ²)
-  converges quadratically for σ ∈ (0, √3)). Each tail step forms A = XXᵀ first and checks
-  ‖A − I‖_F ≤ ½ (spectral ≤ Frobenius, so every σ² ∈ [½, 3/2]); a matrix that fails the test takes
-  a Newton step instead. On CUDA the tail runs in fastortho's Triton kernels: A in the symmetric
-  kernel, (−½A)X + 1.5X in the apply kernel, both with 3xTF32 (fp32-accurate) dots.
+  batched LU inverses (``torch.linalg.inv_ex``: no host sync on failure).
+* Switch to the inverse-free tail (Higham–Schreiber's test): Newton–Schulz
+  X ← ½(3I − XXᵀ)X = 1.5X − 0.5·(XXᵀ)X (two products, matmuls only; σ ← ½σ(3 − σ²) converges
+  quadratically for σ ∈ (0, √3)). Each tail step forms A = XXᵀ first and checks ‖A − I‖_F ≤ ½
+  (spectral ≤ Frobenius, so every σ² ∈ [½, 3/2]); a matrix that fails takes a Newton step next.
+  The switch is made when the test is sure to pass: after a Newton step every σ ≥ 1
+  (½(x + 1/x) ≥ 1), so every σ² − 1 ≥ 0 and ‖XXᵀ − I‖_F ≤ Σ(σ² − 1) = ‖X‖_F² − N, a by-product
+  of the step. A small relative step is no such test: it is an RMS over the σ, and one lagging σ
+  (the smallest, in practice) hides in it while ‖XXᵀ − I‖ is still > 1. On CUDA the tail runs in
+  fastortho's Triton kernels: A in the symmetric kernel, (−½A)X + 1.5X in the apply kernel, both
+  with 3xTF32 (fp32-accurate) dots.
 * Stop: per matrix, when the relative step ‖X_{k+1} − X_k‖_F/‖X_{k+1}‖_F ≤ tol (default √u:
-  quadratic convergence lands the step just taken at ~u). Converged matrices are
-  frozen (``torch.where``), so a batch returns the same result as each matrix alone.
+  quadratic convergence lands the step just taken at ~u). Converged matrices leave the batch:
+  later steps gather the matrices still running (``index_select``) and scatter them back, so a
+  batch costs what its matrices cost alone and returns the same result as each matrix alone.
+* One host synchronization per iteration: the per-matrix numbers the bookkeeping needs (steps,
+  ‖X‖_F² − N, LU status, switch tests) come back in one device-to-host copy; the bookkeeping is
+  vectorized on the host (numpy), the index lists go back non-blocking.
 * Rank (the canonical factor U_rV_rᵀ: σ ≤ rtol·σ_max map to 0). Column-pivoted QR is not in torch;
   the numerical rank is decided in two tests and, where needed, one rank-revealing SVD:
   1. From the first inverse (Newton needs it anyway): σ_min ≥ 1/‖R⁻¹‖_F and σ_max ≤ ‖R‖_F, so
      2·rtol·‖R‖_F‖R⁻¹‖_F < 1 certifies that every σ is above the cut (no further check). A
      non-finite inverse (exact zeros: rank-deficient or zero matrices) or ‖R‖_F‖R⁻¹‖_F·u ≥ 1
      (the inverse is noise) sends the matrix straight to the SVD below.
-  2. The others run Newton; the converged U gives R = U·H with H = UᵀR, eig(H) = σ(R), and a
-     Cholesky of H − rtol·‖R‖_F·I (N³/3 flops) succeeds iff every σ is above rtol·‖R‖_F
-     (≥ the cut). If it fails (Newton completed noise directions to 1), the SVD below decides.
+  2. The others run Newton; the converged U gives R = U·H with H = sym(UᵀR), eig(H) = σ(R) (to
+     second order in U's error: a skew error E in U moves H by the commutator [H, E], whose
+     diagonal in H's eigenbasis is 0). σ̂ = 1.02 × the largest Ritz value of 24 Lanczos steps on
+     H (a lower estimate of σ_max, within 0.5% on square Gaussians); a Cholesky of σ̂·I − H proves
+     σ̂ ≥ σ_max and a Cholesky of H − rtol·σ̂·I proves every σ > rtol·σ̂ ≥ the cut (one batched
+     ``cholesky_ex``, 2·N³/3 flops). So the test is tight to ~2%: a full-rank matrix whose σ_min
+     is above 1.02·cut never pays for an SVD. If either fails (Newton completed noise directions to
+     1, or σ̂ was short), the SVD below decides. (A Frobenius-norm stand-in for σ_max is up to √N
+     too loose: square Gaussians, κ ~ N, would fail it and pay Newton and the SVD.)
   3. SVD of the small N×N factor (working precision): R = UΣVᵀ, X = U·diag(σ > rtol·σ_max)·Vᵀ.
   No NaN, no orthogonal completion of noise. Matrices not converged in ``max_iter`` also go to the
   SVD. Default rtol = max(m, n)·u with u the unit roundoff of the data (float64 when the input and
@@ -43,7 +56,7 @@ G of shape (B, m, n):
   ``numpy.linalg.matrix_rank``. Matrices that took the SVD report 0 iterations.
 * ``storage``: a numerical experiment, not a speed path: round X to bfloat16/float16 after every
   step (products accumulate in the working dtype), the storage model of a low-precision iteration;
-  with ``storage_tail_only`` only after the Newton–Schulz tail steps.
+  with ``storage_tail_only`` only the start and the Newton–Schulz tail steps are rounded.
 
 The result P = Q·X (cast to ``dtype``), transposed back for wide G.
 """
@@ -55,11 +68,10 @@ from torch import Tensor
 
 from ._polar_step import frobenius_start, fused_update, gram, ns_product
 
-__all__ = ["higham_polar", "higham_default_rtol", "lanczos_max", "SWITCH_STEP", "SWITCH_GRAM"]
+__all__ = ["higham_polar", "higham_default_rtol", "lanczos_max", "SWITCH_GRAM"]
 
-#: A Newton step with relative step ≤ SWITCH_STEP sends the matrix to the Newton–Schulz tail.
-SWITCH_STEP = 0.2
-#: Higham–Schreiber's test: a tail step is taken only where ‖XXᵀ − I‖_F ≤ SWITCH_GRAM.
+#: Higham–Schreiber's test: a tail step is taken only where ‖XXᵀ − I‖_F ≤ SWITCH_GRAM; a Newton
+#: step whose result has ‖X‖_F² − N ≤ SWITCH_GRAM (a bound on ‖XXᵀ − I‖_F there) switches to it.
 SWITCH_GRAM = 0.5
 #: Scaling stops once the relative step is below this (μ ≈ 1 there).
 SCALE_OFF = 1e-2
@@ -94,10 +106,12 @@ def _mu(nX: Tensor, nXi: Tensor, X: Tensor, Xi: Tensor, scaling: str) -> Tensor:
     return (a / b.clamp_min(tiny)).sqrt().sqrt()
 
 
-def _newton_step(X: Tensor, Xi: Tensor, scale: Tensor | bool, scaling: str) -> tuple[Tensor, Tensor, Tensor]:
+def _newton_step(
+    X: Tensor, Xi: Tensor, scale: Tensor | bool, scaling: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """X' = ½(μX + μ⁻¹X⁻ᵀ) for every matrix, μ = 1 where ``scale`` is False; returns
-    (X', relative step, ‖X‖_F·‖X⁻¹‖_F). A non-finite inverse gives a non-finite step: the caller
-    sends that matrix to the SVD."""
+    (X', relative step, ‖X‖_F·‖X⁻¹‖_F, ‖X'‖_F² − N). A non-finite inverse gives a non-finite step:
+    the caller sends that matrix to the SVD."""
     nX = torch.linalg.matrix_norm(X)
     nXi = torch.linalg.matrix_norm(Xi)
     if scale is False or scaling == "fro":
@@ -107,7 +121,8 @@ def _newton_step(X: Tensor, Xi: Tensor, scale: Tensor | bool, scaling: str) -> t
         if scale is not True:
             mu = torch.where(scale, mu, 1.0)
     Xn, step = fused_update(X, Xi.mT, 0.5 * mu, 0.5 / mu, torch.ones_like(nX, dtype=torch.bool))
-    return Xn, step, nX * nXi
+    excess = torch.linalg.vector_norm(Xn, dim=(-2, -1)).square() - X.shape[-1]
+    return Xn, step, nX * nXi, excess
 
 
 def lanczos_max(H: Tensor, steps: int = LANCZOS_STEPS) -> Tensor:
@@ -205,10 +220,10 @@ def higham_polar(
 
     # Iteration 1, every matrix: Newton from the first inverse, and the rank's first test.
     X = store(R)
-    Xn, step, cond = _newton_step(X, Xi, True, scaling)
+    Xn, step, cond, excess = _newton_step(X, Xi, True, scaling)
     X = Xn if storage_tail_only else store(Xn)
     # The one host synchronization of each iteration: every per-matrix number the host decides on.
-    step_h, cond_h, info_h = torch.stack([step, cond, info.to(dtype)]).cpu().numpy()
+    step_h, cond_h, info_h, excess_h = torch.stack([step, cond, info.to(dtype), excess]).cpu().numpy()
     with np.errstate(invalid="ignore", over="ignore"):
         finite = np.isfinite(cond_h) & np.isfinite(step_h)
         certified = finite & (2 * rtol * cond_h < 1)
@@ -219,13 +234,13 @@ def higham_polar(
     iters = np.where(flagged, 0, 1)
     scale_on = np.full(B, scaling != "fro")
 
-    def after_newton(sel: np.ndarray, st: np.ndarray) -> None:
+    def after_newton(sel: np.ndarray, st: np.ndarray, ex: np.ndarray) -> None:
         scale_on[sel] &= ~(st <= SCALE_OFF)
-        mode[sel] = np.where(st <= SWITCH_STEP, _TAIL, _NEWTON)
+        mode[sel] = np.where(ex <= SWITCH_GRAM, _TAIL, _NEWTON)
         mode[sel[st <= tol]] = _DONE
 
     live = np.flatnonzero(~flagged)
-    after_newton(live, step_h[live])
+    after_newton(live, step_h[live], excess_h[live])
 
     while True:
         # Not converged in max_iter steps: the SVD decides (never a half-converged iterate).
@@ -251,9 +266,9 @@ def higham_polar(
             Xi, info = torch.linalg.inv_ex(Xs)
             on = scale_on[newt_i]
             sc = bool(on[0]) if on.all() or not on.any() else torch.from_numpy(on).to(dev, non_blocking=True)
-            Xw, sw, _ = _newton_step(Xs, Xi, sc, scaling)
+            Xw, sw, _, ex = _newton_step(Xs, Xi, sc, scaling)
             X = put(X, ix, Xw if storage_tail_only else store(Xw))
-            report += [sw, info.to(dtype)]
+            report += [sw, info.to(dtype), ex]
         h = torch.cat(report).cpu().numpy()
         nt = len(tail_i)
         if nt:
@@ -263,12 +278,12 @@ def higham_polar(
             mode[tail_i[~ok_h]] = _NEWTON  # failed the switch test: Newton again
             mode[moved[st[ok_h] <= tol]] = _DONE
         if len(newt_i):
-            sw, bad = h[2 * nt:2 * nt + len(newt_i)], h[2 * nt + len(newt_i):] != 0
-            bad |= ~np.isfinite(sw)
+            sw, bad, ex = h[2 * nt:].reshape(3, -1)
+            bad = (bad != 0) | ~np.isfinite(sw)
             mode[newt_i[bad]] = _SVD
             good = newt_i[~bad]
             iters[good] += 1
-            after_newton(good, sw[~bad])
+            after_newton(good, sw[~bad], ex[~bad])
 
     # Rank, second test, on the converged U = X: R = U·H with H = UᵀR symmetric, eig(H) = σ(R)
     # (to second order in U's error). σ̂ = 1.02 × the largest Lanczos Ritz value of H; Cholesky of
