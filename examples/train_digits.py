@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _study  # noqa: E402
 
 from fastortho.optim import Muon  # noqa: E402
-from fastortho.param_groups import muon_param_groups  # noqa: E402
+from fastortho.optim.param_groups import muon_param_groups  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMIZERS = ("AdamW", "fastortho.Muon", "torch.optim.Muon")

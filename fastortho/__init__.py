@@ -13,10 +13,9 @@ import functools
 from . import _C_loader, diagnostics, reference
 from ._C_loader import HAS_C, HAS_C_CUDA
 from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_schedule
-from .optim import Muon
+from .optim import Muon, describe_param_groups, muon_param_groups
 from .muon_step import muon_apply_, muon_momentum_
 from .orthogonalize import newton_schulz, polar
-from .param_groups import muon_param_groups
 
 from ._version import __version__  # the one version source; pyproject.toml reads it too
 
@@ -25,6 +24,7 @@ __all__ = [
     "polar",
     "Muon",
     "muon_param_groups",
+    "describe_param_groups",
     "muon_momentum_",
     "muon_apply_",
     "HAS_C",

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastortho.param_groups import describe_param_groups, muon_param_groups
+from fastortho.optim.param_groups import describe_param_groups, muon_param_groups
 
 
 # ---------------------------------------------------------------------------------------------

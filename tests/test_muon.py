@@ -18,7 +18,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 import fastortho
 from fastortho.optim import Muon
 from fastortho.optim import functional as F
-from fastortho.param_groups import muon_param_groups
+from fastortho.optim.param_groups import muon_param_groups
 
 KJ = (3.4445, -4.7750, 2.0315)
 SHAPES = [(32, 64), (64, 32), (48, 48), (48, 48)]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastortho.optim import Muon
-from fastortho.param_groups import describe_param_groups, muon_param_groups
+from fastortho.optim.param_groups import describe_param_groups, muon_param_groups
 
 
 class TinyLM(nn.Module):
