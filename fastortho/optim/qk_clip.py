@@ -129,7 +129,7 @@ def observe_max_logits(
     mask = None
     if attn_mask is not None:
         m = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
-        mask = m.expand(B, H, L, S).reshape(B, Hk, G, L, S)
+        mask = m.expand(B, H, L, S)  # a view: each chunk below copies only its own rows
     c = max(1, chunk_elems // max(1, B * H * S))
     out = torch.full((Hk, G), float("-inf"), dtype=work, device=q.device)
     for i0 in range(0, L, c):
@@ -139,7 +139,7 @@ def observe_max_logits(
             rows = torch.arange(i0, i1, device=q.device).unsqueeze(1)
             s = s.masked_fill(torch.arange(S, device=q.device) > rows, float("-inf"))
         if mask is not None:
-            s = s.masked_fill(~mask[..., i0:i1, :], float("-inf"))
+            s = s.masked_fill(~mask[..., i0:i1, :].reshape(B, Hk, G, i1 - i0, S), float("-inf"))
         out = torch.maximum(out, s.amax(dim=(0, 3, 4)) if s.numel() else out)
     return out.reshape(H).float() if work == torch.float32 else out.reshape(H)
 
