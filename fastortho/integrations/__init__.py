@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from fastortho.param_groups import muon_param_groups
+from fastortho import muon_param_groups
 
 __all__ = ["trainable_param_groups"]
 

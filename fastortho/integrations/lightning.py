@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from fastortho.optim.muon import Muon
+from fastortho import Muon
 
 __all__ = ["configure_optimizers"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fastortho.optim.muon import Muon
+from fastortho import Muon
 
 __all__ = ["register", "param_groups", "timm_muon", "NAME"]
 

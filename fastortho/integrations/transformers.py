@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from fastortho.integrations import _ROUTING, trainable_param_groups
-from fastortho.optim.muon import Muon
+from fastortho import Muon
 
 __all__ = ["muon", "MuonFactory", "trainable_param_groups"]
 
