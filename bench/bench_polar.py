@@ -17,19 +17,21 @@ values of the output > ½), model FLOPs per matrix, and p20/p50/p80 wall time pe
 FLOP models (m ≤ n, per matrix; a QR of p×q costs 2pq² − ⅔q³ plus the same to form Q):
 * qdwh: ``fastortho.polar_qdwh.qdwh_flops`` (QR of Gᵀ, QR steps on [√c X; I], Cholesky steps,
   NS polish, the final Q₀X) + the m³ check of XᵀX;
-* higham: eigh of the first Gram (≈ 9m³) + rotations (4m²n), per step Gram (m²n, symmetric),
-  Cholesky (m³/3), solve (2m²n);
+* higham: QR of the n×m tall orientation and forming Q (4nm² − 4/3m³), Q·X (2nm²), per step one
+  LU inverse (2m³) or a Newton–Schulz tail step (3m³ with the symmetric Gram), averaged as 2.5m³;
 * svd: Golub–Van Loan R-SVD with U, V (6nm² + 20m³) + UVᵀ (2m²n);
 * NS: per step 4m²n + 2m³ (naive; 3m²n + m³ with symmetry).
 
 Also ``scipy.linalg.polar`` (float64, SVD-based) when scipy is installed.
 
 ``--speed``: the speed rows (float32 1024×1024, 1024×4096, 32×256×256; higham vs qdwh vs a
-``torch.linalg.svd`` polar, ratios from the same run; on CUDA when available, else CPU).
+``torch.linalg.svd`` polar, ratios from the same pass; ``--repeat N``: N passes, medians; on CUDA
+when available, else CPU), how higham spent its work (inverses, tail steps, matrices through the
+rank check and the SVD) and the component kernels' times (LU inverse, GEMM, Cholesky, QR, SVD).
 ``--storage``: the low-precision storage model of Higham's iteration (X rounded to bf16/fp16 after
 every step, or after the Newton–Schulz tail steps only; products in float32).
 
-Usage: ``python bench/bench_polar.py [--tiny] [--speed] [--storage] [--csv out.csv] [--threads N]``.
+Usage: ``python bench/bench_polar.py [--tiny] [--speed [--repeat N]] [--storage] [--csv out.csv] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -164,32 +166,89 @@ def bench(m: int, n: int, kappa: float, reps: int, jaxfns) -> list[dict]:
     return rows
 
 
-def speed(reps: int, tiny: bool = False) -> list[dict]:
-    """higham vs qdwh vs SVD polar, float32, one run: times (p50) and ratios."""
+def _higham_counts(G: torch.Tensor) -> dict:
+    """How one ``polar(G, method="higham")`` call spends its work: LU inverses, Newton–Schulz tail
+    steps (Gram products), matrices through the rank check and through the SVD (counted by
+    wrapping the calls; batched calls count once per matrix)."""
+    import fastortho.polar_higham as ph
+
+    n = {"inverses": 0, "tail steps": 0, "checked": 0, "svd": 0}
+    real = (torch.linalg.inv_ex, ph.gram, torch.linalg.cholesky_ex, torch.linalg.svd)
+
+    def wrap(key, fn, per=1):
+        def f(A, *a, **k):
+            n[key] += (A.shape[0] if A.ndim == 3 else 1) // per
+            return fn(A, *a, **k)
+        return f
+
+    torch.linalg.inv_ex, ph.gram = wrap("inverses", real[0]), wrap("tail steps", real[1])
+    torch.linalg.cholesky_ex, torch.linalg.svd = wrap("checked", real[2], per=2), wrap("svd", real[3])
+    try:
+        _, it = fastortho.polar(G, method="higham", return_iterations=True)
+    finally:
+        torch.linalg.inv_ex, ph.gram, torch.linalg.cholesky_ex, torch.linalg.svd = real
+    n["iters"] = str(sorted(set(it.tolist())))
+    return n
+
+
+def components(n: int, dev: str, reps: int) -> dict:
+    """p50 ms of the kernels higham/qdwh/SVD polar are made of, float32 n×n, one call each."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=g).to(dev)
+    S = A @ A.mT + n * torch.eye(n, device=dev)
+    fns = {"LU inverse (inv_ex)": lambda: torch.linalg.inv_ex(A), "GEMM": lambda: A @ A,
+           "Cholesky": lambda: torch.linalg.cholesky_ex(S), "QR": lambda: torch.linalg.qr(A),
+           "SVD (gesdd)": lambda: torch.linalg.svd(A, full_matrices=False)}
+    return {k: timeit(f, dev, warmup=1, reps=reps, max_time_s=20.0).p50 for k, f in fns.items()}
+
+
+def speed(reps: int, tiny: bool = False, repeat: int = 1) -> list[dict]:
+    """higham vs qdwh vs SVD polar, float32: times (p50 of ``reps`` calls; with ``repeat`` > 1 the
+    median over that many passes of the whole set, each pass measuring the three methods back to
+    back) and ratios, plus how higham spent its work and the component kernels' times."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(1, 64, 64)] if tiny else [(1, 1024, 1024), (1, 1024, 4096), (32, 256, 256)]
+    inputs = {s: torch.randn(*s, generator=torch.Generator().manual_seed(0)).to(dev) for s in shapes}
+
+    def svd_polar(G):
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        return U @ Vh
+
+    times: dict[tuple, list[dict]] = {s: [] for s in shapes}
+    for r in range(repeat):
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"pass {r + 1}/{repeat}: load average {load:.1f}", flush=True)
+        for s, G in inputs.items():
+            t = {}
+            for name, fn in (("higham", lambda G=G: fastortho.polar(G, method="higham")),
+                             ("qdwh", lambda G=G: fastortho.polar(G, method="qdwh")),
+                             ("svd", lambda G=G: svd_polar(G))):
+                t[name] = timeit(fn, dev, warmup=1, reps=reps, max_time_s=30.0).p50
+            t["load"] = load
+            times[s].append(t)
     rows = []
-    for shape in shapes:
-        G = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dev)
-
-        def svd_polar(G=G):
-            U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-            return U @ Vh
-
-        t = {}
-        for name, fn in (("higham", lambda G=G: fastortho.polar(G, method="higham")),
-                         ("qdwh", lambda G=G: fastortho.polar(G, method="qdwh")),
-                         ("svd", svd_polar)):
-            t[name] = timeit(fn, dev, warmup=1, reps=reps, max_time_s=30.0).as_dict("ms_")["ms_p50"]
-        _, it = fastortho.polar(G, method="higham", return_iterations=True)
-        rows.append(dict(shape="×".join(map(str, shape)), device=dev, higham_ms=t["higham"], qdwh_ms=t["qdwh"],
-                         svd_ms=t["svd"], higham_over_qdwh=t["higham"] / t["qdwh"],
-                         higham_over_svd=t["higham"] / t["svd"], higham_iters=str(sorted(set(it.tolist())))))
-    print("| shape | device | higham ms | qdwh ms | svd ms | higham/qdwh | higham/svd | higham iters |")
-    print("|---|---|---|---|---|---|---|---|")
+    for s, G in inputs.items():
+        med = {k: float(np.median([t[k] for t in times[s]])) for k in ("higham", "qdwh", "svd")}
+        # ratios per pass (same pass, same load), then the median
+        rq = float(np.median([t["higham"] / t["qdwh"] for t in times[s]]))
+        rs = float(np.median([t["higham"] / t["svd"] for t in times[s]]))
+        c = _higham_counts(G)
+        rows.append(dict(shape="×".join(map(str, s)), device=dev, higham_ms=med["higham"], qdwh_ms=med["qdwh"],
+                         svd_ms=med["svd"], higham_over_qdwh=rq, higham_over_svd=rs,
+                         passes=[(round(t["higham"]), round(t["qdwh"]), round(t["svd"])) for t in times[s]],
+                         higham_iters=c.pop("iters"), work=c))
+    print("| shape | device | higham ms | qdwh ms | svd ms | higham/qdwh | higham/svd | higham iters | higham work |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        w = ", ".join(f"{v} {k}" for k, v in r["work"].items())
         print(f"| {r['shape']} | {r['device']} | {r['higham_ms']:.0f} | {r['qdwh_ms']:.0f} | {r['svd_ms']:.0f} | "
-              f"{r['higham_over_qdwh']:.2f} | {r['higham_over_svd']:.2f} | {r['higham_iters']} |")
+              f"{r['higham_over_qdwh']:.2f} | {r['higham_over_svd']:.2f} | {r['higham_iters']} | {w} |")
+    if repeat > 1:
+        for r in rows:
+            print(f"  {r['shape']}: (higham, qdwh, svd) ms per pass: {r['passes']}")
+    n = shapes[0][-1]
+    comp = components(n, dev, reps)
+    print(f"components, float32 {n}×{n}, p50 ms: " + ", ".join(f"{k} {v:.1f}" for k, v in comp.items()))
     return rows
 
 
@@ -238,12 +297,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-jax", action="store_true")
     p.add_argument("--csv", default=None)
     p.add_argument("--speed", action="store_true", help="only the speed rows (1024², 1024×4096, 32×256²)")
+    p.add_argument("--repeat", type=int, default=1, help="--speed: passes over the set (median reported)")
     p.add_argument("--storage", action="store_true", help="only the bf16/fp16 storage model")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.speed:
         print(device_string("cuda" if torch.cuda.is_available() else "cpu"))
-        return speed(1 if a.tiny else a.reps, a.tiny)
+        return speed(1 if a.tiny else a.reps, a.tiny, a.repeat)
     if a.storage:
         return storage_model(a.tiny)
     sizes = [(16, 40)] if a.tiny else [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
