@@ -63,7 +63,9 @@ def smem_limit(arch: int) -> int:
     from . import _config
 
     table = getattr(_config, "SMEM_LIMIT", {})
-    return int(table.get(arch, _SMEM_LIMIT_FALLBACK.get(arch, 99 * 1024)))
+    if arch in table:
+        return int(table[arch])
+    return int(_SMEM_LIMIT_FALLBACK.get(arch, 99 * 1024))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +387,8 @@ def trace_launches(arch: int) -> Iterator[list]:
                 patch(ns_launch, name, _Recorder(obj, name, recs))
         if hasattr(ns_launch, "_arch"):
             patch(ns_launch, "_arch", lambda t: arch)
+        if hasattr(ns_launch, "_device_smem"):   # memoized per device index: answer per traced arch
+            patch(ns_launch, "_device_smem", lambda t: smem_limit(arch))
         patch(torch.cuda, "get_device_capability", lambda *a, **k: divmod(arch, 10))
         patch(torch.cuda, "get_device_properties", lambda *a, **k: _FakeProps(arch))
         patch(torch.cuda, "is_current_stream_capturing", lambda: False)
