@@ -18,6 +18,7 @@ same programs whatever the batch, so outputs are bit-identical alone or batched.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -59,8 +60,12 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     res = out if out_dtype == cdt else torch.empty(B, m, n, device=G.device, dtype=cdt)
     resv = res.mT if tall else res
     run = ns_gram if gram else ns_standard
-    run(Gv, resv, list(coefficients), normalize=normalize, safety=safety, eps=eps, cdt=cdt,
-        fp32_first=fp32_first_gram)
+    # Triton launches on the current device; custom_op adds no device guard, so a tensor on
+    # cuda:1 while cuda:0 is current needs one (it then runs on cuda:1's current stream).
+    guard = torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        run(Gv, resv, list(coefficients), normalize=normalize, safety=safety, eps=eps, cdt=cdt,
+            fp32_first=fp32_first_gram)
     if res is not out:
         out.copy_(res)
     return out

@@ -21,8 +21,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Per-block shared-memory limits (opt-in maximum) in bytes.
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Per-block shared-memory limits (opt-in maximum) in bytes, per compute capability (CUDA
+# programming guide, "Technical Specifications per Compute Capability"): used ahead of time and as
+# the default; at run time the launcher reads the device's own limit instead (``smem_limit``).
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 120: 99 * 1024}
+DEFAULT_SMEM_LIMIT = 99 * 1024   # the smallest limit of any arch ≥ sm_80
+
+
+def smem_limit(arch: int, device_limit: int | None = None) -> int:
+    """Per-block shared memory of ``arch``: the device's opt-in maximum when known, else the table."""
+    if device_limit:
+        return int(device_limit)
+    return SMEM_LIMIT.get(arch, DEFAULT_SMEM_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -39,8 +50,11 @@ class Config:
         buffers = self.num_stages if arch >= 90 else max(1, self.num_stages - 1)
         return buffers * (self.block_m + self.block_n) * self.block_k * elem_bytes
 
-    def fits(self, arch: int, elem_bytes: int) -> bool:
-        return self.smem_bytes(elem_bytes, arch) <= SMEM_LIMIT.get(arch, 99 * 1024)
+    def fits(self, arch: int, elem_bytes: int, limit: int | None = None) -> bool:
+        """The operand pipeline fits in ``limit`` (default: the arch's table entry).
+        ``elem_bytes``: size of the elements the kernel *loads* (4 for an fp32 input read by the
+        first step even when it is rounded to bf16 in registers: the pipeline buffers hold fp32)."""
+        return self.smem_bytes(elem_bytes, arch) <= (limit or smem_limit(arch))
 
 
 # Candidate lists (the autotune space). Sym configs have block_n == block_m.
@@ -82,8 +96,9 @@ FP32_SYM = {"tf32x3": Config(64, 64, 32, 4, 3), "ieee": Config(64, 64, 32, 8, 3)
 FP32_APPLY = Config(64, 64, 32, 4, 3)
 
 
-def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Config:
-    """Table lookup for C = α·P·Sᵀ + β·Y, P, S of logical shape k×L."""
+def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool, limit: int | None = None) -> Config:
+    """Table lookup for C = α·P·Sᵀ + β·Y, P, S of logical shape k×L; ``elem_bytes`` of the loaded
+    operands, checked against the arch's (or the device's) shared-memory ``limit``."""
     if interpret:
         return _interpret_sym(k)
     # Small outputs: 64-tiles keep enough programs in flight (a 512² output is 36 triangle tiles
@@ -92,11 +107,11 @@ def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Con
         cfg = SYM_CONFIGS[1] if L >= 2 * k else SYM_CONFIGS[0]
     else:
         cfg = SYM_CONFIGS[3]
-    return cfg if cfg.fits(arch, elem_bytes) else SYM_CONFIGS[0]
+    return _first_fitting((cfg, SYM_CONFIGS[0], FP32_SYM["ieee"]), arch, elem_bytes, limit)
 
 
-def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> Config:
-    """Table lookup for X' = Q·X + a·X, Q k×k, X k×L."""
+def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool, limit: int | None = None) -> Config:
+    """Table lookup for X' = Q·X + a·X, Q k×k, X k×L (``elem_bytes``: see :func:`pick_sym`)."""
     if interpret:
         return _interpret_apply(k, L)
     if k * L <= 1024 * 1024:
@@ -105,4 +120,13 @@ def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool) -> C
         cfg = APPLY_CONFIGS[4]
     else:
         cfg = APPLY_CONFIGS[3]
-    return cfg if cfg.fits(arch, elem_bytes) else APPLY_CONFIGS[0]
+    return _first_fitting((cfg, APPLY_CONFIGS[0], FP32_APPLY), arch, elem_bytes, limit)
+
+
+def _first_fitting(cands: tuple[Config, ...], arch: int, elem_bytes: int, limit: int | None) -> Config:
+    """The first candidate whose operand pipeline fits; the last (smallest, 48 KiB in fp32 on
+    sm_90) is taken regardless, so a caller always gets a config."""
+    for c in cands:
+        if c.fits(arch, elem_bytes, limit):
+            return c
+    return cands[-1]

@@ -107,7 +107,9 @@ if HAS_TRITON:
         ti, tj = _triangle_tile(pid % N_TRI)
         rows = ti.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tj.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ks = tl.arange(0, BLOCK_K)
+        # int64: k·stride reaches 2^31 once a stride exceeds 2^31 / BLOCK_K (16.7 M at BLOCK_K = 128)
+        ks = tl.arange(0, BLOCK_K).to(tl.int64)
+        step_k = tl.full((), BLOCK_K, tl.int64)
         row_ok = rows < K_OUT
         col_ok = cols < K_OUT
 
@@ -126,8 +128,8 @@ if HAS_TRITON:
             p = _round(p, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
             q = _round(q, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
             acc = tl.dot(p, q, acc, input_precision=INPUT_PRECISION)
-            p_ptrs += BLOCK_K * sp_c
-            s_ptrs += BLOCK_K * ss_c
+            p_ptrs += step_k * sp_c
+            s_ptrs += step_k * ss_c
 
         out = acc * alpha
         mask = row_ok[:, None] & col_ok[None, :]
@@ -186,7 +188,9 @@ if HAS_TRITON:
 
         rows = tm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
+        # int64: k·stride reaches 2^31 once a stride exceeds 2^31 / BLOCK_K (16.7 M at BLOCK_K = 128)
+        ks = tl.arange(0, BLOCK_K).to(tl.int64)
+        step_k = tl.full((), BLOCK_K, tl.int64)
         row_ok = rows < K_IN
         col_ok = cols < L
         q_ptrs = Q + pid_b * sq_b + rows[:, None] * sq_r + ks[None, :] * sq_c
@@ -202,8 +206,8 @@ if HAS_TRITON:
                 x = x.to(tl.float32) * s
             acc = tl.dot(q.to(DOT_DTYPE), _round(x, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE), acc,
                          input_precision=INPUT_PRECISION)
-            q_ptrs += BLOCK_K * sq_c
-            x_ptrs += BLOCK_K * sx_r
+            q_ptrs += step_k * sq_c
+            x_ptrs += step_k * sx_r
 
         mask = row_ok[:, None] & col_ok[None, :]
         if HAS_AX:

@@ -46,6 +46,20 @@ def _arch(t: torch.Tensor) -> int:
     return 10 * major + minor
 
 
+_DEVICE_SMEM: dict[int, int | None] = {}
+
+
+def _device_smem(t: torch.Tensor) -> int | None:
+    """The device's per-block opt-in shared memory (bytes), None off CUDA or when torch hides it."""
+    if t.device.type != "cuda":
+        return None
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_SMEM:
+        props = torch.cuda.get_device_properties(idx)
+        _DEVICE_SMEM[idx] = getattr(props, "shared_memory_per_block_optin", None) or None
+    return _DEVICE_SMEM[idx]
+
+
 def dot_setup(round_dtype: torch.dtype, device: torch.device, first_fp32: bool = False):
     """(DOT_DTYPE, INPUT_PRECISION) for operands stored in ``round_dtype``.
 
@@ -65,26 +79,37 @@ def _autotune_on() -> bool:
     return os.environ.get("FASTORTHO_TRITON_AUTOTUNE", "0") not in ("", "0")
 
 
+def _capturing() -> bool:
+    """True inside CUDA-graph capture: timing candidates there would be captured (or fail)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _choose(kind: str, k: int, L: int, dtype: torch.dtype, t: torch.Tensor, launch,
-            precision: str = "ieee") -> _config.Config:
+            precision: str = "ieee", load_bytes: int | None = None) -> _config.Config:
+    """Config for one launch. ``dtype``: precision of the dot operands; ``load_bytes``: size of
+    the widest element the kernel loads (an fp32 input rounded to bf16 in registers still fills
+    the pipeline buffers with fp32), which is what shared memory is counted with."""
     interp = interpreter_enabled() or t.device.type != "cuda"
     arch = _arch(t)
     eb = torch.finfo(dtype).bits // 8
+    lb = max(eb, load_bytes or eb)
     if eb == 4 and not interp:
         return _config.FP32_SYM[precision] if kind == "sym" else _config.FP32_APPLY
+    limit = None if interp else _device_smem(t)
     pick = _config.pick_sym if kind == "sym" else _config.pick_apply
-    if interp or not _autotune_on():
-        return pick(k, L, eb, arch, interp)
-    key = (kind, k, L, dtype, arch)
+    if interp or not _autotune_on() or _capturing():
+        return pick(k, L, lb, arch, interp, limit)
+    key = (kind, k, L, dtype, lb, arch)
     if key not in _TUNED:
-        cands = [c for c in (_config.SYM_CONFIGS if kind == "sym" else _config.APPLY_CONFIGS) if c.fits(arch, eb)]
+        cands = [c for c in (_config.SYM_CONFIGS if kind == "sym" else _config.APPLY_CONFIGS)
+                 if c.fits(arch, lb, limit)]
         times = []
         for c in cands:
             try:
                 times.append((triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20), c))
             except Exception:  # noqa: BLE001 - a config the compiler rejects (resources) is skipped
                 continue
-        _TUNED[key] = min(times, key=lambda x: x[0])[1] if times else pick(k, L, eb, arch, False)
+        _TUNED[key] = min(times, key=lambda x: x[0])[1] if times else pick(k, L, lb, arch, False, limit)
     return _TUNED[key]
 
 
@@ -123,7 +148,7 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0:
-        launch(_choose("sym", k, L, rd, P, launch, prec))
+        launch(_choose("sym", k, L, rd, P, launch, prec, load_bytes=max(P.element_size(), S.element_size())))
     return out
 
 
@@ -158,7 +183,7 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0 and L > 0:
-        launch(_choose("apply", k, L, xrd, X, launch, prec))
+        launch(_choose("apply", k, L, xrd, X, launch, prec, load_bytes=max(Q.element_size(), X.element_size())))
     return out
 
 
