@@ -75,8 +75,10 @@ def fused_update(X: Tensor, Z: Tensor, alpha: Tensor, beta: Tensor, active: Tens
 
         return polar_update(X, Z, alpha, beta, active)
     tiny = torch.finfo(X.dtype).tiny
-    Xn = alpha[:, None, None] * X + beta[:, None, None] * Z
-    Xn = torch.where(active[:, None, None], Xn, X)
+    Xn = torch.addcmul(alpha[:, None, None] * X, beta[:, None, None], Z)  # αX + βZ, two passes
+    # The select is a third pass; on the CPU asking whether it is needed costs no device sync.
+    if not (X.device.type == "cpu" and bool(active.all())):
+        Xn = torch.where(active[:, None, None], Xn, X)
     step = torch.linalg.vector_norm(Xn - X, dim=(-2, -1)) / torch.linalg.vector_norm(Xn, dim=(-2, -1)).clamp_min(tiny)
     return Xn, step
 
