@@ -394,16 +394,19 @@ def _train(model, opt, rank_slice, n_total, steps=E2E_STEPS, tp=False, ns_counte
     return between
 
 
-def _count_ns(opt):
-    counter = [0]
-    orig = opt._orthogonalize_bucket
+def _counting_ns(counter):
+    """The default orthogonalizer (Keller's triple, 5 steps, the CPU's fp32) as an ``orthogonalizer=``
+    callable that counts its calls in ``counter[0]``."""
+    from fastortho.optim import functional as F
+    from fastortho.optim.defaults import MUON_DEFAULTS
 
-    def counted(x, g):
+    cfg = F.OrthoConfig.from_group(dict(MUON_DEFAULTS, ns_steps=5))
+
+    def counted(x):
         counter[0] += 1
-        return orig(x, g)
+        return F.orthogonalize(x, cfg)
 
-    opt._orthogonalize_bucket = counted
-    return counter
+    return counted
 
 
 def _fsdp_model(mesh):
@@ -422,8 +425,8 @@ def sc_e2e_fsdp(rank, world):
 
     mesh = init_device_mesh("cpu", (world,))
     model = _fsdp_model(mesh)
-    opt = _opt(model.parameters())
-    counter = _count_ns(opt)
+    counter = [0]
+    opt = _opt(model.parameters(), orthogonalizer=_counting_ns(counter))
     outside = _train(model, opt, slice(rank * PER, (rank + 1) * PER), world * PER, ns_counter=counter)
     equal, diff = _compare(model, _reference(world, world * PER))
     placements = sorted({str(p.placements) for p in model.parameters()})

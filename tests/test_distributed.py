@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dist_scenarios as S  # noqa: E402
 
 import fastortho  # noqa: E402
-from fastortho import distributed as D  # noqa: E402
+from fastortho.optim import distributed as D  # noqa: E402
 from fastortho.optim import functional as F  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or

@@ -48,16 +48,23 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-class TorchNS(Muon):
-    """Muon with torch.optim.Muon's own bf16 Newton–Schulz plugged into the override hook."""
+def TorchNS(params, **kw):
+    """Muon with torch.optim.Muon's own bf16 Newton–Schulz as its ``orthogonalizer=`` callable (reading the
+    optimizer's current ns settings, as loaded from a checkpoint too); counts its calls."""
+    opt = None
 
-    calls = 0
-
-    def _orthogonalize_bucket(self, stacked, group):
+    def torch_ns(stacked):
         TorchNS.calls += 1
+        group = opt.param_groups[0]
         steps = group["ns_steps"] or 5
         return torch.stack([_zeropower_via_newtonschulz(x, group["ns_coefficients"], steps, group["eps"])
                             for x in stacked])
+
+    opt = Muon(params, orthogonalizer=torch_ns, **kw)
+    return opt
+
+
+TorchNS.calls = 0
 
 
 def kj_reference(params, grads_per_step, *, lr, wd, beta=0.95, nesterov=True, steps=5):
@@ -92,7 +99,7 @@ def kj_reference(params, grads_per_step, *, lr, wd, beta=0.95, nesterov=True, st
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_bit_identical_to_torch_muon_with_its_ns(nesterov):
     """Everything but the NS numerics (momentum, scale, decay, apply) is torch's, bit for bit (fp32):
-    plugging torch's own NS into the bucket hook gives identical parameters after 10 steps."""
+    plugging torch's own NS as the orthogonalizer gives identical parameters after 10 steps."""
     shapes = [(16, 32), (32, 16), (24, 24), (24, 24)]  # small: a CPU bf16 matmul is slow
     a, _ = run(lambda ps: torch.optim.Muon(ps, lr=0.02, nesterov=nesterov), shapes=shapes)
     b, _ = run(lambda ps: TorchNS(ps, lr=0.02, nesterov=nesterov, ns_dtype=torch.bfloat16), shapes=shapes)
@@ -667,7 +674,7 @@ def test_every_torch_dtype_side_by_side_with_torch_muon(dtype, step_path):
     fused kernels where they exist (fp16/bf16/fp32) and the float64 fallback, side by side with torch
     for 5 steps (relative difference of the parameter change).
 
-    fp32/fp64, torch's own NS in the bucket hook: every operation is torch's, bit for bit. fastortho's
+    fp32/fp64, torch's own NS as the orthogonalizer: every operation is torch's, bit for bit. fastortho's
     bf16 NS: within 2× the gap between torch's bf16 NS and an fp32 NS (measured 1.0–1.1×).
 
     fp16/bf16: fastortho rounds the buffer once (torch: after ``lerp_`` and again in the Nesterov

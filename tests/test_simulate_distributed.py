@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import simulate_distributed as S  # noqa: E402
 from model_presets import PRESETS  # noqa: E402
 
-from fastortho import distributed as D  # noqa: E402
+from fastortho.optim import distributed as D  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 

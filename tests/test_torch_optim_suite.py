@@ -8,7 +8,7 @@ classes, step and state_dict hooks, deepcopy, closures, tensor lr, an LR schedul
 added mid-run, and torch's error inputs.
 
 "Equal" is bit for bit wherever fastortho claims it: with torch's own bf16 Newton–Schulz plugged into
-the bucket hook (:class:`TorchNS`), every other operation (momentum, lr scale, decay, apply) is
+the ``orthogonalizer=`` callable (:func:`TorchNS`), every other operation (momentum, lr scale, decay, apply) is
 torch's, on the fused C kernels and on the ``_foreach`` fallback alike. fastortho's own bf16 NS rounds
 elsewhere: it is held to 2× the gap between torch's bf16 NS and an fp32 NS of the same steps (the
 bound of ``tests/test_muon.py::test_matches_torch_muon_to_its_bf16_tolerance``).
@@ -45,12 +45,18 @@ IDS = [i.desc for i in INPUTS]
 SHAPES = [(12, 8), (8, 12), (10, 10)]  # tall, wide, square; small: a CPU bf16 matmul is slow
 
 
-class TorchNS(Muon):
-    """fastortho.Muon with torch.optim.Muon's own bf16 Newton–Schulz in the bucket hook."""
+def TorchNS(params, **kw):
+    """fastortho.Muon with torch.optim.Muon's own bf16 Newton–Schulz as its ``orthogonalizer=`` callable,
+    reading the optimizer's current ns settings (those a loaded checkpoint brings too)."""
+    opt = None
 
-    def _orthogonalize_bucket(self, stacked, group):
+    def torch_ns(stacked):
+        group = opt.param_groups[0]
         return torch.stack([_zeropower_via_newtonschulz(x, group["ns_coefficients"], group["ns_steps"],
                                                         group["eps"]) for x in stacked])
+
+    opt = Muon(params, orthogonalizer=torch_ns, **kw)
+    return opt
 
 
 @pytest.fixture(params=["c", "foreach"])

@@ -1,23 +1,26 @@
-r"""Stateless pieces of a Muon step, shared by :class:`fastortho.Muon` and usable on their own.
+r"""Stateless phases of a Muon step, shared by :class:`fastortho.Muon`, its distributed engine and
+:func:`muon`.
 
 A Muon step on a list of matrix parameters runs in three phases:
 
-1. **momentum** (per parameter group, fused, :func:`fastortho.muon_step.muon_momentum_`):
+1. **momentum** (:func:`momentum_phase`, per group, fused, :func:`fastortho.muon_step.muon_momentum_`):
    :math:`B \leftarrow \beta B + (1-\beta) g` (``"ema"``) or :math:`B \leftarrow \beta B + g` (``"sum"``),
    and the orthogonalizer input :math:`u` (Nesterov blend or :math:`B`), with a per-tensor
-   :math:`\sum u^2` that doubles as the non-finite check;
-2. **orthogonalize** (across groups): every *matrix unit* (a 2-D parameter, a flattened conv kernel, a
-   row block of a split parameter, or each matrix of a stacked 3-D parameter) is viewed as
-   ``(B, m, n)``; units of equal ``(m, n, dtype, device)`` and equal orthogonalizer settings are
-   concatenated and orthogonalized in one batched call, :math:`O \approx U V^\top`;
-3. **apply** (per group, fused, :func:`fastortho.muon_step.muon_apply_`):
+   :math:`\sum u^2` that doubles as the non-finite check; :func:`matrix_units` then views each
+   parameter as *matrix units* (a 2-D parameter, a flattened conv kernel, a row block of a split
+   parameter, or the matrices of a stacked 3-D parameter) of shape ``(B, m, n)``;
+2. **orthogonalize** (:func:`orthogonalize_units`, across groups): units of equal ``(m, n, dtype,
+   device)`` and equal :class:`OrthoConfig` are concatenated and orthogonalized in one batched call,
+   :math:`O \approx U V^\top`;
+3. **apply** (:func:`apply_phase`, per group, fused, :func:`fastortho.muon_step.muon_apply_`):
    :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\, s(m, n)\, O` with the learning-rate scale
    :math:`s` of :func:`lr_scale_factor`, computed from the matrix shape *after* flattening/splitting.
 
-:func:`muon` runs the three phases for one list of parameters (one group); the optimizer class runs
-phase 1 and 3 per group and phase 2 over all groups at once, so same-shape matrices of different
-groups still share one batched call.
+Parameters routed to AdamW take :func:`adamw_phase`. The phases take keyword-only arguments without
+defaults (as ``torch.optim``'s functional API); :func:`momentum_args`, :func:`unit_args`,
+:func:`apply_args` and :func:`adamw_args` read them from a param group, once for every caller.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,125 +31,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastortho.coefficients import Schedule
 from fastortho.muon_step import muon_apply_, muon_momentum_
+from fastortho.optim.adamw import adamw_step_
+from fastortho.optim.defaults import (
+    KELLER, MUON_DEFAULTS, ORTHOGONALIZER_ALIASES, ORTHOGONALIZERS, TORCH_NS_STEPS, enforce_nonfinite,
+)
+from fastortho.optim.shapes import (
+    LR_SCALES, TORCH_ADJUST_LR_FN, lr_scale_factor, matrix_shape, resolve_lr_scale, resolve_ns_dtype, split_blocks,
+)
+from fastortho.orthogonalize import newton_schulz, polar
 
 __all__ = [
-    "LR_SCALES",
-    "TORCH_ADJUST_LR_FN",
-    "lr_scale_factor",
-    "resolve_lr_scale",
-    "matrix_shape",
-    "resolve_ns_dtype",
-    "orthogonalize",
-    "OrthoConfig",
-    "MatrixUnit",
-    "momentum_phase",
-    "contiguous_params",
-    "orthogonalize_units",
-    "apply_phase",
-    "muon",
+    "LR_SCALES", "TORCH_ADJUST_LR_FN", "lr_scale_factor", "resolve_lr_scale", "matrix_shape",
+    "resolve_ns_dtype", "Orthogonalizer", "OrthoConfig", "orthogonalize", "MatrixUnit", "init_state",
+    "momentum_phase", "split_blocks", "matrix_units", "orthogonalize_units", "apply_phase", "adamw_phase",
+    "momentum_args", "unit_args", "apply_args", "adamw_args", "telemetry_records", "contiguous_params", "muon",
 ]
 
-#: The learning-rate scale rules, :math:`m` = rows = fan_out, :math:`n` = cols = fan_in of the matrix
-#: *as orthogonalized* (after conv flattening and row splitting).
-LR_SCALES: dict[str, Callable[[int, int], float]] = {
-    # Keller Jordan / torch.optim.Muon "original": only tall matrices are scaled up.
-    "original": lambda m, n: math.sqrt(max(1.0, m / n)),
-    # Moonlight / torch "match_rms_adamw": update RMS ≈ 0.2, AdamW's typical RMS, so AdamW's lr transfers.
-    "rms_match": lambda m, n: 0.2 * math.sqrt(max(m, n)),
-    # Bernstein, "Deriving Muon" (seed 004): the RMS→RMS operator-norm step, √(fan_out/fan_in), unclamped.
-    "spectral": lambda m, n: math.sqrt(m / n),
-    "none": lambda m, n: 1.0,
-}
-#: torch.optim.Muon's ``adjust_lr_fn`` names and the rule each one is.
-TORCH_ADJUST_LR_FN: dict[str | None, str] = {
-    None: "original",
-    "original": "original",
-    "match_rms_adamw": "rms_match",
-    "spectral_unclamped": "spectral",
-}
-
-
-def lr_scale_factor(m: int, n: int, rule: str) -> float:
-    r"""The per-matrix learning-rate multiplier :math:`s(m, n)` for an :math:`m \times n` update.
-
-    ===============  ======================================  ===========================================
-    rule             :math:`s(m, n)`                         who
-    ===============  ======================================  ===========================================
-    ``"original"``   :math:`\sqrt{\max(1, m/n)}`             KellerJordan/Muon, torch ``"original"``
-    ``"rms_match"``  :math:`0.2\,\sqrt{\max(m, n)}`          Moonlight, torch ``"match_rms_adamw"``,
-                                                             dion ``"rms_norm"``
-    ``"spectral"``   :math:`\sqrt{m/n}`                      Bernstein (seed 004), torch
-                                                             ``"spectral_unclamped"``, dion
-                                                             ``"spectral_norm"``
-    ``"none"``       :math:`1`
-    ===============  ======================================  ===========================================
-
-    :math:`m` is fan_out (rows) and :math:`n` fan_in (columns) of the matrix that is orthogonalized:
-    a conv kernel ``(out, in, kh, kw)`` has :math:`m = out,\ n = in\cdot kh\cdot kw`.
-    """
-    try:
-        return LR_SCALES[rule](m, n)
-    except KeyError:
-        raise ValueError(f"lr_scale must be one of {sorted(LR_SCALES)}, got {rule!r}") from None
-
-
-def resolve_lr_scale(lr_scale: str | None, adjust_lr_fn: str | None) -> str:
-    """One rule from fastortho's ``lr_scale`` and torch.optim.Muon's ``adjust_lr_fn``; they must agree."""
-    if adjust_lr_fn not in TORCH_ADJUST_LR_FN:
-        # torch.optim.Muon's message first (its tests match it), then the choices
-        raise ValueError(
-            f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn must be one of "
-            f"{sorted(k for k in TORCH_ADJUST_LR_FN if k)} or None"
-        )
-    from_torch = TORCH_ADJUST_LR_FN[adjust_lr_fn]
-    if lr_scale is None:
-        return from_torch
-    if lr_scale not in LR_SCALES:
-        raise ValueError(f"lr_scale must be one of {sorted(LR_SCALES)}, got {lr_scale!r}")
-    if adjust_lr_fn is not None and from_torch != lr_scale:
-        raise ValueError(
-            f"lr_scale={lr_scale!r} contradicts adjust_lr_fn={adjust_lr_fn!r} (= {from_torch!r}); pass one"
-        )
-    return lr_scale
-
-
-def matrix_shape(shape: Sequence[int], flatten: bool | None) -> tuple[int, int, int]:
-    r"""``(batch, m, n)``: how a parameter of ``shape`` is seen as a stack of matrices.
-
-    * 2-D: one :math:`m \times n` matrix.
-    * ``flatten=True`` (conv kernels ``(out, in, k...)``): one ``(shape[0], prod(shape[1:]))`` matrix.
-    * ``flatten=False`` (stacked matrices, e.g. MoE experts ``(E, m, n)``): ``prod(shape[:-2])`` matrices
-      of ``shape[-2:]``.
-    * ``flatten=None`` (auto): 3-D is stacked, 4-D and more is flattened (a conv2d/3d kernel). A conv1d
-      kernel is 3-D, so give its group ``flatten=True`` (``muon_param_groups`` does).
-    """
-    nd = len(shape)
-    if nd < 2:
-        raise ValueError(f"Muon needs a parameter with at least 2 dimensions, got shape {tuple(shape)}")
-    if nd == 2:
-        return 1, int(shape[0]), int(shape[1])
-    if flatten is None:
-        flatten = nd >= 4
-    if flatten:
-        return 1, int(shape[0]), int(math.prod(shape[1:]))
-    return int(math.prod(shape[:-2])), int(shape[-2]), int(shape[-1])
-
-
-def resolve_ns_dtype(ns_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` means bf16 on CUDA (tensor cores) and fp32 elsewhere (a CPU bf16 matmul is ~100× slower)."""
-    if ns_dtype is not None:
-        return ns_dtype
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
+#: A user-supplied orthogonalizer: maps a ``(B, m, n)`` stack to a tensor of the same shape.
+Orthogonalizer = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class OrthoConfig:
     """Everything that decides the orthogonalizer's output; units with equal configs share a batched call."""
 
-    orthogonalizer: str = "newton_schulz"
+    orthogonalizer: str | Orthogonalizer = "newton_schulz"
     coefficients: Hashable = None  # a schedule name, a tuple of (a, b, c) triples or a Schedule
-    steps: int | None = 5
+    steps: int | None = TORCH_NS_STEPS
     normalize: str = "fro"
     eps: float = 1e-7
     dtype: torch.dtype | None = None
@@ -155,46 +67,45 @@ class OrthoConfig:
     @staticmethod
     def from_group(group: dict[str, Any]) -> "OrthoConfig":
         """The config of a param group (``coefficients=None``: torch's one triple, ``ns_steps`` times)."""
-        from fastortho.coefficients import Schedule
-
         coeffs, steps = group.get("coefficients"), group.get("ns_steps")
         if coeffs is None:
-            steps = 5 if steps is None else int(steps)
+            steps = TORCH_NS_STEPS if steps is None else int(steps)
             coeffs = (tuple(float(c) for c in group["ns_coefficients"]),) * steps
         elif not isinstance(coeffs, (str, Schedule)):
             coeffs = tuple(tuple(float(c) for c in t) for t in coeffs)  # hashable, for bucketing
+        orth = group["orthogonalizer"]
         return OrthoConfig(
-            orthogonalizer=group["orthogonalizer"],
-            coefficients=coeffs,
-            steps=steps,
-            normalize=group["normalize"],
-            eps=float(group["eps"]),
-            dtype=group["ns_dtype"],
-            backend=group["backend"],
+            orthogonalizer=ORTHOGONALIZER_ALIASES.get(orth, orth) if isinstance(orth, str) else orth,
+            coefficients=coeffs, steps=steps, normalize=group["normalize"], eps=float(group["eps"]),
+            dtype=group["ns_dtype"], backend=group["backend"],
         )
 
 
 def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
     r"""Orthogonalize a ``(B, m, n)`` stack, :math:`X_b \mapsto O_b \approx U_b V_b^\top`, in ``cfg.dtype``.
 
-    ``"newton_schulz"`` calls :func:`fastortho.newton_schulz` (quintic steps of ``cfg.coefficients``,
-    input scaled by :math:`\max(\text{safety}\cdot\|X\|_F, \varepsilon)`); ``"polar"`` is the Higham
-    iteration of :func:`fastortho.polar` (seed 000), ``"svd"`` the exact polar factor.
+    ``"newton_schulz"`` runs :func:`fastortho.newton_schulz` (quintic steps of ``cfg.coefficients``,
+    input scaled by :math:`\max(\text{safety}\cdot\|X\|_F, \varepsilon)`); ``"qdwh"``, ``"higham"``
+    and ``"svd"`` run that method of :func:`fastortho.polar`. A callable is called on ``X`` as is and
+    its result used as returned (same shape required).
     """
-    import fastortho  # late: fastortho/__init__ imports this module
-
+    fn = cfg.orthogonalizer
+    if callable(fn):
+        out = fn(X)
+        if not isinstance(out, Tensor) or out.shape != X.shape:
+            raise ValueError(f"orthogonalizer {fn!r} must return a tensor of the input's shape {tuple(X.shape)}, "
+                             f"got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        return out
     dtype = resolve_ns_dtype(cfg.dtype, X.device)
-    if cfg.orthogonalizer == "newton_schulz":
+    if fn == "newton_schulz":
         coeffs = list(cfg.coefficients) if isinstance(cfg.coefficients, tuple) else cfg.coefficients
-        steps = cfg.steps
-        return fastortho.newton_schulz(
-            X, steps, coeffs, normalize=cfg.normalize, eps=cfg.eps, dtype=dtype, backend=cfg.backend
-        )
-    if cfg.orthogonalizer == "polar":
-        return fastortho.polar(X.to(dtype), method="higham").to(dtype)
-    if cfg.orthogonalizer == "svd":
-        return fastortho.polar(X, method="svd").to(dtype)
-    raise ValueError(f"orthogonalizer must be 'newton_schulz', 'polar' or 'svd', got {cfg.orthogonalizer!r}")
+        return newton_schulz(X, cfg.steps, coeffs, normalize=cfg.normalize, eps=cfg.eps, dtype=dtype,
+                             backend=cfg.backend)
+    if fn in ("qdwh", "higham"):
+        return polar(X.to(dtype), method=fn).to(dtype)
+    if fn == "svd":
+        return polar(X, method="svd").to(dtype)
+    raise ValueError(f"orthogonalizer must be one of {list(ORTHOGONALIZERS)} or a callable, got {fn!r}")
 
 
 @dataclass
@@ -214,6 +125,19 @@ class MatrixUnit:
     out: Tensor | None = field(default=None, repr=False)
 
 
+def init_state(state: dict[str, Any], p: Tensor, algorithm: str) -> dict[str, Any]:
+    """Create ``p``'s optimizer state in ``state`` if missing: the momentum buffer (Muon) or the step
+    count and moments (AdamW). ``zeros_like``: a DTensor parameter gets DTensor state of its placements."""
+    if algorithm == "muon":
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    elif "exp_avg" not in state:
+        state["step"] = torch.tensor(0.0)  # CPU, as torch.optim.AdamW (not capturable)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    return state
+
+
 def _check_grad(p: Tensor, g: Tensor) -> None:
     if g.is_sparse:
         raise RuntimeError("Muon does not support sparse gradients (route this parameter to AdamW or "
@@ -223,31 +147,20 @@ def _check_grad(p: Tensor, g: Tensor) -> None:
 
 
 def momentum_phase(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor],
-    *,
-    momentum: float,
-    nesterov: bool,
-    convention: str,
-    placement: str,
-    lr_scale: str,
-    flatten: bool | None,
-    split_sizes: Sequence[int] | None,
-    ns_dtype: torch.dtype,
-    nonfinite: str,
-    group_index: int = 0,
-    names: Sequence[str] | None = None,
-    backend: str = "auto",
-) -> tuple[list[MatrixUnit], Tensor | None]:
-    r"""Phase 1 for one group: momentum (``before_ortho``) and the matrix units to orthogonalize.
+    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], *, momentum: float,
+    nesterov: bool, convention: str, placement: str, ns_dtype: torch.dtype, nonfinite: str,
+    names: Sequence[str], backend: str, reduce_finite: Callable[[Tensor], Tensor] | None,
+) -> tuple[list[Tensor], Tensor | None]:
+    r"""Phase 1 for one group: momentum (``before_ortho``) and the orthogonalizer inputs :math:`u`.
 
-    Returns the units and a boolean ``(len(params),)`` tensor, True where the parameter's update is
-    finite (None with ``nonfinite="ignore"`` or ``placement="after_ortho"``, where the check runs in
-    :func:`apply_phase`). A non-finite :math:`u` (its fused :math:`\sum u^2` is NaN/Inf) is replaced by
-    zeros, which the orthogonalizer maps to a zero update, and its momentum buffer is reset to zero:
-    the old buffer cannot be recovered after the in-place update, and a NaN kept there would poison
-    every later step. No host sync unless ``nonfinite="raise"``.
+    Returns ``u`` per parameter (in ``ns_dtype``) and a boolean ``(len(params),)`` tensor, True where
+    the update is finite (None with ``nonfinite="ignore"`` or ``placement="after_ortho"``, where the
+    check runs in :func:`apply_phase`). ``reduce_finite`` combines the per-shard flags of sharded
+    parameters across ranks before the policy (None: the flags are already global). A non-finite
+    :math:`u` (its fused :math:`\sum u^2` is NaN/Inf) is replaced by zeros, which the orthogonalizer
+    maps to a zero update, and its momentum buffer is reset to zero: the old buffer cannot be
+    recovered after the in-place update, and a NaN kept there would poison every later step. No host
+    sync unless ``nonfinite="raise"``.
     """
     for p, g in zip(params, grads):
         _check_grad(p, g)
@@ -258,78 +171,54 @@ def momentum_phase(
                                    convention=convention, out_dtype=ns_dtype, backend=backend)
         if nonfinite != "ignore" and len(us):
             finite = torch.isfinite(sumsq)
-            if nonfinite == "raise":
-                if not bool(finite.all()):  # the one documented host sync
-                    bad = [names[i] if names else str(i) for i in (~finite).nonzero().flatten().tolist()]
-                    raise FloatingPointError(f"Muon: non-finite momentum/update for parameter(s) {bad}")
-            else:
-                for i, (u, b) in enumerate(zip(us, bufs)):
-                    bad = ~finite[i]
-                    u.masked_fill_(bad, 0.0)
-                    b.masked_fill_(bad, 0.0)
+            if reduce_finite is not None:
+                finite = reduce_finite(finite)
+            enforce_nonfinite(finite, list(zip(us, bufs)), policy=nonfinite, names=names,
+                              what="momentum/update for parameter(s)")
     elif placement == "after_ortho":
         us = [g.to(ns_dtype) for g in grads]  # a copy when the dtype differs; never written otherwise
     else:
         raise ValueError(f"momentum_placement must be 'before_ortho' or 'after_ortho', got {placement!r}")
+    return us, finite
 
+
+def matrix_units(
+    params: Sequence[Tensor], bufs: Sequence[Tensor], us: Sequence[Tensor], *, lr_scale: str,
+    flatten: bool | None, split_sizes: Sequence[int] | None, group_index: int, names: Sequence[str],
+) -> list[MatrixUnit]:
+    """The matrix units of one group's contiguous ``params``, momentum ``bufs`` and inputs ``us``."""
     units: list[MatrixUnit] = []
-    for i, (p, b, u) in enumerate(zip(params, bufs, us)):
+    for p, b, u, name in zip(params, bufs, us, names):
         bsz, m, n = matrix_shape(p.shape, flatten)
         views = [t.view(bsz, m, n) for t in (p, b, u)]  # p, b, u are contiguous (see contiguous_params)
-        name = names[i] if names else str(i)
-        if split_sizes:
-            if bsz != 1 or sum(split_sizes) != m:
-                raise ValueError(f"split_sizes {tuple(split_sizes)} must sum to the {m} rows of a 2-D "
-                                 f"(or flattened) parameter of shape {tuple(p.shape)}")
+        blocks = split_blocks(m, bsz, split_sizes, p.shape)
+        for k, (r0, r1) in enumerate(blocks):
             # (1, s_k, n) row blocks of a contiguous (1, m, n) tensor are contiguous views
-            blocks = zip(*(torch.split(v, list(split_sizes), dim=1) for v in views))
-        else:
-            blocks = [views]
-        for k, (pb, bb, ub) in enumerate(blocks):
-            units.append(MatrixUnit(
-                param=pb, buf=bb, ns_input=ub, group_index=group_index,
-                scale=lr_scale_factor(ub.shape[-2], ub.shape[-1], lr_scale),
-                name=f"{name}[{k}]" if split_sizes else name,
-            ))
-    return units, finite
+            pb, bb, ub = (v.narrow(1, r0, r1 - r0) for v in views) if split_sizes else views
+            units.append(MatrixUnit(param=pb, buf=bb, ns_input=ub, group_index=group_index,
+                                    scale=lr_scale_factor(r1 - r0, n, lr_scale),
+                                    name=f"{name}[{k}]" if split_sizes else name))
+    return units
 
 
-def orthogonalize_units(
-    units: Sequence[MatrixUnit],
-    configs: Sequence[OrthoConfig],
-    orthogonalize_bucket: Callable[[Tensor, int], Tensor],
-) -> list[list[MatrixUnit]]:
-    """Phase 2: bucket units by (config, m, n, dtype, device) in order of appearance, one call per bucket.
-
-    ``configs[g]`` is the :class:`OrthoConfig` of group ``g``; ``orthogonalize_bucket(stacked, g)``
-    orthogonalizes a ``(B, m, n)`` stack with group ``g``'s settings (overridable by subclasses, e.g. a
-    distributed strategy). Fills ``unit.out``; returns the buckets.
-    """
+def orthogonalize_units(units: Sequence[MatrixUnit], configs: Sequence[OrthoConfig | None]) -> None:
+    """Phase 2: bucket units by (config, m, n, dtype, device) in order of appearance, one
+    :func:`orthogonalize` call per bucket; ``configs[g]`` is group ``g``'s config. Fills ``unit.out``."""
     buckets: dict[tuple, list[MatrixUnit]] = {}
     for u in units:
         x = u.ns_input
-        key = (configs[u.group_index], x.shape[-2], x.shape[-1], x.dtype, x.device)
-        buckets.setdefault(key, []).append(u)
-    for bucket in buckets.values():
+        buckets.setdefault((configs[u.group_index], x.shape[-2], x.shape[-1], x.dtype, x.device), []).append(u)
+    for (cfg, *_), bucket in buckets.items():
         stacked = bucket[0].ns_input if len(bucket) == 1 else torch.cat([u.ns_input for u in bucket])
         # tall inputs come back as transposed views; the fused apply walks memory linearly
-        out = orthogonalize_bucket(stacked, bucket[0].group_index).contiguous()
+        out = orthogonalize(stacked, cfg).contiguous()
         for u, o in zip(bucket, torch.split(out, [u.ns_input.shape[0] for u in bucket])):
             u.out = o
-    return list(buckets.values())
 
 
 def apply_phase(
-    units: Sequence[MatrixUnit],
-    *,
-    lr: float | Tensor,
-    weight_decay: float | Tensor,
-    momentum: float,
-    nesterov: bool,
-    convention: str,
-    placement: str,
-    nonfinite: str,
-    backend: str = "auto",
+    units: Sequence[MatrixUnit], *, lr: float | Tensor, weight_decay: float | Tensor, momentum: float,
+    nesterov: bool, convention: str, placement: str, nonfinite: str, backend: str,
 ) -> Tensor | None:
     r"""Phase 3 for one group: :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\,s\,O`, fused.
 
@@ -346,16 +235,67 @@ def apply_phase(
                                      convention=convention, out_dtype=torch.float32, backend=backend)
         if nonfinite != "ignore":
             finite = torch.isfinite(sumsq)
-            if nonfinite == "raise" and not bool(finite.all()):  # the one documented host sync
-                bad = [u.name for u, f in zip(units, finite.tolist()) if not f]
-                raise FloatingPointError(f"Muon: non-finite orthogonalized momentum for {bad}")
-            if nonfinite == "skip":
-                for i, (o, u) in enumerate(zip(outs, units)):
-                    o.masked_fill_(~finite[i], 0.0)
-                    u.buf.masked_fill_(~finite[i], 0.0)
+            enforce_nonfinite(finite, [(o, u.buf) for o, u in zip(outs, units)], policy=nonfinite,
+                              names=[u.name for u in units], what="orthogonalized momentum for")
     muon_apply_([u.param for u in units], outs, lr=lr, weight_decay=weight_decay,
                 scales=[u.scale for u in units], backend=backend)
     return finite
+
+
+def adamw_phase(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]], *,
+    lr: float | Tensor, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
+    zero_init: bool,
+) -> None:
+    """One AdamW step (:func:`fastortho.optim.adamw.adamw_step_`) on parameters whose ``states`` come from
+    :func:`init_state` (local tensors: a distributed caller passes the shards)."""
+    adamw_step_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                bias_correction=bias_correction, zero_init=zero_init)
+
+
+def momentum_args(group: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """:func:`momentum_phase`'s settings from a Muon param group (the fused kernels pick their backend)."""
+    return dict(momentum=group["momentum"], nesterov=group["nesterov"], convention=group["momentum_convention"],
+                placement=group["momentum_placement"], ns_dtype=resolve_ns_dtype(group["ns_dtype"], device),
+                nonfinite=group["nonfinite"], backend="auto")
+
+
+def unit_args(group: dict[str, Any]) -> dict[str, Any]:
+    """:func:`matrix_units`' settings from a Muon param group."""
+    return dict(lr_scale=resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"]), flatten=group["flatten"],
+                split_sizes=group["split_sizes"])
+
+
+def apply_args(group: dict[str, Any]) -> dict[str, Any]:
+    """:func:`apply_phase`'s settings from a Muon param group."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.device.type == "cpu" and not torch.compiler.is_compiling():
+        # torch.optim.Muon reads a tensor lr as a Python float (float64 arithmetic): a CPU tensor
+        # costs no device sync, and this keeps fp32 parameters bit-identical to torch's
+        lr = lr.item()
+    return dict(lr=lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                nesterov=group["nesterov"], convention=group["momentum_convention"],
+                placement=group["momentum_placement"], nonfinite=group["nonfinite"], backend="auto")
+
+
+def adamw_args(group: dict[str, Any]) -> dict[str, Any]:
+    """:func:`adamw_phase`'s settings from an AdamW param group."""
+    return dict(lr=group["lr"], betas=group["betas"], eps=group["adamw_eps"], weight_decay=group["weight_decay"],
+                bias_correction=group["bias_correction"], zero_init=group["zero_init"])
+
+
+def telemetry_records(units: Sequence[MatrixUnit], *, lr: float | Tensor) -> list[dict[str, Any]]:
+    """Per unit: the update RMS η·s·‖O‖_F/√(mn) and the singular-value band of O (an SVD per matrix)."""
+    records = []
+    for u in units:
+        o = u.out.float()
+        m, n = o.shape[-2:]
+        sv = torch.linalg.svdvals(o)  # (B, min(m, n))
+        records.append(dict(name=u.name, shape=(m, n), batch=o.shape[0],
+                            update_rms=lr * u.scale * torch.linalg.matrix_norm(o) / math.sqrt(m * n),
+                            sigma_min=sv.amin(-1), sigma_max=sv.amax(-1)))
+    return records
 
 
 class contiguous_params:
@@ -375,51 +315,40 @@ class contiguous_params:
                 p.copy_(w)
 
 
+_D = MUON_DEFAULTS
+
+
 def muon(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    *,
-    lr: float | Tensor = 1e-3,
-    weight_decay: float = 0.1,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
-    eps: float = 1e-7,
-    ns_steps: int | None = None,
-    adjust_lr_fn: str | None = None,
-    coefficients: Any = None,
-    normalize: str = "fro",
-    lr_scale: str | None = None,
-    momentum_convention: str = "ema",
-    momentum_placement: str = "before_ortho",
-    orthogonalizer: str = "newton_schulz",
-    ns_dtype: torch.dtype | None = None,
-    backend: str = "auto",
-    flatten: bool | None = None,
-    split_sizes: Sequence[int] | None = None,
-    nonfinite: str = "skip",
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
+    lr: float | Tensor = _D["lr"], weight_decay: float = _D["weight_decay"], momentum: float = _D["momentum"],
+    nesterov: bool = _D["nesterov"], ns_coefficients: tuple[float, float, float] = KELLER,
+    eps: float = _D["eps"], ns_steps: int | None = _D["ns_steps"], adjust_lr_fn: str | None = _D["adjust_lr_fn"],
+    coefficients: Any = _D["coefficients"], normalize: str = _D["normalize"], lr_scale: str | None = _D["lr_scale"],
+    momentum_convention: str = _D["momentum_convention"], momentum_placement: str = _D["momentum_placement"],
+    orthogonalizer: str | Orthogonalizer = _D["orthogonalizer"], ns_dtype: torch.dtype | None = _D["ns_dtype"],
+    backend: str = _D["backend"], flatten: bool | None = _D["flatten"],
+    split_sizes: Sequence[int] | None = _D["split_sizes"], nonfinite: str = _D["nonfinite"],
 ) -> Tensor | None:
     r"""One Muon step on ``params`` (functional; ``momentum_buffers`` are updated in place).
 
-    Same arguments and meaning as :class:`fastortho.Muon` (one group). Returns the per-parameter
-    finite mask (see :func:`momentum_phase`), or None when unchecked.
+    Same arguments, defaults and meaning as :class:`fastortho.Muon` (one group). Returns the
+    per-parameter finite mask (see :func:`momentum_phase`), or None when unchecked.
     """
     if not params:
         return None
     group = dict(ns_coefficients=ns_coefficients, ns_steps=ns_steps, coefficients=coefficients,
-                 orthogonalizer=orthogonalizer, normalize=normalize, eps=eps, ns_dtype=ns_dtype,
-                 backend=backend)
+                 orthogonalizer=orthogonalizer, normalize=normalize, eps=eps, ns_dtype=ns_dtype, backend=backend)
     cfg = OrthoConfig.from_group(group)
-    rule = resolve_lr_scale(lr_scale, adjust_lr_fn)
-    dtype = resolve_ns_dtype(ns_dtype, params[0].device)
+    names = [str(i) for i in range(len(params))]
     with contiguous_params(params) as work:
-        units, finite = momentum_phase(
-            work, grads, momentum_buffers, momentum=momentum, nesterov=nesterov,
-            convention=momentum_convention, placement=momentum_placement, lr_scale=rule, flatten=flatten,
-            split_sizes=split_sizes, ns_dtype=dtype, nonfinite=nonfinite, backend=backend,
+        us, finite = momentum_phase(
+            work, grads, momentum_buffers, momentum=momentum, nesterov=nesterov, convention=momentum_convention,
+            placement=momentum_placement, ns_dtype=resolve_ns_dtype(ns_dtype, params[0].device),
+            nonfinite=nonfinite, names=names, backend=backend, reduce_finite=None,
         )
-        orthogonalize_units(units, [cfg], lambda x, _g: orthogonalize(x, cfg))
+        units = matrix_units(work, momentum_buffers, us, lr_scale=resolve_lr_scale(lr_scale, adjust_lr_fn),
+                             flatten=flatten, split_sizes=split_sizes, group_index=0, names=names)
+        orthogonalize_units(units, [cfg])
         f2 = apply_phase(units, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          convention=momentum_convention, placement=momentum_placement,
                          nonfinite=nonfinite, backend=backend)

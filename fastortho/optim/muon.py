@@ -1,171 +1,135 @@
-r"""``fastortho.Muon``: a drop-in superset of ``torch.optim.Muon`` with an auxiliary AdamW."""
+"""``fastortho.Muon``: a drop-in superset of ``torch.optim.Muon`` with an auxiliary AdamW."""
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastortho.optim import checks as C
 from fastortho.optim import functional as F
-from fastortho.optim.adamw import adamw_step_
+from fastortho.optim.defaults import ADAMW_DEFAULTS, MUON_DEFAULTS, NONFINITE_POLICIES
+from fastortho.optim.distributed import make_engine
 
 __all__ = ["Muon"]
 
-_KELLER = (3.4445, -4.7750, 2.0315)
-_NONFINITE = ("skip", "raise", "ignore")
-
-#: Keys every Muon group carries, with their defaults: torch.optim.Muon's keys first, with torch's
-#: values (so a fastortho state dict loads into torch.optim.Muon and steps there). ``__setstate__``
-#: fills missing ones so checkpoints written by older versions (or by torch.optim.Muon) load.
-_TORCH_NS_STEPS = 5
-_MUON_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=_KELLER, eps=1e-7,
-    ns_steps=_TORCH_NS_STEPS, adjust_lr_fn=None,
-    coefficients=None, normalize="fro", lr_scale=None, momentum_convention="ema",
-    momentum_placement="before_ortho", orthogonalizer="newton_schulz", ns_dtype=None, backend="auto",
-    flatten=None, split_sizes=None, nonfinite="skip", algorithm="muon",
-)
-
-
-def _resolve_ns_steps(ns_steps: int | None, coefficients: Any) -> int:
-    """The step count a group stores: ``ns_steps`` if given, else torch's 5 for ``ns_coefficients`` or
-    the native length of ``coefficients``."""
-    if ns_steps is not None:
-        return int(ns_steps)
-    if coefficients is None:
-        return _TORCH_NS_STEPS
-    from fastortho.coefficients import get_schedule
-
-    return len(get_schedule(coefficients)[0])
-
+_D = MUON_DEFAULTS
 
 class Muon(Optimizer):
     r"""Muon (MomentUm Orthogonalized by Newton–Schulz) for matrices, AdamW for everything else.
 
-    .. math::
-       \begin{aligned}
-       &\textbf{input: } \eta\ (\text{lr}),\ \lambda\ (\text{weight\_decay}),\ \beta\ (\text{momentum}),
-         \ \text{nesterov},\ \mathrm{Orth}\ (\text{orthogonalizer}),\ s(m,n)\ (\text{lr\_scale}) \\
-       &\textbf{for each matrix } \theta \in \mathbb{R}^{m\times n}\ (\text{after flattening / splitting}): \\
-       &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) \\
-       &\quad B_t \leftarrow \beta B_{t-1} + (1-\beta)\, g_t \quad (\text{"ema"};\ \text{"sum"}: \beta B_{t-1} + g_t) \\
-       &\quad u_t \leftarrow (1-\beta) g_t + \beta B_t\ \text{if nesterov else } B_t
-            \quad (\text{"sum"}: g_t + \beta B_t) \\
-       &\quad O_t \leftarrow \mathrm{Orth}(u_t) \approx U V^\top,\quad u_t = U \Sigma V^\top \\
-       &\quad \theta_t \leftarrow \theta_{t-1}(1 - \eta\lambda) - \eta\, s(m, n)\, O_t
-       \end{aligned}
+    For each matrix θ (m × n, after flattening / splitting), with lr η, weight decay λ, momentum β::
 
-    With ``momentum_placement="after_ortho"`` the momentum averages orthogonalized gradients instead,
-    :math:`B_t \leftarrow \beta B_{t-1} + (1-\beta)\mathrm{Orth}(g_t)`, update :math:`B_t` (or its Nesterov
-    blend). Seed 001 argues for the default (accumulate first, then orthogonalize); the other order is
-    kept for ablations. With :math:`\mathrm{Orth}` the 5-step Newton–Schulz iteration with Keller Jordan's
-    triple :math:`(a, b, c) = (3.4445, -4.7750, 2.0315)`,
-    :math:`X_0 = u / \max(\|u\|_F, \varepsilon)`, :math:`X \leftarrow aX + (bA + cA^2)X`,
-    :math:`A = XX^\top`, this is exactly ``torch.optim.Muon``'s update.
+        g  = ∇f(θ)
+        B ← β·B + (1 − β)·g                      ("ema";  "sum": β·B + g)
+        u  = (1 − β)·g + β·B  if nesterov else B  ("sum": g + β·B)
+        O  = Orth(u) ≈ U·Vᵀ                       (u = U·Σ·Vᵀ)
+        θ ← θ·(1 − η·λ) − η·s(m, n)·O
 
-    **Learning-rate scale** :math:`s(m, n)` (``lr_scale``; :math:`m` = fan_out = rows, :math:`n` = fan_in =
-    columns of the matrix *as orthogonalized*):
+    With ``momentum_placement="after_ortho"`` the momentum averages orthogonalized gradients instead
+    (B ← β·B + (1 − β)·Orth(g), update B or its Nesterov blend); accumulating first is the default,
+    the other order is kept for ablations. With Orth the 5-step Newton–Schulz iteration with Keller
+    Jordan's triple (a, b, c) = (3.4445, −4.7750, 2.0315), X₀ = u / max(‖u‖_F, ε),
+    X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, this is exactly ``torch.optim.Muon``'s update.
 
-    * ``"original"`` (default): :math:`\sqrt{\max(1, m/n)}`. Keller Jordan; torch's ``adjust_lr_fn="original"``.
-    * ``"rms_match"``: :math:`0.2\sqrt{\max(m, n)}`, so the update RMS is ≈ 0.2 like AdamW's and AdamW's lr
-      and weight decay carry over (Moonlight; torch's ``"match_rms_adamw"``).
-    * ``"spectral"``: :math:`\sqrt{m/n}` = :math:`\sqrt{\text{fan\_out}/\text{fan\_in}}`, the steepest-descent
-      step under the RMS→RMS operator norm (Bernstein, "Deriving Muon", seed 004; torch's
-      ``"spectral_unclamped"``). Below 1 for wide matrices, unlike ``"original"``.
-    * ``"none"``: :math:`1`.
+    **Learning-rate scale** s(m, n) (``lr_scale``; m = fan_out = rows, n = fan_in = columns of the
+    matrix *as orthogonalized*):
 
-    Peers use conflicting names for these (EO's "spectral" is :math:`\sqrt{\max(m,n)}`; dion's
-    "spectral_norm" is our ``"spectral"``; pytorch_optimizer's ``use_adjusted_lr`` is inverted): the
-    formulas above are the contract. A conv kernel ``(out, in, kh, kw)`` is the matrix
-    ``(out, in·kh·kw)`` and its scale comes from that shape (KellerJordan/Muon's snapshot, flash-muon and
-    muon_fsdp2 read ``kh/kw`` instead).
+    * ``"original"`` (default): √max(1, m/n). Keller Jordan; torch's ``adjust_lr_fn="original"``.
+    * ``"rms_match"``: 0.2·√max(m, n), so the update RMS is ≈ 0.2 like AdamW's and AdamW's lr and
+      weight decay carry over (Moonlight; torch's ``"match_rms_adamw"``).
+    * ``"spectral"``: √(m/n), the steepest-descent step under the RMS→RMS operator norm (Bernstein,
+      "Deriving Muon"; torch's ``"spectral_unclamped"``). Below 1 for wide matrices.
+    * ``"none"``: 1.
 
-    **Shapes.** 2-D parameters are matrices. ``flatten=True`` (group key) views ``(out, ...)`` as
-    ``(out, prod(...))`` (conv kernels); ``flatten=False`` treats ``(..., m, n)`` as a stack of matrices
+    Peers use conflicting names (EO's "spectral" is √max(m, n); dion's "spectral_norm" is our
+    ``"spectral"``): the formulas are the contract. A conv kernel (out, in, kh, kw) is the matrix
+    (out, in·kh·kw) and its scale comes from that shape.
+
+    **Shapes.** 2-D parameters are matrices. ``flatten=True`` (group key) views (out, ...) as
+    (out, prod(...)) (conv kernels); ``flatten=False`` treats (..., m, n) as a stack of matrices
     orthogonalized independently (MoE experts); the default (None) stacks 3-D and flattens ≥ 4-D.
-    ``split_sizes`` (group key) orthogonalizes row blocks separately (fused QKV: ``(d, d, d)``; per head:
-    ``(d_head,) * n_heads``), each block with its own scale. Matrices of equal shape, dtype, device and
-    orthogonalizer settings, across all parameters and groups, are orthogonalized in one batched call
-    (:meth:`_orthogonalize_bucket`).
+    ``split_sizes`` (group key) orthogonalizes row blocks separately (fused QKV: (d, d, d); per head:
+    (d_head,) * n_heads), each block with its own scale. Matrices of equal shape, dtype, device and
+    orthogonalizer settings, across all parameters and groups, are orthogonalized in one batched call.
 
     **Which optimizer a parameter gets.** A group's ``algorithm`` is ``"muon"`` or ``"adamw"``. A group
-    without it is split: parameters with ``ndim >= 2`` go to Muon, the rest to AdamW. Embeddings and
-    output heads are 2-D but should use AdamW: build groups with :func:`fastortho.muon_param_groups`,
-    which routes by module type and shape. AdamW groups use ``adamw_lr``, ``betas``,
-    ``adamw_eps``, ``adamw_weight_decay``, ``bias_correction`` and ``zero_init`` (seed 003; see
-    :mod:`fastortho.optim.adamw`); a group can override each (``lr`` and ``weight_decay`` for AdamW groups
-    are the AdamW values).
+    without it is split: parameters with ndim ≥ 2 go to Muon, the rest to AdamW. Embeddings and
+    output heads are 2-D but should use AdamW: build groups with :func:`fastortho.muon_param_groups`.
+    AdamW groups use ``adamw_lr``, ``betas``, ``adamw_eps``, ``adamw_weight_decay``,
+    ``bias_correction`` and ``zero_init`` (see :mod:`fastortho.optim.adamw`); a group can override
+    each (``lr`` and ``weight_decay`` of AdamW groups are the AdamW values).
 
     **Non-finite updates** (``nonfinite``), detected per parameter from the fused momentum kernel's
-    :math:`\sum u^2` at no extra pass: ``"skip"`` (default) zeroes that parameter's orthogonalized update
-    (decoupled weight decay still applies), resets its momentum buffer to zero (its old value is gone
-    after the in-place update, and a NaN kept there would poison every later step), and adds one to
-    :attr:`nonfinite_count`, all on the device without a host sync; ``"raise"`` raises
-    ``FloatingPointError`` (one host sync per step); ``"ignore"`` does no check (torch's behaviour).
+    Σu² at no extra pass: ``"skip"`` (default) zeroes that parameter's orthogonalized update (decoupled
+    weight decay still applies), resets its momentum buffer to zero (a NaN kept there would poison
+    every later step), and adds one to :attr:`nonfinite_count`, all on the device without a host sync;
+    ``"raise"`` raises ``FloatingPointError`` (one host sync per step); ``"ignore"`` does no check
+    (torch's behaviour).
 
     Args:
-        params: parameters or param groups.
-        lr: :math:`\eta` for Muon groups (default 1e-3, torch's). A float or a 0-dim tensor.
-        weight_decay: decoupled :math:`\lambda` for Muon groups, applied as :math:`\theta(1-\eta\lambda)`
-            with the *unscaled* lr, as torch does (default 0.1, torch's).
-        momentum: :math:`\beta` (default 0.95).
+        params: parameters or param groups (a list, or a generator read once).
+        lr: η for Muon groups (default 1e-3, torch's). A float or a 1-element tensor.
+        weight_decay: decoupled λ for Muon groups, applied as θ·(1 − η·λ) with the *unscaled* lr, as
+            torch does (default 0.1, torch's).
+        momentum: β (default 0.95).
         nesterov: Nesterov blend as the orthogonalizer input (default True).
-        ns_coefficients: one :math:`(a, b, c)` triple used ``ns_steps`` times when ``coefficients`` is None
+        ns_coefficients: one (a, b, c) triple used ``ns_steps`` times when ``coefficients`` is None
             (torch's argument; default Keller's triple).
-        eps: :math:`\varepsilon` in :math:`X_0 = u/\max(\text{safety}\cdot\|u\|_F, \varepsilon)` (default 1e-7).
+        eps: ε in X₀ = u / max(safety·‖u‖_F, ε) (default 1e-7).
         ns_steps: Newton–Schulz steps. None (default) = 5 with ``ns_coefficients`` (torch's default) or
-            the schedule's native length with ``coefficients``; the resolved count is what the group
-            stores (an int, as torch's). More steps than a list has: see
-            :func:`fastortho.coefficients.get_schedule`.
+            the schedule's native length with ``coefficients``; the group stores the resolved int.
         adjust_lr_fn: torch's name for the scale rule: None/"original", "match_rms_adamw"
             (= ``"rms_match"``), "spectral_unclamped" (= ``"spectral"``). Must agree with ``lr_scale``.
             Bad values of torch's arguments raise torch's exception with torch's message.
         coefficients: a schedule name (``"keller"``, ``"you"``, ``"polar_express"``,
             ``"polar_express_paper"``, ``"cubic"``), a sequence of triples or a
             :class:`fastortho.Schedule`; overrides ``ns_coefficients`` and brings its own safety factor.
-        normalize: ``"fro"`` (:math:`\|u\|_F`, torch's) or ``"spectral"`` (see :func:`fastortho.newton_schulz`).
+        normalize: ``"fro"`` (‖u‖_F, torch's) or ``"spectral"`` (see :func:`fastortho.newton_schulz`).
         lr_scale: ``"original"``, ``"rms_match"``, ``"spectral"`` or ``"none"`` (see above);
             None = from ``adjust_lr_fn``.
-        momentum_convention: ``"ema"`` (torch, Keller) or ``"sum"`` (Moonlight, dion). At constant
-            :math:`\beta` they differ by the factor :math:`1-\beta`, which the normalization removes.
-        momentum_placement: ``"before_ortho"`` (default, seed 001) or ``"after_ortho"``.
-        orthogonalizer: ``"newton_schulz"`` (default), ``"polar"`` (Higham iteration, accurate) or
-            ``"svd"`` (exact, float64: for ablations).
-        ns_dtype: orthogonalizer compute dtype. None (default): bf16 on CUDA, fp32 on CPU. torch.optim.Muon
-            always uses bf16; pass ``torch.bfloat16`` to reproduce it on CPU.
-        backend: Newton–Schulz backend, ``"auto"``, ``"torch"`` or ``"triton"``; the fused momentum/apply
-            kernels of ``fastortho._C`` are used whenever built.
+        momentum_convention: ``"ema"`` (torch, Keller) or ``"sum"`` (Moonlight, dion). At constant β
+            they differ by the factor 1 − β, which the normalization removes.
+        momentum_placement: ``"before_ortho"`` (default) or ``"after_ortho"``.
+        orthogonalizer: ``"newton_schulz"`` (default), or a method of :func:`fastortho.polar`:
+            ``"qdwh"``, ``"higham"`` (accurate iterations) or ``"svd"`` (exact, float64: for
+            ablations); ``"polar"`` is a deprecated alias of ``"higham"``. Or a callable mapping a
+            ``(B, m, n)`` stack to a tensor of the same shape (bring your own Newton–Schulz); it gets
+            the input in ``ns_dtype`` and its result is used as returned. A state dict stores
+            ``"custom"`` in its place: give the callable again to the optimizer that loads it.
+        ns_dtype: orthogonalizer compute dtype (float32, bfloat16, float16 or float64). None (default):
+            bf16 on CUDA, fp32 on CPU. torch.optim.Muon always uses bf16.
+        backend: Newton–Schulz backend, ``"auto"``, ``"torch"`` or ``"triton"`` (CUDA parameters); the
+            fused momentum/apply kernels of ``fastortho._C`` are used whenever built.
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see above).
         adamw_lr: AdamW lr (default None: ``lr``).
-        adamw_betas: AdamW :math:`(\beta_1, \beta_2)` (default (0.9, 0.999), torch.optim.AdamW's).
-        adamw_eps: AdamW :math:`\epsilon` (default 1e-8).
-        adamw_weight_decay: AdamW decoupled weight decay (default 0.0: biases, gains and embeddings are
-            usually not decayed).
+        adamw_betas: AdamW (β₁, β₂) (default (0.9, 0.999), torch.optim.AdamW's).
+        adamw_eps: AdamW ε (default 1e-8).
+        adamw_weight_decay: AdamW decoupled weight decay (default 0.0).
         bias_correction: AdamW bias correction (default True).
-        zero_init: AdamW moments start at zero (default True) or at :math:`g_1, g_1^2`.
-        telemetry: record, each step, the per-matrix update RMS :math:`\eta\, s\, \|O\|_F/\sqrt{mn}` and the
-            singular-value band :math:`[\sigma_{\min}, \sigma_{\max}]` of :math:`O` (one batched ``svdvals``
-            per bucket: opt-in). Read with :meth:`telemetry_report`. Not recorded in distributed mode.
+        zero_init: AdamW moments start at zero (default True) or at g₁, g₁².
+        telemetry: record, each step, the per-matrix update RMS η·s·‖O‖_F/√(mn) and the singular-value
+            band [σ_min, σ_max] of O (one batched ``svdvals`` per bucket: opt-in). Read with
+            :meth:`telemetry_report`. Not recorded in distributed mode.
         process_group: the data-parallel group of plain (DDP-replicated) parameters: each matrix is then
-            orthogonalized by one rank and the results are exchanged (``"owner"``). DTensor parameters
-            (FSDP2, TP, HSDP) need nothing: their mesh and placements decide. See
-            :mod:`fastortho.distributed`.
+            orthogonalized by one rank and the results are exchanged. DTensor parameters (FSDP2, TP,
+            HSDP) need nothing: their mesh and placements decide. See :mod:`fastortho.optim.distributed`.
         strategy: ``"auto"`` (default), or force ``"local"``, ``"owner"``, ``"a2a"`` or ``"gather"`` for the
             parameters that need communication (also a param-group key). :attr:`comm_stats` reports the
             bytes each step sends.
+        qk_clip: an object with an ``apply()`` method (e.g. :class:`fastortho.optim.qk_clip.QKClip`),
+            called at the end of every :meth:`step`, under ``no_grad`` (MuonClip).
 
     Differences from torch.optim.Muon, all opt-out: on CPU the orthogonalizer runs in fp32 rather than
     bf16; non-finite updates are skipped rather than applied; non-2-D parameters are accepted (routed
     to AdamW or orthogonalized as stacks/flattened kernels) instead of raising; state is created for
     every parameter at construction (so checkpoints of every rank have the same keys); ``momentum``
-    must be below 1 and ``ns_steps`` at least 0 (torch accepts both and then never updates the buffer /
-    runs no step); ``ns_steps`` ≥ 100 and a wrong-length ``ns_coefficients`` raise at construction, with
-    torch's message, where torch raises at the first step. Finite momenta of any magnitude get their
-    update: torch's bf16 Frobenius norm overflows to inf for :math:`\|u\|_F \gtrsim 3\cdot 10^{38}`
-    and its update then collapses to zero (weight decay only).
+    must be below 1 and ``ns_steps`` at least 0; ``ns_steps`` ≥ 100, a wrong-length
+    ``ns_coefficients`` and every other bad argument raise at construction (torch's two with torch's
+    message). Finite momenta of any magnitude get their update: torch's bf16 Frobenius norm overflows
+    to inf for ‖u‖_F ≳ 3·10³⁸ and its update then collapses to zero (weight decay only).
 
     Example (migrating from torch.optim.Muon)::
 
@@ -177,71 +141,71 @@ class Muon(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_coefficients: tuple[float, float, float] = _KELLER,
-        eps: float = 1e-7,
-        ns_steps: int | None = None,
-        adjust_lr_fn: str | None = None,
+        lr: float | Tensor = _D["lr"],
+        weight_decay: float = _D["weight_decay"],
+        momentum: float = _D["momentum"],
+        nesterov: bool = _D["nesterov"],
+        ns_coefficients: tuple[float, float, float] = _D["ns_coefficients"],
+        eps: float = _D["eps"],
+        ns_steps: int | None = _D["ns_steps"],
+        adjust_lr_fn: str | None = _D["adjust_lr_fn"],
         *,
-        coefficients: str | Sequence[Sequence[float]] | Any | None = None,
-        normalize: str = "fro",
-        lr_scale: str | None = None,
-        momentum_convention: str = "ema",
-        momentum_placement: str = "before_ortho",
-        orthogonalizer: str = "newton_schulz",
-        ns_dtype: torch.dtype | None = None,
-        backend: str = "auto",
-        nonfinite: str = "skip",
-        adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] = (0.9, 0.999),
-        adamw_eps: float = 1e-8,
-        adamw_weight_decay: float = 0.0,
-        bias_correction: bool = True,
-        zero_init: bool = True,
+        coefficients: str | Sequence[Sequence[float]] | Any | None = _D["coefficients"],
+        normalize: str = _D["normalize"],
+        lr_scale: str | None = _D["lr_scale"],
+        momentum_convention: str = _D["momentum_convention"],
+        momentum_placement: str = _D["momentum_placement"],
+        orthogonalizer: str | F.Orthogonalizer = _D["orthogonalizer"],
+        ns_dtype: torch.dtype | None = _D["ns_dtype"],
+        backend: str = _D["backend"],
+        nonfinite: str = _D["nonfinite"],
+        adamw_lr: float | Tensor | None = ADAMW_DEFAULTS["lr"],
+        adamw_betas: tuple[float, float] = ADAMW_DEFAULTS["betas"],
+        adamw_eps: float = ADAMW_DEFAULTS["adamw_eps"],
+        adamw_weight_decay: float = ADAMW_DEFAULTS["weight_decay"],
+        bias_correction: bool = ADAMW_DEFAULTS["bias_correction"],
+        zero_init: bool = ADAMW_DEFAULTS["zero_init"],
         telemetry: bool = False,
         process_group: Any = None,
         strategy: str = "auto",
+        qk_clip: Any = None,
     ) -> None:
-        # torch.optim.Muon's checks and messages, in its order
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
-        if not momentum < 1.0:
-            raise ValueError(f"momentum should be < 1 but is: {momentum} (the EMA weight 1 - momentum "
-                             "would be <= 0: the buffer would never follow the gradient)")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
-        F.resolve_lr_scale(lr_scale, adjust_lr_fn)  # validates both names and their agreement
-        # torch raises these two at the first step (same type and message); here at construction
-        if ns_steps is not None and ns_steps >= 100:
-            raise ValueError("Number of steps must be less than 100 for computational efficiency")
-        if ns_steps is not None and ns_steps < 0:
-            raise ValueError(f"ns_steps should be >= 0 but is: {ns_steps}")
-        if len(tuple(ns_coefficients)) != 3:
-            raise ValueError("Coefficients must be a tuple of exactly 3 values")
-        ns_steps = _resolve_ns_steps(ns_steps, coefficients)
-        self._check_choice("momentum_convention", momentum_convention, ("ema", "sum"))
-        self._check_choice("momentum_placement", momentum_placement, ("before_ortho", "after_ortho"))
-        self._check_choice("orthogonalizer", orthogonalizer, ("newton_schulz", "polar", "svd"))
-        self._check_choice("normalize", normalize, ("fro", "spectral"))
-        self._check_choice("nonfinite", nonfinite, _NONFINITE)
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("eps", eps),
+                            ("adamw_eps", adamw_eps), ("adamw_weight_decay", adamw_weight_decay)):
+            C.number(name, value, tensor_ok=name == "lr")
+        if adamw_lr is not None:
+            C.number("adamw_lr", adamw_lr, tensor_ok=True)
+        C.torch_checks(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
+                       ns_coefficients=ns_coefficients, lr_scale=lr_scale, adjust_lr_fn=adjust_lr_fn)
+        C.check_coefficients(coefficients)
+        ns_steps = C.resolve_ns_steps(ns_steps, coefficients)
+        C.choice("momentum_convention", momentum_convention, ("ema", "sum"))
+        C.choice("momentum_placement", momentum_placement, ("before_ortho", "after_ortho"))
+        C.choice("normalize", normalize, ("fro", "spectral"))
+        C.choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        C.choice("backend", backend, C.BACKENDS)
+        C.check_ns_dtype(ns_dtype)
         b1, b2 = adamw_betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"adamw_betas must be in [0, 1), got {adamw_betas}")
+        if qk_clip is not None and not callable(getattr(qk_clip, "apply", None)):
+            raise TypeError(f"qk_clip must have an apply() method (e.g. fastortho.optim.qk_clip.QKClip), "
+                            f"got {type(qk_clip).__name__}")
+        if isinstance(params, Iterator):
+            params = list(params)  # a generator can be read once: say so when it already was
+            if not params:
+                raise ValueError("optimizer got an empty parameter list: params is an iterator that was "
+                                 "already consumed (e.g. model.parameters() passed to another optimizer "
+                                 "or to list()); call model.parameters() again or pass a list")
         defaults = dict(
-            _MUON_DEFAULTS, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            MUON_DEFAULTS, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
             coefficients=coefficients, normalize=normalize, lr_scale=lr_scale,
             momentum_convention=momentum_convention, momentum_placement=momentum_placement,
             orthogonalizer=orthogonalizer, ns_dtype=ns_dtype, backend=backend, nonfinite=nonfinite,
             algorithm=None,
         )
+        C.check_orthogonalizer(defaults)
         self._adamw_defaults = dict(
             lr=lr if adamw_lr is None else adamw_lr, weight_decay=adamw_weight_decay, betas=tuple(adamw_betas),
             adamw_eps=adamw_eps, bias_correction=bias_correction, zero_init=zero_init,
@@ -249,19 +213,13 @@ class Muon(Optimizer):
         self.telemetry = bool(telemetry)
         self._telemetry: list[dict[str, Any]] = []
         self._nonfinite_count: Tensor | None = None
+        self._qk_clip = qk_clip
         super().__init__(params, defaults)
-        from fastortho import distributed  # DTensor params or a process group: see fastortho.distributed
-
-        self._dist_engine = distributed.make_engine(self, process_group, strategy)
+        self._dist_engine = make_engine(self.param_groups, process_group, strategy, telemetry=self.telemetry)
 
     # ------------------------------------------------------------------------------------------
     # groups and state
     # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; one without ``algorithm`` is split into a Muon part (ndim ≥ 2) and an AdamW part."""
         if isinstance(param_group.get("params"), Tensor):
@@ -280,7 +238,7 @@ class Muon(Optimizer):
                              if k != "params" and not (name == "adamw" and k in muon_only)}
                     self.add_param_group(dict(extra, params=part, algorithm=name))
             return
-        self._check_choice("algorithm", algo, ("muon", "adamw"))
+        C.choice("algorithm", algo, ("muon", "adamw"))
         if algo == "adamw":
             for k, v in self._adamw_defaults.items():
                 param_group.setdefault(k, v)
@@ -288,55 +246,46 @@ class Muon(Optimizer):
         own_schedule = "coefficients" in param_group and "ns_steps" not in param_group
         super().add_param_group(param_group)  # fills the missing keys from the defaults, in place
         group = self.param_groups[-1]
+        for k in ("lr", "weight_decay") + (("momentum", "eps") if algo == "muon" else ("adamw_eps",)):
+            C.number(k if algo == "muon" or k == "adamw_eps" else f"adamw_{k}", group[k], tensor_ok=k == "lr")
         if algo == "muon":
             F.resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"])
+            C.check_coefficients(group["coefficients"])
+            C.check_orthogonalizer(group)
+            C.check_backend(group["backend"], group["params"])
             if own_schedule:
-                group["ns_steps"] = _resolve_ns_steps(None, group["coefficients"])
+                group["ns_steps"] = C.resolve_ns_steps(None, group["coefficients"])
             # complex parameters raise at step() (RuntimeError, torch's message and timing)
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ValueError(f"Muon group got a {p.ndim}-D parameter of shape {tuple(p.shape)}; "
                                      "route it to an AdamW group (algorithm='adamw')")
-                bsz, m, n = F.matrix_shape(p.shape, group["flatten"])
-                if group["split_sizes"] and (bsz != 1 or sum(group["split_sizes"]) != m):
-                    raise ValueError(f"split_sizes {tuple(group['split_sizes'])} must sum to the {m} rows "
-                                     f"of parameter of shape {tuple(p.shape)}")
+                bsz, m, _ = F.matrix_shape(p.shape, group["flatten"])
+                F.split_blocks(m, bsz, group["split_sizes"], p.shape)  # raises on a bad split
         # eager state: every rank / every checkpoint has the same keys, even for params without grads
         for p in group["params"]:
-            self._init_state(p, group)
-
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        state = self.state[p]
-        if group["algorithm"] == "muon":
-            if "momentum_buffer" not in state:
-                # zeros_like: a DTensor parameter gets a DTensor buffer with its placements (sharded state)
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        elif "exp_avg" not in state:
-            state["step"] = torch.tensor(0.0)  # CPU, as torch.optim.AdamW (not capturable)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return state
+            F.init_state(self.state[p], p, group["algorithm"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("telemetry", False)
-        self.__dict__.setdefault("_telemetry", [])
-        self.__dict__.setdefault("_nonfinite_count", None)
-        self.__dict__.setdefault("_dist_engine", None)
-        adamw = self.__dict__.setdefault("_adamw_defaults", dict(
-            lr=self.defaults.get("lr", 1e-3), weight_decay=0.0, betas=(0.9, 0.999), adamw_eps=1e-8,
-            bias_correction=True, zero_init=True))
+        for k, v in (("telemetry", False), ("_telemetry", []), ("_nonfinite_count", None),
+                     ("_dist_engine", None), ("_qk_clip", None)):
+            self.__dict__.setdefault(k, v)
+        adamw = self.__dict__.setdefault(
+            "_adamw_defaults", dict(ADAMW_DEFAULTS, lr=self.defaults.get("lr", MUON_DEFAULTS["lr"])))
         for group in self.param_groups:
             # a checkpoint of torch.optim.Muon (or an older fastortho) has no "algorithm": it is Muon
             group.setdefault("algorithm", "muon")
             if group["algorithm"] == "adamw":
                 for k, v in adamw.items():
                     group.setdefault(k, v)
-            for k, v in _MUON_DEFAULTS.items():
+            for k, v in MUON_DEFAULTS.items():
                 group.setdefault(k, self.defaults.get(k, v) if k != "algorithm" else v)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        sd["param_groups"] = [dict(g, orthogonalizer=C.CUSTOM) if callable(g.get("orthogonalizer")) else g
+                              for g in sd["param_groups"]]
         if self._nonfinite_count is not None:
             sd["nonfinite_count"] = self._nonfinite_count.detach().clone()
         return sd
@@ -344,7 +293,16 @@ class Muon(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         count = state_dict.pop("nonfinite_count", None)
+        live = [g.get("orthogonalizer") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for i, group in enumerate(self.param_groups):
+            if group.get("orthogonalizer") == C.CUSTOM:
+                fn = live[i] if i < len(live) and callable(live[i]) else self.defaults.get("orthogonalizer")
+                if not callable(fn):
+                    raise ValueError(f"param group {i} of this checkpoint used a callable orthogonalizer, which a "
+                                     "state dict cannot hold: construct the optimizer with orthogonalizer=<that "
+                                     "callable> before load_state_dict")
+                group["orthogonalizer"] = fn
         self._nonfinite_count = None if count is None else count.clone()
 
     @property
@@ -354,38 +312,15 @@ class Muon(Optimizer):
 
     @property
     def comm_stats(self) -> dict[str, Any]:
-        """Communication of the last step (see :mod:`fastortho.distributed`): ``bytes`` and ``collectives``
-        per kind (``a2a``, ``owner``, ``gather``, ``flags``) sent by this rank, the analytic ``ideal`` bytes
-        per strategy, ``numel`` of the Muon matrices per strategy, ``ns_flops`` run by this rank.
-        Empty in single-process mode."""
+        """Communication of the last step (see :mod:`fastortho.optim.distributed`): ``bytes`` and
+        ``collectives`` per kind (``a2a``, ``owner``, ``gather``, ``flags``) sent by this rank, the analytic
+        ``ideal`` bytes per strategy, ``numel`` of the Muon matrices per strategy, ``ns_flops`` run by this
+        rank. Empty in single-process mode."""
         return {} if self._dist_engine is None else self._dist_engine.stats
 
     # ------------------------------------------------------------------------------------------
     # step
     # ------------------------------------------------------------------------------------------
-    def _orthogonalize_bucket(self, stacked: Tensor, group: dict[str, Any]) -> Tensor:
-        """Orthogonalize a ``(B, m, n)`` stack of same-shape matrices with ``group``'s settings.
-
-        The single entry point of the orthogonalization phase: a distributed subclass overrides it to
-        shard the batch across ranks (every rank sees the same buckets in the same order).
-        """
-        return F.orthogonalize(stacked, F.OrthoConfig.from_group(group))
-
-    def _apply_group(self, group: dict[str, Any], units: Sequence[F.MatrixUnit]) -> None:
-        """Decoupled weight decay and the scaled update of one group; counts skipped non-finite updates."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.device.type == "cpu" and not torch.compiler.is_compiling():
-            # torch.optim.Muon reads a tensor lr as a Python float (float64 arithmetic): a CPU tensor
-            # costs no device sync, and this keeps fp32 parameters bit-identical to torch's
-            lr = lr.item()
-        finite = F.apply_phase(
-            units, lr=lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
-            nesterov=group["nesterov"], convention=group["momentum_convention"],
-            placement=group["momentum_placement"], nonfinite=group["nonfinite"],
-        )
-        if finite is not None and group["nonfinite"] == "skip":
-            self._count_nonfinite(finite)
-
     def _count_nonfinite(self, finite: Tensor) -> None:
         bad = (~finite).sum()
         if self._nonfinite_count is None:
@@ -400,11 +335,21 @@ class Muon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._dist_engine is not None:
-            self._dist_engine.step()
-            return loss
+            skipped = self._dist_engine.step(self.param_groups, self.state)
+        else:
+            skipped = self._step_local()
+        for finite in skipped:
+            self._count_nonfinite(finite)
+        if self._qk_clip is not None:
+            self._qk_clip.apply()
+        return loss
 
-        muon_groups: list[tuple[int, dict[str, Any], list[F.MatrixUnit], F.contiguous_params]] = []
-        all_units: list[F.MatrixUnit] = []
+    def _step_local(self) -> list[Tensor]:
+        """The three phases over every group (see :mod:`fastortho.optim.functional`); returns the finite
+        masks of the groups with ``nonfinite="skip"``."""
+        muon_groups: list[tuple[dict[str, Any], list[F.MatrixUnit], F.contiguous_params]] = []
+        configs: list[F.OrthoConfig | None] = [None] * len(self.param_groups)
+        skipped: list[Tensor] = []
         for gi, group in enumerate(self.param_groups):
             # params without a grad are skipped, never zero-filled (their momentum is left alone)
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
@@ -412,64 +357,41 @@ class Muon(Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
+            states = [F.init_state(self.state[p], p, group["algorithm"]) for p in params]
             if group["algorithm"] == "adamw":
-                states = [self._init_state(p, group) for p in params]
-                adamw_step_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                            [s["step"] for s in states], lr=group["lr"], betas=group["betas"],
-                            eps=group["adamw_eps"], weight_decay=group["weight_decay"],
-                            bias_correction=group["bias_correction"], zero_init=group["zero_init"])
+                F.adamw_phase(params, grads, states, **F.adamw_args(group))
                 continue
-            bufs = [self._init_state(p, group)["momentum_buffer"] for p in params]
+            bufs = [s["momentum_buffer"] for s in states]
             work = F.contiguous_params(params)
-            units, finite = F.momentum_phase(
-                work.work, grads, bufs, momentum=group["momentum"], nesterov=group["nesterov"],
-                convention=group["momentum_convention"], placement=group["momentum_placement"],
-                lr_scale=F.resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"]),
-                flatten=group["flatten"], split_sizes=group["split_sizes"],
-                ns_dtype=F.resolve_ns_dtype(group["ns_dtype"], params[0].device),
-                nonfinite=group["nonfinite"], group_index=gi,
-                names=[f"{gi}.{i}" for i in idx],
-            )
+            names = [f"{gi}.{i}" for i in idx]
+            us, finite = F.momentum_phase(work.work, grads, bufs, **F.momentum_args(group, params[0].device),
+                                          names=names, reduce_finite=None)
             if finite is not None and group["nonfinite"] == "skip":
-                self._count_nonfinite(finite)
-            muon_groups.append((gi, group, units, work))
-            all_units.extend(units)
-
-        if all_units:
-            configs = {gi: F.OrthoConfig.from_group(g) for gi, g, _, _ in muon_groups}
-            cfg_list = [configs.get(i) for i in range(len(self.param_groups))]
-            F.orthogonalize_units(all_units, cfg_list,
-                                  lambda x, gi: self._orthogonalize_bucket(x, self.param_groups[gi]))
+                skipped.append(finite)
+            units = F.matrix_units(work.work, bufs, us, **F.unit_args(group), group_index=gi, names=names)
+            configs[gi] = F.OrthoConfig.from_group(group)
+            muon_groups.append((group, units, work))
+        F.orthogonalize_units([u for _, units, _ in muon_groups for u in units], configs)
         if self.telemetry:
             self._telemetry = []
-        for gi, group, units, work in muon_groups:
-            self._apply_group(group, units)
+        for group, units, work in muon_groups:
+            finite = F.apply_phase(units, **F.apply_args(group))
+            if finite is not None and group["nonfinite"] == "skip":
+                skipped.append(finite)
             work.__exit__()
             if self.telemetry:
-                self._record_telemetry(group, units)
-        return loss
+                self._telemetry.extend(F.telemetry_records(units, lr=group["lr"]))
+        return skipped
 
     # ------------------------------------------------------------------------------------------
     # telemetry
     # ------------------------------------------------------------------------------------------
-    def _record_telemetry(self, group: dict[str, Any], units: Sequence[F.MatrixUnit]) -> None:
-        lr = group["lr"]
-        for u in units:
-            o = u.out.float()
-            m, n = o.shape[-2:]
-            sv = torch.linalg.svdvals(o)  # (B, min(m, n)); opt-in, costs an SVD per matrix
-            self._telemetry.append(dict(
-                name=u.name, shape=(m, n), batch=o.shape[0],
-                update_rms=lr * u.scale * torch.linalg.matrix_norm(o) / math.sqrt(m * n),
-                sigma_min=sv.amin(-1), sigma_max=sv.amax(-1),
-            ))
-
     def telemetry_report(self) -> list[dict[str, Any]]:
-        r"""Per matrix unit of the last step: ``name`` ("group.index", "[k]" for split blocks), ``shape``,
-        ``update_rms`` (:math:`\eta\,s\,\|O\|_F/\sqrt{mn}`, the RMS of the applied step, comparable with
-        AdamW's :math:`\eta\,\|\hat m/(\sqrt{\hat v}+\epsilon)\|_{RMS}`, typically 0.2η) and the
-        orthogonality band ``sigma_min``/``sigma_max`` of :math:`O`, as Python floats (lists for stacks).
-        Empty unless ``telemetry=True``. Reading it syncs with the device.
+        """Per matrix unit of the last step: ``name`` ("group.index", "[k]" for split blocks), ``shape``,
+        ``update_rms`` (η·s·‖O‖_F/√(mn), the RMS of the applied step, comparable with AdamW's
+        η·‖m̂/(√v̂ + ε)‖_RMS, typically 0.2·η) and the orthogonality band ``sigma_min``/``sigma_max``
+        of O, as Python floats (lists for stacks). Empty unless ``telemetry=True``. Reading it syncs
+        with the device.
         """
         def py(t: Tensor) -> float | list[float]:
             v = t.tolist()

@@ -1,0 +1,313 @@
+"""The distributed Muon step: the phases of :mod:`fastortho.optim.functional` on each rank's shards,
+with the orthogonalization routed by the plan (:mod:`.plan`) through the exchanges (:mod:`.exchange`)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastortho.optim import functional as F
+from fastortho.optim.distributed.exchange import AllToAll, all_reduce_min, gather_full, nbytes, scatter_local
+from fastortho.optim.distributed.plan import (
+    STRATEGIES, Layout, Task, assign_owners, is_dtensor, local, param_layout, plan_units,
+)
+
+__all__ = ["CommStats", "DistributedMuonEngine", "make_engine"]
+
+
+class CommStats(TypedDict):
+    """:attr:`fastortho.Muon.comm_stats`: what the last step sent from this rank."""
+
+    bytes: dict[str, int]  # per kind ("a2a", "owner", "gather", "flags"), excluding what a rank sends itself
+    ideal: dict[str, int]  # analytic bytes per strategy
+    collectives: dict[str, int]  # collective calls per kind
+    numel: dict[str, int]  # elements of the Muon matrices per strategy
+    ns_flops: int  # Newton–Schulz flops run by this rank
+    ns_calls: int  # batched orthogonalizer calls on this rank
+
+
+class DistributedMuonEngine:
+    """Runs :meth:`fastortho.Muon.step` when parameters are DTensors or a process group is given."""
+
+    def __init__(self, process_group: Any = None, strategy: str = "auto") -> None:
+        self.process_group = process_group
+        self.strategy = strategy
+        self._plan_key: Any = None
+        self._checked = False
+        self._owners: list[int] = []
+        #: compare the set of stepped parameters across ranks at every step (one ``all_gather_object``
+        #: per group); default: only at the first step. ``FASTORTHO_DIST_CHECK=1`` turns it on.
+        self.check_every_step = os.environ.get("FASTORTHO_DIST_CHECK", "0") == "1"
+        self._layouts: dict[tuple[int, int], tuple[Any, Layout]] = {}
+        self.stats: CommStats | dict = {}
+
+    def _layout(self, gi: int, pi: int, p: Tensor, group: dict) -> Layout:
+        ident = (id(p), getattr(p, "placements", None))
+        cached = self._layouts.get((gi, pi))
+        if cached is None or cached[0] != ident:
+            forced = group.get("strategy", self.strategy)
+            if forced not in STRATEGIES:
+                raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {forced!r}")
+            cached = (ident, param_layout(p, group["flatten"], self.process_group, forced))
+            self._layouts[(gi, pi)] = cached
+        return cached[1]
+
+    def _count(self, kind: str, nbytes_: int, calls: int = 1) -> None:
+        self.stats["bytes"][kind] = self.stats["bytes"].get(kind, 0) + int(nbytes_)
+        self.stats["collectives"][kind] = self.stats["collectives"].get(kind, 0) + calls
+
+    # -- step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, param_groups: Sequence[dict[str, Any]], state: Any) -> list[Tensor]:
+        """One step over ``param_groups`` with optimizer ``state``; returns the finite masks of the groups
+        with ``nonfinite="skip"`` (for the optimizer's count)."""
+        self.stats = CommStats(bytes={}, ideal={}, collectives={}, numel={}, ns_flops=0, ns_calls=0)
+        selected = [(gi, [i for i, p in enumerate(g["params"]) if p.grad is not None])
+                    for gi, g in enumerate(param_groups)]
+        key = tuple((gi, tuple(idx)) for gi, idx in selected)
+        # before any other collective, so that a rank-divergent set of gradients raises instead of
+        # hanging. Only at the first step (which every rank takes) unless ``check_every_step``: a check
+        # triggered by a local change would itself be a collective that only some ranks join
+        if self.check_every_step or not self._checked:
+            self._check_same_params(param_groups, selected)
+            self._checked = True
+        muon_groups, tasks, units, skipped = [], [], [], []
+        for gi, idx in selected:
+            group = param_groups[gi]
+            if not idx:
+                continue
+            params = [group["params"][i] for i in idx]
+            states = [F.init_state(state[p], p, group["algorithm"]) for p in params]
+            if group["algorithm"] == "adamw":
+                F.adamw_phase([local(p) for p in params], [local(p.grad) for p in params],
+                              [{k: local(v) for k, v in s.items()} for s in states], **F.adamw_args(group))
+                continue
+            lays = [self._layout(gi, i, p, group) for i, p in zip(idx, params)]
+            plocal = [local(p) for p in params]
+            bufs = [local(s["momentum_buffer"]) for s in states]
+            work = F.contiguous_params(plocal)
+            us, finite = F.momentum_phase(
+                work.work, [local(p.grad) for p in params], bufs, **F.momentum_args(group, plocal[0].device),
+                names=[f"{gi}.{i}" for i in idx], reduce_finite=lambda f, lays=lays: self._global_finite(f, lays))
+            if finite is not None and group["nonfinite"] == "skip":
+                skipped.append(finite)
+            g_units, g_tasks = plan_units(gi, idx, params, lays, work.work, bufs, us, group)
+            muon_groups.append((group, g_units, work))
+            units += g_units
+            tasks += g_tasks
+        if tasks:
+            if key != self._plan_key:
+                assign_owners(tasks)
+                self._owners = [t.owner for t in tasks]
+            else:
+                for t, o in zip(tasks, self._owners):
+                    t.owner = o
+            self._orthogonalize(tasks, units)
+        self._plan_key = key
+        for group, g_units, work in muon_groups:
+            finite = F.apply_phase(g_units, **F.apply_args(group))
+            if finite is not None and group["nonfinite"] == "skip":
+                skipped.append(finite)
+            work.__exit__()
+        return skipped
+
+    def _global_finite(self, finite: Tensor, lays: list[Layout]) -> Tensor:
+        """AND of the per-shard finite flags over each sharded parameter's groups (one MIN all-reduce per
+        distinct group), so every rank skips the same matrices."""
+        by_groups: dict[tuple, list[int]] = {}
+        for i, lay in enumerate(lays):
+            if lay.reduce_groups:
+                by_groups.setdefault(lay.reduce_groups, []).append(i)
+        if not by_groups:
+            return finite
+        finite = finite.clone()
+        for groups, ids in by_groups.items():
+            f = finite[ids].to(torch.int32)
+            for g in groups:
+                self._count("flags", all_reduce_min(f, g))
+            finite[ids] = f.bool()
+        return finite
+
+    def _check_same_params(self, param_groups: Sequence[dict], selected: list[tuple[int, list[int]]]) -> None:
+        """Every rank of a group must step the same Muon parameters in the same order (else the exchange
+        hangs or mixes matrices): compare a digest per communication group, once per plan."""
+        by_group: dict[Any, list[tuple]] = {}
+        for gi, idx in selected:
+            group = param_groups[gi]
+            if group["algorithm"] != "muon":
+                continue
+            for i in idx:
+                p = group["params"][i]
+                lay = self._layout(gi, i, p, group)
+                # ordered (not a set): every rank must visit its groups in the same order
+                for g in dict.fromkeys([lay.group, *lay.reduce_groups]):
+                    if g is not None:
+                        by_group.setdefault(g, []).append((gi, i, tuple(p.shape), lay.strategy))
+        for g, entries in by_group.items():
+            digest = hashlib.sha1(repr(entries).encode()).hexdigest()
+            got = [None] * dist.get_world_size(g)
+            dist.all_gather_object(got, digest, group=g)
+            if len(set(got)) != 1:
+                raise RuntimeError("fastortho.Muon: ranks disagree on the distributed plan (parameters with "
+                                   "gradients, shapes or order differ across ranks)")
+
+    # -- phase 2 ---------------------------------------------------------------------------------
+    def _batches(self, tasks: list[Task], units: list[F.MatrixUnit], strategy: str) -> list[tuple[list[int], AllToAll]]:
+        """Task indices of ``strategy`` per (process group, dtype), each with its (unstarted) exchange."""
+        by: dict[tuple, list[int]] = {}
+        for k, t in enumerate(tasks):
+            if t.strategy == strategy:
+                by.setdefault((t.lay.group, units[k].ns_input.dtype), []).append(k)
+        return [(ks, AllToAll(g, tasks[ks[0]].lay.world, tasks[ks[0]].lay.rank, units[ks[0]].ns_input, dt))
+                for (g, dt), ks in by.items()]
+
+    def _orthogonalize(self, tasks: list[Task], units: list[F.MatrixUnit]) -> None:
+        st = self.stats
+        for t in tasks:
+            st["numel"][t.strategy] = st["numel"].get(t.strategy, 0) + t.numel()
+        items: list[tuple[Task, Tensor, Any]] = []  # (task, full (B, m, n) input, sink)
+        # forward: a2a shards to their owner
+        forward = self._batches(tasks, units, "a2a")
+        for ks, ex in forward:
+            for k in ks:
+                t, me = tasks[k], ex.rank
+                if t.owner != me and t.pieces[me][1]:
+                    ex.send(t.owner, units[k].ns_input)
+                elif t.owner == me:
+                    for r in range(ex.world):
+                        if r != me:
+                            ex.expect(r, t.piece_numel(r))
+            self._count("a2a", ex.start())
+        for k, t in enumerate(tasks):
+            if t.strategy == "local" or (t.strategy == "owner" and t.owner == t.lay.rank):
+                items.append((t, units[k].ns_input, k))
+            elif t.strategy == "gather":
+                items.extend(self._gather_inputs(k, t))
+        for ks, ex in forward:
+            ex.wait()
+            for k in ks:
+                t = tasks[k]
+                if t.owner == ex.rank:
+                    parts = [units[k].ns_input if r == ex.rank else ex.take(r, t.piece_shape(r))
+                             for r in range(ex.world)]
+                    items.append((t, torch.cat(parts, dim=t.lay.axis), k))
+
+        results = self._run_ns(items)  # task index (or (task index, block)) -> full output
+
+        # backward: a2a slices back to their ranks, owner results to everyone, gather slices locally
+        backward = self._batches(tasks, units, "a2a") + self._batches(tasks, units, "owner")
+        for ks, ex in backward:
+            for k in ks:
+                t, me = tasks[k], ex.rank
+                if t.strategy == "owner":
+                    if t.owner == me:
+                        for r in range(ex.world):
+                            if r != me:
+                                ex.send(r, results[k].to(ex.dtype))
+                    else:
+                        ex.expect(t.owner, t.numel())
+                elif t.owner == me:
+                    o = results[k].to(ex.dtype)
+                    for r in range(ex.world):
+                        s0, ln = t.pieces[r]
+                        if r == me:
+                            units[k].out = o.narrow(t.lay.axis, s0, ln).contiguous()
+                        elif ln:
+                            ex.send(r, o.narrow(t.lay.axis, s0, ln))
+                elif t.pieces[me][1]:
+                    ex.expect(t.owner, t.piece_numel(me))
+            self._count(tasks[ks[0]].strategy, ex.start())
+        for k, t in enumerate(tasks):
+            if t.strategy == "local":
+                units[k].out = results[k]
+            elif t.strategy == "gather":
+                units[k].out = self._gather_output(t, [results[(k, j)] for j in range(len(t.split or (0,)))])
+        for ks, ex in backward:
+            ex.wait()
+            for k in ks:
+                t, u = tasks[k], units[k]
+                if t.owner == ex.rank:
+                    if t.strategy == "owner":
+                        u.out = results[k]
+                elif t.strategy == "a2a" and not t.piece_numel(ex.rank):
+                    u.out = u.ns_input.new_empty(u.ns_input.shape, dtype=ex.dtype)
+                else:
+                    u.out = ex.take(t.owner, tuple(u.ns_input.shape))
+        self._ideal(tasks, units)
+
+    def _run_ns(self, items: list[tuple[Task, Tensor, Any]]) -> dict[Any, Tensor]:
+        """One batched :func:`~fastortho.optim.functional.orthogonalize` per (config, m, n, dtype, device),
+        in task order (as the single-process buckets)."""
+        buckets: dict[tuple, list[tuple[Task, Tensor, Any]]] = {}
+        for item in items:
+            t, x, _ = item
+            buckets.setdefault((t.cfg, x.shape[-2], x.shape[-1], x.dtype, x.device), []).append(item)
+        results: dict[Any, Tensor] = {}
+        for (cfg, *_), bucket in buckets.items():
+            xs = [x for _, x, _ in bucket]
+            o = F.orthogonalize(xs[0] if len(xs) == 1 else torch.cat(xs), cfg).contiguous()
+            self.stats["ns_calls"] += 1
+            self.stats["ns_flops"] += sum(t.cost for t, _, _ in bucket)
+            for (_, _, sink), oo in zip(bucket, torch.split(o, [x.shape[0] for x in xs])):
+                results[sink] = oo
+        return results
+
+    def _gather_inputs(self, k: int, t: Task) -> list[tuple[Task, Tensor, Any]]:
+        full = gather_full(t.u_local, t.param, t.lay.mesh, t.lay.placements)
+        self._count("gather", nbytes(full.numel(), full.dtype) * (t.lay.world - 1) // t.lay.world)
+        x = full.reshape(t.shape)
+        if not t.split:
+            return [(t, x, (k, 0))]
+        out, r0 = [], 0
+        for j, s in enumerate(t.split):
+            out.append((t, x.narrow(1, r0, s).contiguous(), (k, j)))
+            r0 += s
+        return out
+
+    def _gather_output(self, t: Task, blocks: list[Tensor]) -> Tensor:
+        o = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return scatter_local(o.reshape(t.param.shape), t.lay.mesh, t.lay.placements)
+
+    def _ideal(self, tasks: list[Task], units: list[F.MatrixUnit]) -> None:
+        """Analytic bytes for this rank: a2a sends its off-owner shards of u and, as owner, the other
+        ranks' slices of O; owner sends its results to W−1 ranks; gather receives (W−1)/W of u."""
+        ideal: dict[str, int] = {}
+        for t, u in zip(tasks, units):
+            W, me = t.lay.world, t.lay.rank
+            if t.strategy == "a2a":
+                v = (t.piece_numel(me) * u.ns_input.element_size() if t.owner != me
+                     else (t.numel() - t.piece_numel(me)) * u.out.element_size())
+            elif t.strategy == "owner":
+                v = t.numel() * u.out.element_size() * (W - 1) if t.owner == me else 0
+            elif t.strategy == "gather":
+                v = t.numel() * u.ns_input.element_size() * (W - 1) // W
+            else:
+                v = 0
+            ideal[t.strategy] = ideal.get(t.strategy, 0) + v
+        self.stats["ideal"] = ideal
+
+
+def make_engine(param_groups: Sequence[dict[str, Any]], process_group: Any = None, strategy: str = "auto", *,
+                telemetry: bool = False) -> DistributedMuonEngine | None:
+    """The engine when any parameter is a DTensor or ``process_group`` spans more than one rank; None
+    keeps the single-process step untouched. ``process_group`` may be a 1-D DeviceMesh."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        mesh = process_group  # a 1-D DeviceMesh
+        if getattr(mesh, "ndim", None) != 1:
+            raise ValueError("process_group must be a ProcessGroup or a 1-D DeviceMesh")
+        process_group = mesh.get_group(0)
+    any_dt = any(is_dtensor(p) for g in param_groups for p in g["params"])
+    multi = process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1
+    if not (any_dt or multi):
+        return None
+    if telemetry:
+        warnings.warn("fastortho.Muon: telemetry is not recorded in distributed mode", stacklevel=3)
+    return DistributedMuonEngine(process_group, strategy)
