@@ -120,12 +120,13 @@ def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool, limi
         cfg = APPLY_CONFIGS[4]
     else:
         cfg = APPLY_CONFIGS[3]
-    return _first_fitting((cfg, APPLY_CONFIGS[0], FP32_APPLY), arch, elem_bytes, limit)
+    return _first_fitting((cfg, APPLY_CONFIGS[3], APPLY_CONFIGS[0], FP32_APPLY), arch, elem_bytes, limit)
 
 
 def _first_fitting(cands: tuple[Config, ...], arch: int, elem_bytes: int, limit: int | None) -> Config:
-    """The first candidate whose operand pipeline fits; the last (smallest, 48 KiB in fp32 on
-    sm_90) is taken regardless, so a caller always gets a config."""
+    """The first candidate whose operand pipeline fits, largest tiles first (an fp32-input 4096²
+    apply on sm_90: 128×256×64 needs 288 KiB, 128×128×64 fits in 192 KiB); the last (smallest,
+    48 KiB in fp32 on sm_90) is taken regardless, so a caller always gets a config."""
     for c in cands:
         if c.fits(arch, elem_bytes, limit):
             return c
