@@ -351,14 +351,19 @@ class MoE(nn.Module):
         self.w_out = nn.Parameter(0.1 * torch.randn(E, EN, EM))
 
 
-def _moe_grads(step: int) -> dict[str, torch.Tensor]:
+def _moe_grads(step: int, nan: bool = False) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     shapes = {n: p.shape for n, p in MoE().named_parameters()}
     g = torch.Generator().manual_seed(900 + step)
-    return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    out = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    if nan and step == 1:
+        out["w_in"][E - 1, 0, 0] = float("nan")  # the last expert: on the last ep rank only
+    return out
 
 
-def _moe_reference():
+def _moe_reference(nan: bool = False):
+    """One process; with ``nan``, step 1 skips the whole w_in stack (non-finite detection is per
+    parameter, and a stack is one parameter)."""
     import fastortho
 
     torch.manual_seed(0)
@@ -366,9 +371,9 @@ def _moe_reference():
     opt = fastortho.Muon(fastortho.muon_param_groups(model, heads=[]), lr=LR, weight_decay=WD, adamw_lr=ADAMW_LR)
     for step in range(BEFORE):
         for n, p in model.named_parameters():
-            p.grad = _moe_grads(step)[n]
+            p.grad = _moe_grads(step, nan)[n]
         opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt.nonfinite_count
 
 
 def _ep_model(mesh, mode: str) -> MoE:
@@ -393,7 +398,7 @@ def _ep_model(mesh, mode: str) -> MoE:
     return model
 
 
-def _ep(rank, world, mode: str) -> dict:
+def _ep(rank, world, mode: str, nan: bool = False) -> dict:
     """BEFORE steps on identical gradients against one process; the experts' bytes in an optimizer of
     their own (same layout, same gradients)."""
     import fastortho
@@ -408,7 +413,7 @@ def _ep(rank, world, mode: str) -> dict:
     opt_exp = fastortho.Muon(experts, **kw)
     res = {"bytes_experts": [], "ideal_experts": [], "collectives_experts": []}
     for step in range(BEFORE):
-        gs = _moe_grads(step)
+        gs = _moe_grads(step, nan)
         set_grads(model, gs)
         opt.step()
         set_grads(twin, {n: g for n, g in gs.items() if n in ("w_in", "w_out")})
@@ -416,7 +421,8 @@ def _ep(rank, world, mode: str) -> dict:
         res["bytes_experts"].append(dict(opt_exp.comm_stats["bytes"]))
         res["ideal_experts"].append(dict(opt_exp.comm_stats["ideal"]))
         res["collectives_experts"].append(dict(opt_exp.comm_stats["collectives"]))
-    want = _moe_reference()
+    want, res["nonfinite_ref"] = _moe_reference(nan)
+    res["nonfinite"] = opt.nonfinite_count
     res.update(compare_params(model, want))
     res["experts_equal"] = all(torch.equal(full(p), want[n]) for p, n in zip(experts, ("w_in", "w_out")))
     res["strategies"] = strategies(opt)
@@ -429,6 +435,10 @@ def _ep(rank, world, mode: str) -> dict:
 
 def sc_ep_local(rank, world):
     return _ep(rank, world, "local")
+
+
+def sc_ep_local_nan(rank, world):
+    return _ep(rank, world, "local", nan=True)
 
 
 def sc_ep_fsdp(rank, world):
@@ -447,6 +457,7 @@ SCENARIOS = {
     "ddp4_to_fsdp4": sc_ddp4_to_fsdp4,
     "e2e_save_fsdp4": sc_e2e_save_fsdp4,
     "ep_local": sc_ep_local,
+    "ep_local_nan": sc_ep_local_nan,
     "ep_fsdp": sc_ep_fsdp,
     "ep_fsdp2": sc_ep_fsdp2,
     "fsdp4_to_fsdp2": sc_fsdp4_to_fsdp2,
