@@ -33,8 +33,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _study  # noqa: E402
 
-from fastortho.optim import Muon  # noqa: E402
-from fastortho.optim.param_groups import muon_param_groups  # noqa: E402
+from fastortho import Muon, muon_param_groups  # noqa: E402  (the public API)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMIZERS = ("AdamW", "fastortho.Muon", "torch.optim.Muon")
