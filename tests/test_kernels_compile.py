@@ -146,9 +146,6 @@ PENDING = {
                                          "to scalar 2-byte STG.E.U16 even on off-diagonal tiles"),
     ],
     "spills": [
-        (lambda a, sh, k, v: a == 90 and sh == "4096x4096" and k == "apply" and "ax" in _tags(v) and _fp32_g(v),
-         "kernel work pending: the first apply of standard NS on fp32 G (128x256x64, fp32 X tiles, a·X "
-         "epilogue) needs 255 registers and spills 16 B on sm_90"),
         (lambda a, sh, k, v: a in (86, 89) and sh == "64x128x128" and k == "apply" and _fp32_g(v),
          "kernel work pending: the first apply on fp32 G (64x128x64, fp32 X tiles) spills 12 B on sm_86/sm_89"),
         (lambda a, sh, k, v: a == 100 and k == "apply" and "tall" in _tags(v) and "scale" in _tags(v)
