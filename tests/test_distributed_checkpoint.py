@@ -138,7 +138,7 @@ def test_experts_ep_x_fsdp_exact(runs, name):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "_param_layout sends any parameter with two sharded mesh dims to 'gather': the stack dim sharded over "
+    "plan.param_layout sends any parameter with two sharded mesh dims to 'gather': the stack dim sharded over "
     "ep is taken for a second matrix shard, so every rank all-gathers all E experts (of the other ep "
     "ranks too) and orthogonalizes all of them. Fix: when the other sharded dims are stack dims "
     "(d < ndim-2, flatten off), use 'a2a' over the one mesh dim that shards a matrix dim, with the local "
