@@ -44,9 +44,8 @@ class Muon(Optimizer):
       "Deriving Muon"; torch's ``"spectral_unclamped"``). Below 1 for wide matrices.
     * ``"none"``: 1.
 
-    Peers use conflicting names (EO's "spectral" is √max(m, n); dion's "spectral_norm" is our
-    ``"spectral"``): the formulas are the contract. A conv kernel (out, in, kh, kw) is the matrix
-    (out, in·kh·kw) and its scale comes from that shape.
+    Peers use conflicting names for these: the formulas are the contract. A conv kernel
+    (out, in, kh, kw) is the matrix (out, in·kh·kw) and its scale comes from that shape.
 
     **Shapes.** 2-D parameters are matrices. ``flatten=True`` (group key) views (out, ...) as
     (out, prod(...)) (conv kernels); ``flatten=False`` treats (..., m, n) as a stack of matrices
@@ -334,10 +333,8 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._dist_engine is not None:
-            skipped = self._dist_engine.step(self.param_groups, self.state)
-        else:
-            skipped = self._step_local()
+        engine = self._dist_engine
+        skipped = self._step_local() if engine is None else engine.step(self.param_groups, self.state)
         for finite in skipped:
             self._count_nonfinite(finite)
         if self._qk_clip is not None:
