@@ -71,7 +71,7 @@ PEAK_BF16_TFLOPS = 989.4  # H100 SXM dense bf16 tensor-core peak (NVIDIA datashe
 
 
 # ------------------------------------------------------------------------------------------------
-# the plan: exact, mirrors fastortho.distributed (re-implemented so the test is a cross-check)
+# the plan: exact, mirrors fastortho.optim.distributed (re-implemented so the test is a cross-check)
 # ------------------------------------------------------------------------------------------------
 def ns_flops(bsz: int, m: int, n: int, steps: int = 5) -> int:
     """Flops the optimizer counts for ``steps`` quintic NS steps on ``bsz`` m×n matrices (s short, l long

@@ -9,7 +9,7 @@ with ``ast``, and file sizes.
 * no source file is longer than 400 lines.
 
 Today's exceptions are named below with the reason; anything else fails, and an exception that no
-longer applies fails too (so the list only shrinks).
+longer applies is reported as a warning (drop it from the list).
 """
 from __future__ import annotations
 
@@ -26,24 +26,28 @@ MAX_LINES = 400
 
 #: files longer than MAX_LINES today, each with why it is allowed for now
 LONG_FILES = {
-    "fastortho/muon_step.py": "fused momentum/apply wrappers; the op layer (fastortho/ops.py) replaces it",
     "fastortho/optim/qk_clip.py": "QKClip (MuonClip), to be split into layouts / observer / rescale",
     "kernels/aot.py": "ahead-of-time kernel tooling; moves out of the kernel sources with the kernels/ tree",
 }
-#: (importing module, imported module) pairs allowed against the first two rules, with why
-ALLOWED_IMPORTS = {
-    ("fastortho.orthogonalize", "fastortho"): "ns_triton_available lives in the package face until the op "
-                                              "layer (fastortho/ops.py) owns the Triton check",
-    ("fastortho.kernels.aot", "fastortho.coefficients"): "AOT tooling traces newton_schulz's launches",
-    ("fastortho.kernels.aot", "fastortho.orthogonalize"): "AOT tooling traces newton_schulz's launches",
-    ("fastortho.kernels.aot", "fastortho.ns_triton"): "AOT tooling traces newton_schulz's launches",
-    # the framework adapters are being written now; they should import fastortho.optim's Muon and
-    # muon_param_groups, which fastortho re-exports
-    ("fastortho.integrations", "fastortho"): "in progress: import from fastortho.optim",
-    ("fastortho.integrations.lightning", "fastortho"): "in progress: import from fastortho.optim",
-    ("fastortho.integrations.timm", "fastortho"): "in progress: import from fastortho.optim",
-    ("fastortho.integrations.transformers", "fastortho"): "in progress: import from fastortho.optim",
+#: modules of kernels/ allowed to import the rest of fastortho, with why
+KERNEL_IMPORTS = {
+    "fastortho.kernels.aot": "AOT tooling, not a kernel: it traces newton_schulz's launches",
 }
+#: modules allowed to import the package face ``fastortho``, with why
+FACE_IMPORTS = {
+    # the framework adapters are being written now: they should import Muon and muon_param_groups from
+    # fastortho.optim, which fastortho re-exports
+    "fastortho.integrations": "in progress: import from fastortho.optim",
+    "fastortho.integrations.lightning": "in progress: import from fastortho.optim",
+    "fastortho.integrations.timm": "in progress: import from fastortho.optim",
+    "fastortho.integrations.transformers": "in progress: import from fastortho.optim",
+}
+
+
+def _stale(kind: str, listed: set[str], found: set[str]) -> None:
+    """An exception that no longer applies is reported (not failed: the file's owner may be mid-change)."""
+    if listed - found:
+        warnings.warn(f"{kind}: no longer needed, drop from the list: {sorted(listed - found)}", stacklevel=2)
 
 
 def _modules() -> dict[str, Path]:
@@ -105,17 +109,20 @@ def test_no_import_runs_back_up():
     bad, used = [], set()
     for name in MODULES:
         for target, line in _imports(name, module_level=False):
-            in_kernels = name.startswith("fastortho.kernels")
-            wrong = (in_kernels and target.startswith("fastortho") and not target.startswith("fastortho.kernels")
-                     or target == "fastortho")
-            if wrong:
-                if (name, target) in ALLOWED_IMPORTS:
-                    used.add((name, target))
-                else:
-                    bad.append(f"{MODULES[name].relative_to(ROOT)}:{line} imports {target}")
+            into_fastortho = target.startswith("fastortho") and not target.startswith("fastortho.kernels")
+            if name.startswith("fastortho.kernels") and into_fastortho:
+                allowed = name in KERNEL_IMPORTS
+            elif target == "fastortho":
+                allowed = name in FACE_IMPORTS
+            else:
+                continue
+            if allowed:
+                used.add(name)
+            else:
+                bad.append(f"{MODULES[name].relative_to(ROOT)}:{line} imports {target}")
     assert not bad, "imports that run back up to the package face (or from kernels/ into fastortho):\n" + \
         "\n".join(bad)
-    assert used == ALLOWED_IMPORTS.keys(), f"allowed imports that no longer exist: {ALLOWED_IMPORTS.keys() - used}"
+    _stale("allowed imports", set(KERNEL_IMPORTS) | set(FACE_IMPORTS), used)
 
 
 def test_no_import_cycle_at_module_level():
@@ -157,8 +164,7 @@ def test_no_source_file_exceeds_400_lines():
     long = {k: n for k, n in long.items() if n > MAX_LINES}
     assert long.keys() <= LONG_FILES.keys(), f"files over {MAX_LINES} lines: " + \
         str({k: n for k, n in long.items() if k not in LONG_FILES})
-    assert LONG_FILES.keys() <= long.keys(), f"no longer over {MAX_LINES} lines, drop from LONG_FILES: " + \
-        str(LONG_FILES.keys() - long.keys())
+    _stale(f"LONG_FILES (now within {MAX_LINES} lines)", set(LONG_FILES), set(long))
 
 
 @pytest.mark.parametrize("old, new, names", [

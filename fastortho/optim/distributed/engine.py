@@ -2,6 +2,7 @@
 with the orthogonalization routed by the plan (:mod:`.plan`) through the exchanges (:mod:`.exchange`)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -94,7 +95,7 @@ class DistributedMuonEngine:
             work = F.contiguous_params(plocal)
             us, finite = F.momentum_phase(
                 work.work, [local(p.grad) for p in params], bufs, **F.momentum_args(group, plocal[0].device),
-                names=[f"{gi}.{i}" for i in idx], reduce_finite=lambda f, lays=lays: self._global_finite(f, lays))
+                names=[f"{gi}.{i}" for i in idx], reduce_finite=functools.partial(self._global_finite, lays=lays))
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)
             g_units, g_tasks = plan_units(gi, idx, params, lays, work.work, bufs, us, group)
