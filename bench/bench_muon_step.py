@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_string, gbps, timeit, write_csv  # noqa: E402
 
-from fastortho import _C_loader  # noqa: E402
-from fastortho.muon_step import muon_apply_, muon_momentum_  # noqa: E402
+from fastortho.ops import _load as _C_loader  # noqa: E402
+from fastortho.ops import muon_apply_, muon_momentum_  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -88,7 +88,7 @@ def implementations(G, co, safety, triton_ok):
     kw = dict(safety=safety, normalize="fro", eps=1e-7, compute_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
     impls = {}
     if triton_ok:
-        from fastortho.ns_triton import newton_schulz_triton, use_gram
+        from fastortho.ops.newton_schulz import newton_schulz_triton, use_gram
 
         impls["triton"] = partial(newton_schulz_triton, G, co, **kw)
         if max(m, n) >= 1.5 * min(m, n):
@@ -108,7 +108,7 @@ def kernel_flops(impl: str, B: int, m: int, n: int, steps: int, device: torch.de
     k, L = min(m, n), max(m, n)
     if not impl.startswith("triton"):
         return naive_flops(B, m, n, steps)
-    from fastortho.ns_triton import use_gram
+    from fastortho.ops.newton_schulz import use_gram
 
     gram = impl == "triton-gram" or (impl in ("triton", "triton-per-matrix") and use_gram(m, n))
     arch = 90

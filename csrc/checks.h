@@ -15,11 +15,14 @@ void check_momentum_args(at::TensorList grads, at::TensorList bufs, at::TensorLi
                          const at::Tensor& sumsq);
 
 // params (fp32/bf16/fp16), updates (bf16/fp32/fp16): one dtype per list, same shapes, contiguous,
-// one device. Host scales: n floats (or none when scales_tensor is given); tensors: fp32, numel 1
-// for lr/wd, shape (n,) for scales, on the params' device or (0-dim lr/wd only) on the CPU.
-void check_apply_args(at::TensorList params, at::TensorList updates, c10::ArrayRef<double> scales,
-                      const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& wd_tensor,
-                      const c10::optional<at::Tensor>& scales_tensor);
+// one device; scales: one number per tensor.
+void check_apply_args(at::TensorList params, at::TensorList updates, c10::ArrayRef<double> scales);
+
+// The .tensor overload: as above, with lr and weight_decay float32 one-element tensors and scales a
+// contiguous float32 (n,) tensor, each on the params' device (read by the kernel) or on the CPU (read
+// on the host).
+void check_apply_tensor_args(at::TensorList params, at::TensorList updates, const at::Tensor& lr,
+                             const at::Tensor& weight_decay, const at::Tensor& scales);
 
 // Dtype codes used by the launchers (identical in the CUDA launcher API, see cuda/launch.h).
 int dtype_code(at::ScalarType t);  // 0 fp32, 1 bf16, 2 fp16

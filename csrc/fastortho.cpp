@@ -76,35 +76,31 @@ void check_momentum_args(at::TensorList grads, at::TensorList bufs, at::TensorLi
   }
 }
 
-void check_apply_args(at::TensorList params, at::TensorList updates, c10::ArrayRef<double> scales,
-                      const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& wd_tensor,
-                      const c10::optional<at::Tensor>& scales_tensor) {
+void check_apply_args(at::TensorList params, at::TensorList updates, c10::ArrayRef<double> scales) {
+  check_pair("params", params, "updates", updates, {at::kFloat, at::kBFloat16, at::kHalf},
+             {at::kBFloat16, at::kFloat, at::kHalf});
+  TORCH_CHECK(scales.size() == params.size(), "scales has ", scales.size(), " entries for ", params.size(),
+              " tensors");
+}
+
+void check_apply_tensor_args(at::TensorList params, at::TensorList updates, const at::Tensor& lr,
+                             const at::Tensor& weight_decay, const at::Tensor& scales) {
   check_pair("params", params, "updates", updates, {at::kFloat, at::kBFloat16, at::kHalf},
              {at::kBFloat16, at::kFloat, at::kHalf});
   const int64_t n = static_cast<int64_t>(params.size());
-  if (scales_tensor.has_value()) {
-    const auto& s = *scales_tensor;
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 1 && s.size(0) == n && s.is_contiguous(),
-                "scales_tensor must be a contiguous float32 tensor of shape (", n, ",), got ", s.scalar_type(),
-                " ", s.sizes());
-    TORCH_CHECK(scales.empty(), "pass scales either as floats or as scales_tensor, not both");
-    if (n > 0) {
-      TORCH_CHECK(s.device() == params[0].device(), "scales_tensor is on ", s.device(), " but params on ",
-                  params[0].device());
-    }
-  } else {
-    TORCH_CHECK(static_cast<int64_t>(scales.size()) == n, "scales has ", scales.size(), " entries for ", n,
-                " tensors");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == n &&
+                  scales.is_contiguous(),
+              "scales must be a contiguous float32 tensor of shape (", n, ",), got ", scales.scalar_type(), " ",
+              scales.sizes());
+  for (auto [name, t] : {std::pair{"lr", &lr}, std::pair{"weight_decay", &weight_decay}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, name,
+                " must be a float32 tensor with one element, got ", t->scalar_type(), " ", t->sizes());
   }
-  for (auto [name, t] : {std::pair{"lr_tensor", &lr_tensor}, std::pair{"wd_tensor", &wd_tensor}}) {
-    if (!t->has_value()) continue;
-    const auto& v = **t;
-    TORCH_CHECK(v.scalar_type() == at::kFloat && v.numel() == 1, name,
-                " must be a float32 tensor with one element, got ", v.scalar_type(), " ", v.sizes());
-    if (n > 0) {
-      TORCH_CHECK(v.device() == params[0].device() || v.device().is_cpu(), name, " is on ", v.device(),
-                  " but params on ", params[0].device());
-    }
+  if (n == 0) return;
+  // A CPU tensor is read on the host (no device sync); any other must sit with the params.
+  for (auto [name, t] : {std::pair{"lr", &lr}, std::pair{"weight_decay", &weight_decay}, std::pair{"scales", &scales}}) {
+    TORCH_CHECK(t->device() == params[0].device() || t->device().is_cpu(), name, " is on ", t->device(),
+                " but params on ", params[0].device());
   }
 }
 
@@ -116,9 +112,12 @@ void muon_momentum_meta(at::TensorList grads, at::TensorList bufs, at::TensorLis
   check_momentum_args(grads, bufs, outs, sumsq);
 }
 void muon_apply_meta(at::TensorList params, at::TensorList updates, double /*lr*/, double /*wd*/,
-                     c10::ArrayRef<double> scales, const c10::optional<at::Tensor>& lr_tensor,
-                     const c10::optional<at::Tensor>& wd_tensor, const c10::optional<at::Tensor>& scales_tensor) {
-  check_apply_args(params, updates, scales, lr_tensor, wd_tensor, scales_tensor);
+                     c10::ArrayRef<double> scales) {
+  check_apply_args(params, updates, scales);
+}
+void muon_apply_tensor_meta(at::TensorList params, at::TensorList updates, const at::Tensor& lr,
+                            const at::Tensor& weight_decay, const at::Tensor& scales) {
+  check_apply_tensor_args(params, updates, lr, weight_decay, scales);
 }
 }  // namespace
 
@@ -128,14 +127,19 @@ TORCH_LIBRARY(fastortho, m) {
   m.def(
       "muon_momentum_(Tensor[] grads, Tensor(a!)[] bufs, Tensor(b!)[] outs, Tensor(c!) sumsq, "
       "float momentum, bool nesterov, bool ema) -> ()");
+  // Scalars as numbers (d = 1 - lr*wd and a_i = lr*s_i in double, rounded to float: torch.optim.Muon's
+  // p.mul_(1 - lr*wd); p.add_(O, alpha=-lr*s)) or, in the .tensor overload (as torch's
+  // _fused_adam_.tensor_lr), as float32 tensors read where they live, with d and a_i in float.
+  m.def("muon_apply_(Tensor(a!)[] params, Tensor[] updates, float lr, float weight_decay, float[] scales) -> ()");
   m.def(
-      "muon_apply_(Tensor(a!)[] params, Tensor[] updates, float lr, float weight_decay, float[] scales, "
-      "Tensor? lr_tensor=None, Tensor? wd_tensor=None, Tensor? scales_tensor=None) -> ()");
+      "muon_apply_.tensor(Tensor(a!)[] params, Tensor[] updates, Tensor lr, Tensor weight_decay, "
+      "Tensor scales) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastortho, Meta, m) {
   m.impl("muon_momentum_", &muon_momentum_meta);
   m.impl("muon_apply_", &muon_apply_meta);
+  m.impl("muon_apply_.tensor", &muon_apply_tensor_meta);
 }
 
 }  // namespace fastortho

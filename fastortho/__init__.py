@@ -8,13 +8,11 @@ optional, and a missing backend raises a clear error only when it is asked for.
 """
 from __future__ import annotations
 
-import functools
-
-from . import _C_loader, diagnostics, reference
-from ._C_loader import HAS_C, HAS_C_CUDA
+from . import diagnostics, ops, reference
 from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_schedule
 from .optim import Muon, describe_param_groups, muon_param_groups
-from .muon_step import muon_apply_, muon_momentum_
+from .ops import HAS_C, HAS_C_CUDA, muon_apply_, muon_momentum_
+from .ops import triton_available as ns_triton_available
 from .orthogonalize import newton_schulz, polar
 
 from ._version import __version__  # the one version source; pyproject.toml reads it too
@@ -38,13 +36,3 @@ __all__ = [
     "ns_triton_available",
 ]
 
-
-@functools.cache
-def ns_triton_available() -> bool:
-    """True when the Triton Newton–Schulz kernels can be imported (Triton installed)."""
-    try:
-        from . import ns_triton  # noqa: F401
-        from .kernels import HAS_TRITON
-    except ImportError:
-        return False
-    return HAS_TRITON

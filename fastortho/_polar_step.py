@@ -14,24 +14,15 @@ uses torch for the Gram product (the Triton matmul kernels are bf16/fp16/fp32).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-
-@functools.cache
-def _triton_ok() -> bool:
-    try:
-        from .kernels import HAS_TRITON
-    except ImportError:
-        return False
-    return HAS_TRITON
+from .ops import triton_available
 
 
 def use_triton(X: Tensor) -> bool:
     """True when the Triton kernels should run on X's device."""
-    if not _triton_ok():
+    if not triton_available():
         return False
     from .kernels import interpreter_enabled
 
@@ -43,7 +34,7 @@ def gram(X: Tensor, c: float = 1.0, identity: bool = False) -> Tensor:
     B, k, _ = X.shape
     eye = torch.eye(k, dtype=X.dtype, device=X.device).expand(B, k, k)
     if X.dtype == torch.float32 and use_triton(X):
-        from .kernels.ns_launch import sym_mm
+        from .kernels.newton_schulz_launch import sym_mm
 
         out = torch.empty(B, k, k, dtype=X.dtype, device=X.device)
         # first_fp32: 3xTF32 dots on the GPU (≈ fp32 accuracy at tensor-core speed) whatever
@@ -59,7 +50,7 @@ def gram(X: Tensor, c: float = 1.0, identity: bool = False) -> Tensor:
 def ns_product(A: Tensor, X: Tensor) -> Tensor:
     """1.5·X − 0.5·A·X for A (B, k, k), X (B, k, L): one Newton–Schulz step when A = XXᵀ."""
     if X.dtype == torch.float32 and use_triton(X):
-        from .kernels.ns_launch import apply_q
+        from .kernels.newton_schulz_launch import apply_q
 
         out = torch.empty(X.shape, dtype=X.dtype, device=X.device)
         # 3xTF32 dots (first_fp32) for the same reason as in ``gram``: fp32 accuracy whatever

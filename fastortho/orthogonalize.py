@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .coefficients import Schedule, get_schedule
 from .ns_torch import newton_schulz_torch
+from .ops import newton_schulz_triton, triton_available
 from .polar_higham import higham_polar
 from .polar_qdwh import qdwh_polar
 from .reference import default_rtol, polar_svd
@@ -53,9 +54,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "auto":
-        from . import ns_triton_available
-
-        return "triton" if device.type == "cuda" and ns_triton_available() else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
     return backend
 
 
@@ -144,8 +143,6 @@ def newton_schulz(
     G3 = G.reshape(-1, m, n)  # a view whenever the leading dims allow it
     be = _resolve_backend(backend, G.device)
     if be == "triton":
-        from .ns_triton import newton_schulz_triton
-
         X = newton_schulz_triton(
             G3, coeffs, safety=safety, normalize=normalize, eps=eps, compute_dtype=dtype,
             out_dtype=out_dtype, fp32_first_gram=fp32_first_gram, gram=gram,

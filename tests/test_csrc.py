@@ -25,8 +25,8 @@ import shutil
 import pytest
 import torch
 
-from fastortho import _C_loader
-from fastortho.muon_step import muon_apply_, muon_momentum_
+from fastortho.ops import _load as _C_loader
+from fastortho.ops import muon_apply_, muon_momentum_
 
 KCHUNK = 16384  # csrc/muon_step.h
 REQUIRE_C = os.environ.get("FASTORTHO_REQUIRE_C") == "1"
@@ -123,10 +123,11 @@ def test_opcheck_apply(tensor_scalars):
     params = _lists(shapes, torch.float32, 0)
     updates = _lists(shapes, torch.bfloat16, 1)
     if tensor_scalars:
-        args = (params, updates, 0.0, 0.0, [], torch.tensor(0.02), torch.tensor(0.1), torch.tensor([1.0, 2.0]))
+        op, args = torch.ops.fastortho.muon_apply_.tensor, (params, updates, torch.tensor(0.02), torch.tensor(0.1),
+                                                            torch.tensor([1.0, 2.0]))
     else:
-        args = (params, updates, 0.02, 0.1, [1.0, 2.0], None, None, None)
-    torch.library.opcheck(torch.ops.fastortho.muon_apply_.default, args)
+        op, args = torch.ops.fastortho.muon_apply_.default, (params, updates, 0.02, 0.1, [1.0, 2.0])
+    torch.library.opcheck(op, args)
 
 
 @needs_c
@@ -236,7 +237,7 @@ def test_cpu_result_independent_of_thread_count():
 
 _BASELINE_SCRIPT = """
 import torch
-from fastortho.muon_step import muon_momentum_, muon_apply_
+from fastortho.ops import muon_momentum_, muon_apply_
 gen = torch.Generator().manual_seed(0)
 shapes = [(37, 53), (16384 + 5,), (1,)]
 for gdt, bdt, odt in [(torch.bfloat16, torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16, torch.float16),

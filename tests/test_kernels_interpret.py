@@ -49,7 +49,7 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error():
     import torch
 
     from fastortho.kernels import interpreter_enabled
-    from fastortho.ns_triton import newton_schulz_triton
+    from fastortho.ops.newton_schulz import newton_schulz_triton
 
     if interpreter_enabled():
         pytest.skip("this process runs the interpreter")

@@ -20,7 +20,7 @@ pytestmark = [
 
 def _ns(G, name="polar_express", steps=None, *, cdt=torch.bfloat16, out=None, **kw):
     from fastortho.coefficients import get_schedule
-    from fastortho.ns_triton import newton_schulz_triton
+    from fastortho.ops.newton_schulz import newton_schulz_triton
 
     co, safety = get_schedule(name, steps)
     kw.setdefault("normalize", "fro")
@@ -120,7 +120,7 @@ def test_fp32_first_gram_and_special_values():
 
 def test_autotune_opt_in(monkeypatch):
     """FASTORTHO_TRITON_AUTOTUNE=1 times the pruned candidate list once per (k, L, dtype, arch)."""
-    from fastortho.kernels import ns_launch
+    from fastortho.kernels import newton_schulz_launch as ns_launch
 
     monkeypatch.setenv("FASTORTHO_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(ns_launch, "_TUNED", {})
@@ -141,7 +141,7 @@ def test_extreme_scales_every_dtype_on_gpu():
 
     sys.path.insert(0, str(Path(__file__).parent))
     from interpret import _scales
-    from fastortho.ns_triton import newton_schulz_triton
+    from fastortho.ops.newton_schulz import newton_schulz_triton
 
     def run(G, co, safety, normalize, eps, cdt):
         return newton_schulz_triton(G.cuda(), co, safety=safety, normalize=normalize, eps=eps, compute_dtype=cdt,
@@ -182,7 +182,7 @@ def test_fp32_input_fits_shared_memory_on_this_gpu():
 
 
 def test_no_autotune_inside_graph_capture(monkeypatch):
-    from fastortho.kernels import ns_launch
+    from fastortho.kernels import newton_schulz_launch as ns_launch
 
     monkeypatch.setenv("FASTORTHO_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(ns_launch, "_TUNED", {})

@@ -250,30 +250,11 @@ void apply_range_base(int combo, const ApplyJob& job, int64_t b, int64_t e) { ap
 FO_AVX2 void apply_range_avx2(int combo, const ApplyJob& job, int64_t b, int64_t e) { apply_range_impl(combo, job, b, e); }
 
 
-// A CPU copy of a one-element float tensor's value for the host side (a CPU tensor: no sync).
-const float* cpu_scalar_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
-
-void muon_apply_cpu(at::TensorList params, at::TensorList updates, double lr, double weight_decay,
-                    c10::ArrayRef<double> scales, const c10::optional<at::Tensor>& lr_tensor,
-                    const c10::optional<at::Tensor>& wd_tensor, const c10::optional<at::Tensor>& scales_tensor) {
-  check_apply_args(params, updates, scales, lr_tensor, wd_tensor, scales_tensor);
+// One pass over every (tensor, chunk) item; coef[t] is a_t (host scalars) or unused (see ApplyScalars).
+void run_apply_cpu(at::TensorList params, at::TensorList updates, const ApplyScalars& s,
+                   const std::vector<float>& coef) {
   const size_t n = params.size();
-  if (n == 0) return;
   TORCH_CHECK(params[0].device().is_cpu(), "muon_apply_ (CPU kernel) got a ", params[0].device(), " tensor");
-  ApplyScalars s{};
-  s.host_scalars = !lr_tensor.has_value() && !wd_tensor.has_value() && !scales_tensor.has_value();
-  s.lr = static_cast<float>(lr);
-  s.wd = static_cast<float>(weight_decay);
-  s.d_host = static_cast<float>(1.0 - lr * weight_decay);
-  s.lr_ptr = cpu_scalar_ptr(lr_tensor);
-  s.wd_ptr = cpu_scalar_ptr(wd_tensor);
-  s.scales_ptr = scales_tensor.has_value() ? scales_tensor->data_ptr<float>() : nullptr;
-  std::vector<float> coef(n, 0.0f);
-  for (size_t t = 0; t < n && !scales_tensor.has_value(); ++t) {
-    coef[t] = s.host_scalars ? static_cast<float>(lr * scales[t]) : static_cast<float>(scales[t]);
-  }
   std::vector<int64_t> numels(n);
   std::vector<void*> pp(n), op(n);
   int64_t total = 0;
@@ -294,11 +275,40 @@ void muon_apply_cpu(at::TensorList params, at::TensorList updates, double lr, do
                    });
 }
 
+void muon_apply_cpu(at::TensorList params, at::TensorList updates, double lr, double weight_decay,
+                    c10::ArrayRef<double> scales) {
+  check_apply_args(params, updates, scales);
+  const size_t n = params.size();
+  if (n == 0) return;
+  ApplyScalars s{};
+  s.host_scalars = true;
+  s.lr = static_cast<float>(lr);
+  s.wd = static_cast<float>(weight_decay);
+  s.d_host = static_cast<float>(1.0 - lr * weight_decay);
+  std::vector<float> coef(n);
+  for (size_t t = 0; t < n; ++t) coef[t] = static_cast<float>(lr * scales[t]);
+  run_apply_cpu(params, updates, s, coef);
+}
+
+void muon_apply_tensor_cpu(at::TensorList params, at::TensorList updates, const at::Tensor& lr,
+                           const at::Tensor& weight_decay, const at::Tensor& scales) {
+  check_apply_tensor_args(params, updates, lr, weight_decay, scales);
+  const size_t n = params.size();
+  if (n == 0) return;
+  ApplyScalars s{};
+  s.host_scalars = false;
+  s.lr_ptr = lr.const_data_ptr<float>();
+  s.wd_ptr = weight_decay.const_data_ptr<float>();
+  s.scales_ptr = scales.const_data_ptr<float>();
+  run_apply_cpu(params, updates, s, std::vector<float>(n, 0.0f));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastortho, CPU, m) {
   m.impl("muon_momentum_", &muon_momentum_cpu);
   m.impl("muon_apply_", &muon_apply_cpu);
+  m.impl("muon_apply_.tensor", &muon_apply_tensor_cpu);
 }
 
 }  // namespace fastortho

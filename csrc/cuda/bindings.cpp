@@ -36,39 +36,47 @@ void muon_momentum_cuda(at::TensorList grads, at::TensorList bufs, at::TensorLis
       c10::cuda::getCurrentCUDAStream().stream()));
 }
 
-void muon_apply_cuda(at::TensorList params, at::TensorList updates, double lr, double weight_decay,
-                     c10::ArrayRef<double> scales, const c10::optional<at::Tensor>& lr_tensor,
-                     const c10::optional<at::Tensor>& wd_tensor, const c10::optional<at::Tensor>& scales_tensor) {
-  check_apply_args(params, updates, scales, lr_tensor, wd_tensor, scales_tensor);
+// coef(i): a_i = lr*s_i (host scalars) or s_i read on the host (see ApplyScalars).
+template <typename Coef>
+void run_apply_cuda(at::TensorList params, at::TensorList updates, const ApplyScalars& s, Coef coef) {
   const int n = static_cast<int>(params.size());
-  if (n == 0) return;
   TORCH_CHECK(params[0].is_cuda(), "muon_apply_ (CUDA kernel) got a ", params[0].device(), " tensor");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  ApplyScalars s{};
-  s.host_scalars = !lr_tensor.has_value() && !wd_tensor.has_value() && !scales_tensor.has_value();
-  s.lr = static_cast<float>(lr);
-  s.wd = static_cast<float>(weight_decay);
-  s.d_host = static_cast<float>(1.0 - lr * weight_decay);
-  // A 0-dim CPU tensor is read here (no device sync); a CUDA one is read by the kernel.
-  if (lr_tensor.has_value()) {
-    if (lr_tensor->is_cuda()) s.lr_ptr = lr_tensor->const_data_ptr<float>();
-    else s.lr = *lr_tensor->const_data_ptr<float>();
-  }
-  if (wd_tensor.has_value()) {
-    if (wd_tensor->is_cuda()) s.wd_ptr = wd_tensor->const_data_ptr<float>();
-    else s.wd = *wd_tensor->const_data_ptr<float>();
-  }
-  if (scales_tensor.has_value()) s.scales_ptr = scales_tensor->const_data_ptr<float>();
   std::vector<cuda::ApplyTensor> ts(n);
   for (int i = 0; i < n; ++i) {
-    const float coef = scales_tensor.has_value() ? 0.0f
-                       : s.host_scalars         ? static_cast<float>(lr * scales[i])
-                                                : static_cast<float>(scales[i]);
-    ts[i] = {params[i].data_ptr(), updates[i].const_data_ptr(), params[i].numel(), coef};
+    ts[i] = {params[i].data_ptr(), updates[i].const_data_ptr(), params[i].numel(), coef(i)};
   }
   C10_CUDA_CHECK(cuda::launch_muon_apply(ts.data(), n, dtype_code(params[0].scalar_type()),
                                          dtype_code(updates[0].scalar_type()), s,
                                          c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+void muon_apply_cuda(at::TensorList params, at::TensorList updates, double lr, double weight_decay,
+                     c10::ArrayRef<double> scales) {
+  check_apply_args(params, updates, scales);
+  if (params.empty()) return;
+  ApplyScalars s{};
+  s.host_scalars = true;
+  s.lr = static_cast<float>(lr);
+  s.wd = static_cast<float>(weight_decay);
+  s.d_host = static_cast<float>(1.0 - lr * weight_decay);
+  run_apply_cuda(params, updates, s, [&](int i) { return static_cast<float>(lr * scales[i]); });
+}
+
+void muon_apply_tensor_cuda(at::TensorList params, at::TensorList updates, const at::Tensor& lr,
+                            const at::Tensor& weight_decay, const at::Tensor& scales) {
+  check_apply_tensor_args(params, updates, lr, weight_decay, scales);
+  if (params.empty()) return;
+  ApplyScalars s{};
+  s.host_scalars = false;
+  // A CPU tensor is read here (no device sync); a CUDA one is read by the kernel.
+  if (lr.is_cuda()) s.lr_ptr = lr.const_data_ptr<float>();
+  else s.lr = *lr.const_data_ptr<float>();
+  if (weight_decay.is_cuda()) s.wd_ptr = weight_decay.const_data_ptr<float>();
+  else s.wd = *weight_decay.const_data_ptr<float>();
+  const float* host_scales = scales.is_cuda() ? nullptr : scales.const_data_ptr<float>();
+  if (scales.is_cuda()) s.scales_ptr = scales.const_data_ptr<float>();
+  run_apply_cuda(params, updates, s, [&](int i) { return host_scales ? host_scales[i] : 0.0f; });
 }
 
 }  // namespace
@@ -76,6 +84,7 @@ void muon_apply_cuda(at::TensorList params, at::TensorList updates, double lr, d
 TORCH_LIBRARY_IMPL(fastortho, CUDA, m) {
   m.impl("muon_momentum_", &muon_momentum_cuda);
   m.impl("muon_apply_", &muon_apply_cuda);
+  m.impl("muon_apply_.tensor", &muon_apply_tensor_cuda);
 }
 
 }  // namespace fastortho

@@ -1,16 +1,18 @@
-"""Triton backend of :func:`fastortho.newton_schulz`: fused bf16 kernels, standard or Gram-space.
+"""Triton backend of :func:`fastortho.newton_schulz`: the op ``fastortho::newton_schulz_triton``.
+
+Fused bf16 kernels, standard or Gram-space.
 
 For G (B, m, n) the iteration runs on the short side: X is the logical wide view of G (k = min(m, n)
 rows; ``G.mT`` for tall inputs, a stride swap, never a copy). Per matrix
 
-    X₀ = G / max(safety·ν, eps),   ν = ‖G‖_F ("fro") or ‖GGᵀ‖_F^{1/2} ≥ σ_max ("spectral"),
+    X₀ = G / max(safety·ν, eps),   ν = ‖G‖_F ("fro") or ‖GGᵀ‖_F^{1/2} ≥ σ_max ("gram"),
     for (a, b, c) in coefficients:  A = XXᵀ,  B = b·A + c·A²,  X ← a·X + B·X,
 
 with X, A, B stored in ``compute_dtype`` and every matmul accumulated in fp32; each linear
 combination is formed in fp32 and rounded once (kernels in ``fastortho.kernels.newton_schulz``).
 The Gram-space variant (``gram=True``; automatic for long/short ≥ 1.5 and k ≥ 256) iterates on
 the k×k Gram matrix with restarts and touches X only at restarts and at the end
-(``fastortho.kernels.ns_gram``); with bf16 requested it stores in fp16, which it needs.
+(``fastortho.kernels.newton_schulz_iteration``); with bf16 requested it stores in fp16, which it needs.
 
 No host synchronization: norms and scales stay on the device; a zero matrix gives zeros (ν is
 clamped by eps), NaN/Inf in G give NaN in that matrix's output. Each matrix is computed by the
@@ -25,9 +27,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastortho.kernels import HAS_TRITON, interpreter_enabled
+from fastortho.kernels import interpreter_enabled
 
-__all__ = ["HAS_TRITON", "newton_schulz_triton", "use_gram"]
+from ._load import triton_available
+
+__all__ = ["newton_schulz_triton", "use_gram"]
 
 GRAM_MIN_ASPECT = 1.5   # Gram-space needs 6k²L + 14k³ vs 15k²L + 5k³ (5 steps): wins for L > k
 GRAM_MIN_SHORT = 256    # below this the extra k×k launches cost more than the FLOPs saved
@@ -42,7 +46,7 @@ def use_gram(m: int, n: int) -> bool:
 def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safety: float, normalize: str,
           eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype, fp32_first_gram: bool,
           gram: bool | None) -> Tensor:
-    from fastortho.kernels.ns_gram import ns_gram, ns_standard
+    from fastortho.kernels.newton_schulz_iteration import ns_gram, ns_standard
 
     B, m, n = G.shape
     out = torch.empty(B, m, n, device=G.device, dtype=out_dtype)
@@ -71,15 +75,14 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     return out
 
 
-if HAS_TRITON:
+if triton_available():
     @torch.library.custom_op("fastortho::newton_schulz_triton", mutates_args=())
     def _ns_op(G: Tensor, a: list[float], b: list[float], c: list[float], safety: float, normalize: str,
                eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype, fp32_first_gram: bool,
-               gram: int) -> Tensor:
-        """gram: -1 automatic, 0 standard, 1 Gram-space."""
+               gram: bool | None) -> Tensor:
+        """gram: None chooses by shape (:func:`use_gram`), True Gram-space, False standard."""
         return _impl(G, list(zip(a, b, c)), safety=safety, normalize=normalize, eps=eps,
-                     compute_dtype=compute_dtype, out_dtype=out_dtype, fp32_first_gram=fp32_first_gram,
-                     gram=None if gram < 0 else bool(gram))
+                     compute_dtype=compute_dtype, out_dtype=out_dtype, fp32_first_gram=fp32_first_gram, gram=gram)
 
     @_ns_op.register_fake
     def _ns_fake(G, a, b, c, safety, normalize, eps, compute_dtype, out_dtype, fp32_first_gram, gram):
@@ -105,7 +108,7 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
     Returns:
         (B, m, n) tensor in ``out_dtype``; G is not modified.
     """
-    if not HAS_TRITON:
+    if not triton_available():
         raise RuntimeError("backend='triton' needs the `triton` package (pip install triton)")
     if G.dim() != 3:
         raise ValueError(f"newton_schulz_triton expects a 3-D (B, m, n) tensor, got shape {tuple(G.shape)}")
@@ -123,4 +126,4 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
     co = [tuple(float(v) for v in t) for t in coefficients]
     return torch.ops.fastortho.newton_schulz_triton(
         G, [t[0] for t in co], [t[1] for t in co], [t[2] for t in co], float(safety), normalize,
-        float(eps), compute_dtype, out_dtype, bool(fp32_first_gram), -1 if gram is None else int(gram))
+        float(eps), compute_dtype, out_dtype, bool(fp32_first_gram), None if gram is None else bool(gram))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastortho.coefficients import get_schedule
-from fastortho.ns_triton import newton_schulz_triton
+from fastortho.ops.newton_schulz import newton_schulz_triton
 
 
 def ns_triton(G, name="polar_express", steps=None, *, cdt=torch.float32, out=None, **kw):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from fastortho import newton_schulz
 from fastortho.coefficients import SCHEDULES
-from fastortho.ns_triton import newton_schulz_triton
+from fastortho.ops.newton_schulz import newton_schulz_triton
 
 
 def _triton_run(G, co, safety, normalize, eps, cdt):

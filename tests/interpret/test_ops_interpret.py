@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from _common import ns_triton
 
-import fastortho.ns_triton  # noqa: F401  (registers fastortho::newton_schulz_triton)
+import fastortho.ops  # noqa: F401  (registers fastortho::newton_schulz_triton)
 from fastortho.coefficients import get_schedule
 
 
@@ -17,9 +17,9 @@ def _args(G, gram):
 def test_opcheck():
     """Schema, fake (meta) impl, dispatch and autograd registration checks of torch.library."""
     G = torch.randn(2, 8, 12)
-    for gram in (0, 1):
+    for gram in (False, True):
         torch.library.opcheck(torch.ops.fastortho.newton_schulz_triton.default, _args(G, gram))
-    torch.library.opcheck(torch.ops.fastortho.newton_schulz_triton.default, _args(torch.randn(1, 12, 8), -1))
+    torch.library.opcheck(torch.ops.fastortho.newton_schulz_triton.default, _args(torch.randn(1, 12, 8), None))
 
 
 def test_torch_compile_fullgraph():
