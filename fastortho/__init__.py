@@ -13,7 +13,8 @@ from .coefficients import SCHEDULES, Schedule, get_schedule, polar_express_sched
 from .optim import Muon, describe_param_groups, muon_param_groups
 from .ops import HAS_C, HAS_C_CUDA, muon_apply_, muon_momentum_
 from .ops import triton_available as ns_triton_available
-from .orthogonalize import newton_schulz, polar
+from .newton_schulz import newton_schulz
+from .orthogonalize import polar
 
 from ._version import __version__  # the one version source; pyproject.toml reads it too
 

@@ -1,0 +1,125 @@
+"""The public :func:`newton_schulz`: argument checks, the normalization contract, the backend choice.
+
+It maps G = U S Vᵀ of shape (..., m, n) to an approximation of its polar factor U Vᵀ, batched over the
+leading dims, and never modifies G. Backends: :mod:`fastortho.ns_torch` (batched matmuls, any device)
+and the Triton op :func:`fastortho.ops.newton_schulz_triton` (fused kernels).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._input import FLOATS, check_input, normalize_vector, require_finite
+from .coefficients import Schedule, get_schedule
+from .ns_torch import newton_schulz_torch
+from .ops import newton_schulz_triton, triton_available
+
+__all__ = ["newton_schulz"]
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return backend
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int | None = None,
+    coefficients: str | Schedule | Sequence[Sequence[float]] = "polar_express",
+    *,
+    normalize: Literal["fro", "spectral"] = "fro",
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+    backend: Literal["auto", "torch", "triton"] = "auto",
+    check_finite: bool = False,
+    fp32_first_gram: bool = False,
+    gram: bool | None = None,
+) -> Tensor:
+    r"""Approximate polar factor U Vᵀ of G = U S Vᵀ by quintic Newton–Schulz.
+
+    With X₀ = G / max(safety·ν(G), eps) and, for each step's (a, b, c),
+
+    .. math:: A = XX^\top,\quad X \leftarrow aX + (bA + cA^2)X,
+
+    every singular value goes through p(σ) = aσ + bσ³ + cσ⁵ while U, V stay fixed. Work happens on
+    the short side (Xᵀ for tall G, a view, no copy), so an (m, n) step costs 4·m²n + 2m³ flops with
+    m ≤ n (less in the Triton kernels, which exploit the symmetry of A).
+
+    Args:
+        G: (..., m, n) float tensor; leading dims are a batch. A 1-D g returns g/‖g‖ exactly (the
+            rank-1 polar factor, seed 000 Claim 3). Empty dims give an empty result.
+        steps: number of steps; None uses the schedule's native length (5 for "keller"/"cubic"/
+            "polar_express"/"you", 8 for "polar_express_paper"); more steps never hurt: Polar
+            Express is regenerated for that count, other lists continue with a convergent tail
+            (``Schedule.rows``).
+        coefficients: a name in ``fastortho.SCHEDULES`` ("keller", "you", "polar_express",
+            "polar_express_paper", "cubic"), a :class:`Schedule` (e.g. from
+            ``polar_express_schedule``), or a sequence of (a, b, c) triples (safety 1).
+        normalize: ν(G) = ‖G‖_F (``"fro"``) or ‖GGᵀ‖_F^{1/2} (``"spectral"``, a tighter bound on
+            σ_max, free because the first step needs GGᵀ anyway; seed 002 argues for operator-norm
+            scaling). The schedule's safety factor multiplies ν. Both backends compute it the same
+            way, on the device without a host sync: with p = 2^-E, E the binary exponent of
+            max|G| (so max|G·p| ∈ [1, 2); an exact scaling), ν is taken of G·p in fp32 (fp64 for
+            fp64 input) and X₀ = (G·p) / max(safety·ν(G·p), eps·p); "spectral" forms the Gram
+            matrix of G·p. So no square overflows or underflows for any finite G, and ν(G) itself,
+            which may overflow, is never formed: G·2^k gives the result of G bit for bit for any
+            power of two 2^k that keeps G·2^k normal, while safety·ν > eps (tested at 2^±100 ≈
+            1e±30). Limit: the Triton kernels apply s = p/max(…) as one fp32 number, subnormal
+            (fewer bits) once safety·ν(G) > 2^126 ≈ 8.5e37.
+        eps: floor of the denominator: a matrix with safety·ν < eps is scaled by 1/eps (so a zero
+            matrix gives zeros, not NaN), as in torch.optim.Muon's ``max(‖G‖, eps)``.
+        dtype: compute (storage) dtype of the iteration; None is bfloat16 on CUDA and float32
+            elsewhere (a bf16 matmul on CPU is ~175× slower than fp32). float16/32/64 allowed.
+        out_dtype: dtype of the result; None keeps G's dtype.
+        backend: "torch" (batched matmuls, any device), "triton" (fused kernels: CUDA, or CPU
+            under ``TRITON_INTERPRET=1``), "auto" (triton on CUDA when available, else torch).
+        check_finite: raise ``ValueError`` on NaN/Inf input (costs a host sync). Otherwise NaN/Inf
+            propagate to the result of that matrix only, and the call never synchronizes.
+        fp32_first_gram: (triton) read the fp32 input for the first Gram product, removing the
+            bf16 input-rounding floor.
+        gram: force (True) or forbid (False) Gram-space iteration: the same polynomial run on the
+            m×m Gram matrix (Q ← ZQ, R ← ZRZ with Z = aI + bR + cR², X touched once at the end),
+            1.5–1.8× fewer flops when n ≳ 2m. None chooses by shape (torch backend: when it saves
+            ≥ 10% of the flops, in fp32/fp64 only; triton: its own rule, in fp16 with restarts).
+
+    Returns:
+        Tensor of G's shape and ``out_dtype``. G is never modified.
+    """
+    check_input(G, "newton_schulz")
+    out_dtype = G.dtype if out_dtype is None else out_dtype
+    if check_finite:
+        require_finite(G, "newton_schulz")
+    if G.ndim == 1:
+        return normalize_vector(G, out_dtype)
+    if normalize not in ("fro", "spectral"):
+        raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    coeffs, safety = get_schedule(coefficients, steps)
+    if dtype is None:
+        dtype = torch.bfloat16 if G.device.type == "cuda" else torch.float32
+    if dtype not in FLOATS:
+        raise TypeError(f"newton_schulz: dtype must be one of {FLOATS}, got {dtype}")
+    if G.numel() == 0:
+        return torch.empty(G.shape, dtype=out_dtype, device=G.device)
+    lead, (m, n) = G.shape[:-2], G.shape[-2:]
+    G3 = G.reshape(-1, m, n)  # a view whenever the leading dims allow it
+    be = _resolve_backend(backend, G.device)
+    if be == "triton":
+        X = newton_schulz_triton(
+            G3, coeffs, safety=safety, normalize=normalize, eps=eps, compute_dtype=dtype,
+            out_dtype=out_dtype, fp32_first_gram=fp32_first_gram, gram=gram,
+        )
+    else:
+        X = newton_schulz_torch(
+            G3, coeffs, safety=safety, normalize=normalize, eps=eps, compute_dtype=dtype,
+            out_dtype=out_dtype, gram=gram,
+        )
+    return X.reshape(*lead, m, n)
