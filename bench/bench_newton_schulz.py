@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_string, timeit, tflops, write_csv  # noqa: E402
 
 from fastortho.coefficients import get_schedule  # noqa: E402
+from fastortho.flops import ns_flops  # noqa: E402
 from fastortho.kernels import HAS_TRITON, interpreter_enabled  # noqa: E402
 from fastortho.kernels._config import pick_sym  # noqa: E402
 from fastortho.kernels.ns_gram import matmul_flops  # noqa: E402
@@ -65,8 +66,7 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def naive_flops(B: int, m: int, n: int, steps: int) -> float:
-    k, L = min(m, n), max(m, n)
-    return B * steps * (4 * k * k * L + 2 * k ** 3)
+    return float(ns_flops(m, n, steps, batch=B))
 
 
 def plain_loop(G, co, safety):

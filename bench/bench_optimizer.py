@@ -38,9 +38,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Timing, device_string, write_csv  # noqa: E402
 
+from fastortho.coefficients import KELLER as KJ  # noqa: E402
+from fastortho.flops import ns_flops as _ns_flops  # noqa: E402
 from fastortho.optim import Muon  # noqa: E402
 
-KJ = (3.4445, -4.7750, 2.0315)
 LR, WD, BETA = 0.02, 0.1, 0.95
 
 
@@ -49,11 +50,8 @@ def gpt2_shapes(layers: int, d: int) -> list[tuple[int, int]]:
 
 
 def ns_flops(shapes: list[tuple[int, int]], steps: int = 5) -> float:
-    tot = 0.0
-    for m, n in shapes:
-        m, n = min(m, n), max(m, n)
-        tot += steps * (4 * m * m * n + 2 * m**3)
-    return tot
+    """NS flops of one optimizer step over ``shapes`` (``fastortho.flops.ns_flops`` per matrix)."""
+    return float(sum(_ns_flops(m, n, steps) for m, n in shapes))
 
 
 def plain_ns(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_string, timeit, write_csv  # noqa: E402
 
 import fastortho  # noqa: E402
+from fastortho.flops import ns_flops  # noqa: E402
 from fastortho.polar_qdwh import qdwh_flops  # noqa: E402
 from fastortho.reference import polar_error, polar_svd  # noqa: E402
 
@@ -74,10 +75,6 @@ def higham_flops(m: int, n: int, iters: int) -> float:
 
 def svd_flops(m: int, n: int) -> float:
     return 6 * n * m * m + 20 * m**3 + 2 * m * m * n
-
-
-def ns_flops(m: int, n: int, steps: int) -> float:
-    return steps * (4 * m * m * n + 2 * m**3)
 
 
 def _jax_polar():

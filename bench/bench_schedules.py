@@ -30,8 +30,8 @@ from common import device_string, timeit  # noqa: E402
 
 import fastortho  # noqa: E402
 from fastortho.bench import format_rows, gaussian, log_spaced, schedule_rows  # noqa: E402
-
-KJ = (3.4445, -4.7750, 2.0315)
+from fastortho.coefficients import KELLER as KJ  # noqa: E402
+from fastortho.flops import ns_flops  # noqa: E402
 
 
 def plain_loop(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -67,7 +67,7 @@ def timing_rows(shapes, torch_muon_max_elems: int) -> list[dict]:
             cands["torch.optim.Muon NS (bf16, forced)"] = lambda: torch_muon_ns(G)
         for name, fn in cands.items():
             t = timeit(fn, "cpu", warmup=1, reps=7, min_time_s=1.0, max_time_s=60)
-            flops = 5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3)
+            flops = ns_flops(m, n, 5)
             rows.append(dict(shape=f"{m}x{n}", impl=name, p50_ms=t.p50, p20_ms=t.p20, p80_ms=t.p80,
                              gflops=flops / (t.p50 * 1e-3) / 1e9, n=t.n))
             print(f"  timing {m}x{n} {name}: {t.n} calls ({time.perf_counter() - start:.0f} s elapsed)",

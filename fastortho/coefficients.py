@@ -61,6 +61,7 @@ Triple = tuple[float, float, float]
 
 __all__ = [
     "FIXED_POINT",
+    "KELLER",
     "Schedule",
     "SCHEDULES",
     "get_schedule",
@@ -251,7 +252,8 @@ def _polar_express_rows(steps: int, lower: float, safety: float, cushion: float)
     return tuple(out)
 
 
-_KELLER: Triple = (3.4445, -4.7750, 2.0315)
+#: Keller Jordan's Muon triple (KellerJordan/Muon, torch.optim.Muon): the one place it is written.
+KELLER: Triple = (3.4445, -4.7750, 2.0315)
 
 _YOU: tuple[Triple, ...] = (
     (4.0848, -6.8946, 2.9270),
@@ -282,7 +284,7 @@ def _with_safety(rows: Sequence[Triple], f: float) -> tuple[Triple, ...]:
 
 SCHEDULES: dict[str, Schedule] = {
     "keller": Schedule(
-        "keller", (_KELLER,) * 5, 1.0, "Keller Jordan, Muon (KellerJordan/Muon); torch.optim.Muon default"
+        "keller", (KELLER,) * 5, 1.0, "Keller Jordan, Muon (KellerJordan/Muon); torch.optim.Muon default"
     ),
     "you": Schedule("you", _YOU, 1.0, "You Jiacheng 5-step (dion, Emerging-Optimizers 'quintic')"),
     "polar_express": polar_express_schedule(5, 1e-3, safety=1.02, cushion=0.02),

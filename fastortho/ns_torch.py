@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .flops import ns_flops, ns_gram_flops
+
 Triple = tuple[float, float, float]
 
 
@@ -54,18 +56,6 @@ def scale_input(
     return X, A
 
 
-def gram_flops(m: int, n: int, steps: int) -> tuple[int, int]:
-    """Matmul flops (standard, Gram-space) of ``steps`` quintic steps on an m×n matrix, m ≤ n.
-
-    Standard: per step XXᵀ (2m²n), A² (2m³), BX (2m²n). Gram-space: R = X₀X₀ᵀ and the final QX₀
-    (2m²n each), and per step R² (2m³), Q ← ZQ (2m³, not on the first step), R ← Z(RZ) (4m³, not
-    on the last step).
-    """
-    std = steps * (4 * m * m * n + 2 * m**3)
-    gram = 4 * m * m * n + (2 * steps + 2 * max(steps - 1, 0) + 4 * max(steps - 1, 0)) * m**3
-    return std, gram
-
-
 GRAM_MIN_SHORT = 256  # as in the Triton backend: below it, per-op overhead outweighs the flops saved
 
 
@@ -80,8 +70,7 @@ def use_gram_torch(m: int, n: int, steps: int, dtype: torch.dtype) -> bool:
     """
     if dtype not in (torch.float32, torch.float64) or steps == 0 or min(m, n) < GRAM_MIN_SHORT:
         return False
-    std, gram = gram_flops(min(m, n), max(m, n), steps)
-    return gram < 0.9 * std
+    return ns_gram_flops(m, n, steps) < 0.9 * ns_flops(m, n, steps)
 
 
 def _gram_space(X: Tensor, A0: Tensor | None, coefficients: Sequence[Triple]) -> Tensor:

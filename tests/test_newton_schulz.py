@@ -259,9 +259,10 @@ def test_gram_space_matches_standard(name, matrix):
 
 
 def test_gram_flop_model_and_rule():
-    from fastortho.ns_torch import gram_flops, use_gram_torch
+    from fastortho.flops import ns_flops, ns_gram_flops
+    from fastortho.ns_torch import use_gram_torch
 
-    std, gram = gram_flops(768, 3072, 5)
+    std, gram = ns_flops(768, 3072, 5), ns_gram_flops(768, 3072, 5)
     assert std == 5 * (4 * 768**2 * 3072 + 2 * 768**3) and std / gram == pytest.approx(1.8)
     assert not use_gram_torch(768, 768, 5, torch.float32)  # square: Gram costs more
     assert use_gram_torch(768, 2304, 5, torch.float32)
