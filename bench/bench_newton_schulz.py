@@ -38,7 +38,7 @@ from fastortho.coefficients import get_schedule  # noqa: E402
 from fastortho.flops import ns_flops  # noqa: E402
 from fastortho.kernels import HAS_TRITON, interpreter_enabled  # noqa: E402
 from fastortho.kernels._config import pick_sym  # noqa: E402
-from fastortho.kernels.ns_gram import matmul_flops  # noqa: E402
+from fastortho.kernels.newton_schulz_iteration import matmul_flops  # noqa: E402
 from fastortho.ns_torch import newton_schulz_torch  # noqa: E402
 
 FULL = [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192), (1, 4096, 16384),

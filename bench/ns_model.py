@@ -7,7 +7,7 @@ What it counts (no GPU needed):
   for sm_90 (``fastortho.kernels.aot.trace_newton_schulz``): configs, grids and flags as on a GPU;
 * per launch the FLOPs the kernel *executes*: a symmetric product runs whole triangle tiles,
   diagonal tiles included, ``programs · BM² · 2L``; the apply ``programs · BM·BN · 2k``. Their
-  sum equals ``kernels.ns_gram.matmul_flops(..., tile=BM)``, the package's NS FLOP formula (tested);
+  sum equals ``kernels.newton_schulz_iteration.matmul_flops(..., tile=BM)``, the package's NS FLOP formula (tested);
 * per launch the compulsory HBM bytes (operands read once, output written once).
 
 Kernel classes and rates (H100 SXM, TFLOP/s on executed FLOPs; low–high), each a fraction of the

@@ -372,7 +372,7 @@ def trace_launches(arch: int) -> Iterator[list]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime.jit import JITFunction
 
-    from . import ns_launch
+    from . import newton_schulz_launch as ns_launch
 
     recs: list[Launch] = []
     saved: list[tuple[object, str, object]] = []
@@ -425,16 +425,16 @@ def trace_newton_schulz(shape: Sequence[int], input_dtype: str, arch: int) -> li
     ((m, n) or (B, m, n)) and ``input_dtype`` on sm_<arch>, in launch order."""
     import torch
 
-    from fastortho import ns_triton
+    from fastortho.ops import newton_schulz as ns_op
 
     B, m, n = (1, *shape) if len(shape) == 2 else tuple(shape)
     kw = ns_call_args()
     coeffs = kw.pop("coefficients")
     with trace_launches(arch) as recs:
         G = torch.empty(B, m, n, device="cuda", dtype=getattr(torch, _DT[input_dtype]))
-        # ns_triton._impl is the body of the custom op newton_schulz_triton (the op itself would
+        # ns_op._impl is the body of the custom op newton_schulz_triton (the op itself would
         # dispatch to its fake kernel under FakeTensorMode); out_dtype: newton_schulz keeps G's.
-        ns_triton._impl(G, coeffs, out_dtype=G.dtype, **kw)
+        ns_op._impl(G, coeffs, out_dtype=G.dtype, **kw)
     return recs
 
 

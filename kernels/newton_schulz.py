@@ -4,7 +4,7 @@ For X of logical shape k×L (k ≤ L, the short side first) one step with coeffi
 
     A = X Xᵀ,   B = b·A + c·A²,   X ← a·X + B·X.
 
-Two kernels cover it (and the Gram-space iteration in ``kernels/ns_gram.py``):
+Two kernels cover it (and the Gram-space iteration of ``kernels/newton_schulz_launch.py``):
 
 * ``_sym_mm_kernel``: C = α·(P·Sᵀ) + β·Y for k×k outputs that are symmetric in exact arithmetic
   (P = S = X gives A; P = S = Y = A gives B; in Gram space P·S are commuting polynomials in R).
@@ -12,9 +12,10 @@ Two kernels cover it (and the Gram-space iteration in ``kernels/ns_gram.py``):
   output is exactly symmetric and costs (T+1)/(2T) of a full product for T tiles per side.
 * ``_apply_kernel``: X' = Q·X + a·X with the a·X term added to the fp32 accumulator.
 
-Both epilogues form the linear combination in fp32 and round once to the storage dtype: that is
-what makes bf16 NS about 3× more accurate than eager PyTorch, which rounds b·A, c·A², their sum,
-a·X, B·X and the final sum separately (``shared/research/anchors-performance.md`` §3.3).
+Both epilogues form the linear combination in fp32 and round once to the storage dtype, where
+eager PyTorch rounds b·A, c·A², their sum, a·X, B·X and the final sum separately: six roundings
+per step become two, which keeps bf16 NS several times closer to the exact iteration
+(measurements in ``bench/RESULTS.md``).
 
 Tall inputs need no transposed copy: every operand is addressed through (batch, row, col) strides,
 so the XᵀX variant is the same kernel called with the strides of Gᵀ. Triton specializes strides
@@ -35,279 +36,279 @@ values are already rounded to storage precision, so the interpreter sees the sam
 """
 from __future__ import annotations
 
+import triton
+import triton.language as tl
 
-from . import HAS_TRITON
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-__all__ = ["HAS_TRITON", "_round", "_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel",
+__all__ = ["_round", "_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel",
            "_pow2", "_exponent"]
 
 
-if HAS_TRITON:
+@triton.jit
+def _triangle_tile(t):
+    """Map t ∈ [0, T(T+1)/2) to the upper-triangle tile (i, j), i ≤ j, column by column:
+    j = ⌊(√(8t+1) − 1)/2⌋, i = t − j(j+1)/2. The float estimate is corrected by ±1."""
+    j = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)
+    j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
+    i = t - j * (j + 1) // 2
+    return i, j
 
-    @triton.jit
-    def _triangle_tile(t):
-        """Map t ∈ [0, T(T+1)/2) to the upper-triangle tile (i, j), i ≤ j, column by column:
-        j = ⌊(√(8t+1) − 1)/2⌋, i = t − j(j+1)/2. The float estimate is corrected by ±1."""
-        j = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-        j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)
-        j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
-        i = t - j * (j + 1) // 2
-        return i, j
 
-    @triton.jit
-    def _round(x, DT: tl.constexpr, SOFT_BF16: tl.constexpr):
-        """x rounded to DT, round-to-nearest-even.
+@triton.jit
+def _round(x, DT: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """x rounded to DT, round-to-nearest-even.
 
-        SOFT_BF16 (interpreter only): Triton's interpreter converts fp32 → bf16 by truncating the
-        mantissa (``cast_impl`` passes no rounding mode), a biased rounding 2× coarser than the
-        GPU's RTNE; measured, it made bf16 NS 5× less accurate than the GPU rounding model on 48×80.
-        So round the fp32 bits to the nearest even bf16 first, making the cast exact:
-        bits + 0x7FFF + lsb, low half cleared (NaN and Inf keep their class)."""
-        if SOFT_BF16:
-            if DT == tl.bfloat16:
-                b = x.to(tl.float32).to(tl.uint32, bitcast=True)
-                b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-                x = b.to(tl.float32, bitcast=True)
-        return x.to(DT)
+    SOFT_BF16 (interpreter only): Triton's interpreter converts fp32 → bf16 by truncating the
+    mantissa (``cast_impl`` passes no rounding mode), a biased rounding 2× coarser than the
+    GPU's RTNE, which would make the interpreter's bf16 NS much less accurate than the GPU's.
+    So round the fp32 bits to the nearest even bf16 first, making the cast exact:
+    bits + 0x7FFF + lsb, low half cleared (NaN and Inf keep their class)."""
+    if SOFT_BF16:
+        if DT == tl.bfloat16:
+            b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+    return x.to(DT)
 
-    @triton.jit
-    def _sym_mm_kernel(
-        # pointers: P, S operands (logical k×L), Y addend and C output (k×k), per-matrix scale
-        P, S, Y, C, SCALE,
-        # sizes: k (output side), L (reduction length), number of triangle tiles per matrix
-        K_OUT, L, N_TRI,
-        # strides (batch, row, col)
-        sp_b, sp_r, sp_c,
-        ss_b, ss_r, ss_c,
-        sy_b, sy_r, sy_c,
-        sc_b, sc_r, sc_c,
-        # epilogue coefficients: C = alpha·P·Sᵀ + beta·Y
-        alpha, beta,
-        # meta-parameters
-        HAS_SCALE: tl.constexpr,    # operands are loaded as round(SCALE[b]·P)
-        HAS_Y: tl.constexpr,
-        ROUND_DTYPE: tl.constexpr,  # storage precision the operands are rounded to after scaling
-        DOT_DTYPE: tl.constexpr,    # tl.dot operand dtype (fp32 under the interpreter)
-        INPUT_PRECISION: tl.constexpr,
-        OUT_ROUND: tl.constexpr,    # dtype the result is rounded to before the store
-        SOFT_BF16: tl.constexpr,    # exact RTNE bf16 rounding under the interpreter (see _round)
-        BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        """C[b] = α·P[b]·S[b]ᵀ + β·Y[b] on the upper-triangle tiles, mirrored on store.
 
-        Valid when the exact result is symmetric (P = S, or P, S commuting symmetric matrices and
-        Y symmetric). Accumulation in fp32; α·acc + β·Y formed in fp32 and rounded once."""
-        pid = tl.program_id(0)
-        pid_b = (pid // N_TRI).to(tl.int64)
-        ti, tj = _triangle_tile(pid % N_TRI)
-        rows = ti.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tj.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        # int64: k·stride reaches 2^31 once a stride exceeds 2^31 / BLOCK_K (16.7 M at BLOCK_K = 128)
-        ks = tl.arange(0, BLOCK_K).to(tl.int64)
-        step_k = tl.full((), BLOCK_K, tl.int64)
-        row_ok = rows < K_OUT
-        col_ok = cols < K_OUT
+@triton.jit
+def _sym_mm_kernel(
+    # pointers: P, S operands (logical k×L), Y addend and C output (k×k), per-matrix scale
+    P, S, Y, C, SCALE,
+    # sizes: k (output side), L (reduction length), number of triangle tiles per matrix
+    K_OUT, L, N_TRI,
+    # strides (batch, row, col)
+    sp_b, sp_r, sp_c,
+    ss_b, ss_r, ss_c,
+    sy_b, sy_r, sy_c,
+    sc_b, sc_r, sc_c,
+    # epilogue coefficients: C = alpha·P·Sᵀ + beta·Y
+    alpha, beta,
+    # meta-parameters
+    HAS_SCALE: tl.constexpr,    # operands are loaded as round(SCALE[b]·P)
+    HAS_Y: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,  # storage precision the operands are rounded to after scaling
+    DOT_DTYPE: tl.constexpr,    # tl.dot operand dtype (fp32 under the interpreter)
+    INPUT_PRECISION: tl.constexpr,
+    OUT_ROUND: tl.constexpr,    # dtype the result is rounded to before the store
+    SOFT_BF16: tl.constexpr,    # exact RTNE bf16 rounding under the interpreter (see _round)
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """C[b] = α·P[b]·S[b]ᵀ + β·Y[b] on the upper-triangle tiles, mirrored on store.
 
-        p_ptrs = P + pid_b * sp_b + rows[:, None] * sp_r + ks[None, :] * sp_c
-        s_ptrs = S + pid_b * ss_b + cols[None, :] * ss_r + ks[:, None] * ss_c   # Sᵀ tile: BK×BM
+    Valid when the exact result is symmetric (P = S, or P, S commuting symmetric matrices and
+    Y symmetric). Accumulation in fp32; α·acc + β·Y formed in fp32 and rounded once."""
+    pid = tl.program_id(0)
+    pid_b = (pid // N_TRI).to(tl.int64)
+    ti, tj = _triangle_tile(pid % N_TRI)
+    rows = ti.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tj.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64: k·stride reaches 2^31 once a stride exceeds 2^31 / BLOCK_K (16.7 M at BLOCK_K = 128)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    step_k = tl.full((), BLOCK_K, tl.int64)
+    row_ok = rows < K_OUT
+    col_ok = cols < K_OUT
+
+    p_ptrs = P + pid_b * sp_b + rows[:, None] * sp_r + ks[None, :] * sp_c
+    s_ptrs = S + pid_b * ss_b + cols[None, :] * ss_r + ks[:, None] * ss_c   # Sᵀ tile: BK×BM
+    if HAS_SCALE:
+        s = tl.load(SCALE + pid_b)
+    acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, L, BLOCK_K):
+        k_ok = (k0 + ks) < L
+        p = tl.load(p_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        q = tl.load(s_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_SCALE:
-            s = tl.load(SCALE + pid_b)
-        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, L, BLOCK_K):
-            k_ok = (k0 + ks) < L
-            p = tl.load(p_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            q = tl.load(s_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if HAS_SCALE:
-                p = p.to(tl.float32) * s
-                q = q.to(tl.float32) * s
-            p = _round(p, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
-            q = _round(q, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
-            acc = tl.dot(p, q, acc, input_precision=INPUT_PRECISION)
-            p_ptrs += step_k * sp_c
-            s_ptrs += step_k * ss_c
+            p = p.to(tl.float32) * s
+            q = q.to(tl.float32) * s
+        p = _round(p, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
+        q = _round(q, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
+        acc = tl.dot(p, q, acc, input_precision=INPUT_PRECISION)
+        p_ptrs += step_k * sp_c
+        s_ptrs += step_k * ss_c
 
-        out = acc * alpha
-        mask = row_ok[:, None] & col_ok[None, :]
-        if HAS_Y:
-            y = tl.load(Y + pid_b * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
-            out += beta * y.to(tl.float32)
-        out = _round(out, OUT_ROUND, SOFT_BF16)
-        # Element (r, c) is stored at (r, c) and (c, r). In a diagonal tile only r ≤ c is kept, so
-        # C is exactly symmetric: measured under the interpreter, letting the diagonal tiles'
-        # rounding asymmetry through made fp32 Gram-space NS 15× less accurate (1.5e-4 vs 1.0e-5
-        # vs fp64 on 48×80, PE; torch fp32 Gram-NS: 2.8e-5), since Q·Zᵀ and Z·RZᵀ
-        # equal Q·Z and Z·RZ only for symmetric factors.
-        off_diag = ti != tj
-        upper = off_diag | (rows[:, None] <= cols[None, :])
-        strict = off_diag | (rows[:, None] < cols[None, :])
-        c_base = C + pid_b * sc_b
-        tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask & upper)
-        tl.store(c_base + rows[:, None] * sc_c + cols[None, :] * sc_r, out, mask=mask & strict)
+    out = acc * alpha
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_Y:
+        y = tl.load(Y + pid_b * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
+        out += beta * y.to(tl.float32)
+    out = _round(out, OUT_ROUND, SOFT_BF16)
+    # Element (r, c) is stored at (r, c) and (c, r). In a diagonal tile only r ≤ c is kept, so
+    # C is exactly symmetric: Gram-space NS forms Q·Zᵀ and Z·RZᵀ, which equal the products it
+    # needs (Q·Z, Z·RZ) only for exactly symmetric factors; a rounding asymmetry on the diagonal
+    # tiles would otherwise compound from step to step.
+    off_diag = ti != tj
+    upper = off_diag | (rows[:, None] <= cols[None, :])
+    strict = off_diag | (rows[:, None] < cols[None, :])
+    c_base = C + pid_b * sc_b
+    tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask & upper)
+    tl.store(c_base + rows[:, None] * sc_c + cols[None, :] * sc_r, out, mask=mask & strict)
 
-    @triton.jit
-    def _apply_kernel(
-        # pointers: Q (k×k), X (k×L), output O (k×L), per-matrix scale of X
-        Q, X, O, SCALE,
-        # sizes
-        K_IN, L, TILES_M, TILES_N,
-        # strides (batch, row, col)
-        sq_b, sq_r, sq_c,
-        sx_b, sx_r, sx_c,
-        so_b, so_r, so_c,
-        a,
-        HAS_AX: tl.constexpr,
-        HAS_SCALE: tl.constexpr,    # X is read as round(SCALE[b]·X)
-        ROUND_DTYPE: tl.constexpr,  # precision X is rounded to after scaling (fp32: first step)
-        DOT_DTYPE: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        OUT_ROUND: tl.constexpr,    # storage rounding before the (possibly wider) output store
-        SOFT_BF16: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-    ):
-        """O[b] = Q[b]·X[b] + a·X[b], fp32 accumulation, a·X added in fp32, one rounding.
 
-        Programs are grouped GROUP_M tile-rows at a time so consecutive programs share X column
-        panels in L2 (Triton tutorial 03)."""
-        pid = tl.program_id(0)
-        per_b = TILES_M * TILES_N
-        pid_b = (pid // per_b).to(tl.int64)
-        t = pid % per_b
-        width = GROUP_M * TILES_N
-        first_m = (t // width) * GROUP_M
-        gsize = tl.minimum(TILES_M - first_m, GROUP_M)
-        tm = first_m + (t % width) % gsize
-        tn = (t % width) // gsize
+@triton.jit
+def _apply_kernel(
+    # pointers: Q (k×k), X (k×L), output O (k×L), per-matrix scale of X
+    Q, X, O, SCALE,
+    # sizes
+    K_IN, L, TILES_M, TILES_N,
+    # strides (batch, row, col)
+    sq_b, sq_r, sq_c,
+    sx_b, sx_r, sx_c,
+    so_b, so_r, so_c,
+    a,
+    HAS_AX: tl.constexpr,
+    HAS_SCALE: tl.constexpr,    # X is read as round(SCALE[b]·X)
+    ROUND_DTYPE: tl.constexpr,  # precision X is rounded to after scaling (fp32: first step)
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    OUT_ROUND: tl.constexpr,    # storage rounding before the (possibly wider) output store
+    SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """O[b] = Q[b]·X[b] + a·X[b], fp32 accumulation, a·X added in fp32, one rounding.
 
-        rows = tm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        # int64: k·stride reaches 2^31 once a stride exceeds 2^31 / BLOCK_K (16.7 M at BLOCK_K = 128)
-        ks = tl.arange(0, BLOCK_K).to(tl.int64)
-        step_k = tl.full((), BLOCK_K, tl.int64)
-        row_ok = rows < K_IN
-        col_ok = cols < L
-        q_ptrs = Q + pid_b * sq_b + rows[:, None] * sq_r + ks[None, :] * sq_c
-        x_ptrs = X + pid_b * sx_b + ks[:, None] * sx_r + cols[None, :] * sx_c
+    Programs are grouped GROUP_M tile-rows at a time so consecutive programs share X column
+    panels in L2 (Triton tutorial 03)."""
+    pid = tl.program_id(0)
+    per_b = TILES_M * TILES_N
+    pid_b = (pid // per_b).to(tl.int64)
+    t = pid % per_b
+    width = GROUP_M * TILES_N
+    first_m = (t // width) * GROUP_M
+    gsize = tl.minimum(TILES_M - first_m, GROUP_M)
+    tm = first_m + (t % width) % gsize
+    tn = (t % width) // gsize
+
+    rows = tm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64: k·stride reaches 2^31 once a stride exceeds 2^31 / BLOCK_K (16.7 M at BLOCK_K = 128)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    step_k = tl.full((), BLOCK_K, tl.int64)
+    row_ok = rows < K_IN
+    col_ok = cols < L
+    q_ptrs = Q + pid_b * sq_b + rows[:, None] * sq_r + ks[None, :] * sq_c
+    x_ptrs = X + pid_b * sx_b + ks[:, None] * sx_r + cols[None, :] * sx_c
+    if HAS_SCALE:
+        s = tl.load(SCALE + pid_b)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_IN, BLOCK_K):
+        k_ok = (k0 + ks) < K_IN
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_SCALE:
-            s = tl.load(SCALE + pid_b)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K_IN, BLOCK_K):
-            k_ok = (k0 + ks) < K_IN
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if HAS_SCALE:
-                x = x.to(tl.float32) * s
-            acc = tl.dot(q.to(DOT_DTYPE), _round(x, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE), acc,
-                         input_precision=INPUT_PRECISION)
-            q_ptrs += step_k * sq_c
-            x_ptrs += step_k * sx_r
+            x = x.to(tl.float32) * s
+        acc = tl.dot(q.to(DOT_DTYPE), _round(x, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE), acc,
+                     input_precision=INPUT_PRECISION)
+        q_ptrs += step_k * sq_c
+        x_ptrs += step_k * sx_r
 
-        mask = row_ok[:, None] & col_ok[None, :]
-        if HAS_AX:
-            x = tl.load(X + pid_b * sx_b + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=mask, other=0.0)
-            if HAS_SCALE:
-                x = x.to(tl.float32) * s
-            acc += a * _round(x, ROUND_DTYPE, SOFT_BF16).to(tl.float32)
-        out = _round(acc, OUT_ROUND, SOFT_BF16)
-        tl.store(O + pid_b * so_b + rows[:, None] * so_r + cols[None, :] * so_c, out, mask=mask)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_AX:
+        x = tl.load(X + pid_b * sx_b + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=mask, other=0.0)
+        if HAS_SCALE:
+            x = x.to(tl.float32) * s
+        acc += a * _round(x, ROUND_DTYPE, SOFT_BF16).to(tl.float32)
+    out = _round(acc, OUT_ROUND, SOFT_BF16)
+    tl.store(O + pid_b * so_b + rows[:, None] * so_r + cols[None, :] * so_c, out, mask=mask)
 
-    @triton.jit
-    def _pow2(e):
-        """2^e as fp32 for an integer tensor e in [-126, 127], built from the exponent bits (exact)."""
-        return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
-    @triton.jit
-    def _exponent(x):
-        """Clamped binary exponent of |x|: E with |x|·2^-E in [1, 2) for normal |x| ≤ 2^126, clamped
-        to [-126, 126] (zero and subnormals give -126, so |x|·2^126 ≤ 1; |x| ≥ 2^127, Inf and NaN
-        give 126, so a finite |x|·2^-126 < 4). Both 2^-E and 2^E are then normal fp32 numbers."""
-        bits = x.to(tl.int32, bitcast=True)
-        e = ((bits >> 23) & 0xFF) - 127
-        return tl.minimum(tl.maximum(e, -126), 126)
+@triton.jit
+def _pow2(e):
+    """2^e as fp32 for an integer tensor e in [-126, 127], built from the exponent bits (exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
-    @triton.jit
-    def _sumsq_partial_kernel(
-        X, PART, EXPO,
-        R, N, SPLIT,
-        sx_b, sx_r, sx_c,
-        BLOCK_R: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        """Scaled partial sums of squares in one pass (no overflow or underflow for finite input):
-        EXPO[b, p] = E, the clamped exponent of max|x| over this program's rows (``_exponent``), and
-        PART[b, p] = Σ (x·2^-E)² over row blocks p, p+SPLIT, p+2·SPLIT, … of X[b], fp32.
 
-        Every scaled x has |x·2^-E| < 4, so squares neither overflow (|x| ~ 1e20) nor underflow
-        (|x| ~ 1e-25). E is a running maximum: when a tile raises it, the accumulator is rescaled by
-        the exact power of two 2^-2ΔE (ΔE capped at 63; older terms below 2^-126 of the new maximum
-        are negligible). A fixed split and traversal order per matrix keep the result
-        batch-invariant (a library reduction over a batch may change its order with the batch size)."""
-        pid = tl.program_id(0)
-        pid_b = (pid // SPLIT).to(tl.int64)
-        part = pid % SPLIT
-        rr = tl.arange(0, BLOCK_R)
-        cc = tl.arange(0, BLOCK_C)
-        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        e_run = tl.full((), -126, tl.int32)
-        base = X + pid_b * sx_b
-        for r0 in range(part * BLOCK_R, R, SPLIT * BLOCK_R):
-            rows = (r0 + rr).to(tl.int64)
-            for c0 in range(0, N, BLOCK_C):
-                cols = (c0 + cc).to(tl.int64)
-                m = (rows[:, None] < R) & (cols[None, :] < N)
-                x = tl.load(base + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=m, other=0.0)
-                x = tl.abs(x.to(tl.float32))
-                e_new = tl.maximum(e_run, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
-                r = _pow2(-tl.minimum(e_new - e_run, 63))
-                acc = acc * r * r
-                y = x * _pow2(-e_new)
-                acc += y * y
-                e_run = e_new
-        tl.store(PART + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
-        tl.store(EXPO + pid, e_run)
+@triton.jit
+def _exponent(x):
+    """Clamped binary exponent of |x|: E with |x|·2^-E in [1, 2) for normal |x| ≤ 2^126, clamped
+    to [-126, 126] (zero and subnormals give -126, so |x|·2^126 ≤ 1; |x| ≥ 2^127, Inf and NaN
+    give 126, so a finite |x|·2^-126 < 4). Both 2^-E and 2^E are then normal fp32 numbers."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    return tl.minimum(tl.maximum(e, -126), 126)
 
-    @triton.jit
-    def _scale_kernel(PART, EXPO, PRE, SCALE, AUX, SPLIT, safety, eps,
-                      ROOT: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Per-matrix scale of the normalization, from the partials of ``_sumsq_partial_kernel``.
 
-        With E = max_p EXPO[b, p] and S = Σ_p PART[b, p]·2^(2(EXPO[b, p] − E)) = Σ (x·2^-E)²:
+@triton.jit
+def _sumsq_partial_kernel(
+    X, PART, EXPO,
+    R, N, SPLIT,
+    sx_b, sx_r, sx_c,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Scaled partial sums of squares in one pass (no overflow or underflow for finite input):
+    EXPO[b, p] = E, the clamped exponent of max|x| over this program's rows (``_exponent``), and
+    PART[b, p] = Σ (x·2^-E)² over row blocks p, p+SPLIT, p+2·SPLIT, … of X[b], fp32.
 
-        * ROOT = 2 (X = G): p = 2^-E, ν(G·p) = √S, and AUX[b] = p;
-        * ROOT = 4 (X = (G·p)(G·p)ᵀ, p = PRE[b] the power of two of the ROOT = 2 pass):
-          ν(G·p) = ‖(G·p)(G·p)ᵀ‖_F^{1/2} = (√S·2^E)^{1/2}, and AUX[b] = t below;
+    Every scaled x has |x·2^-E| < 4, so squares neither overflow (|x| ~ 1e20) nor underflow
+    (|x| ~ 1e-25). E is a running maximum: when a tile raises it, the accumulator is rescaled by
+    the exact power of two 2^-2ΔE (ΔE capped at 63; older terms below 2^-126 of the new maximum
+    are negligible). A fixed split and traversal order per matrix keep the result
+    batch-invariant (a library reduction over a batch may change its order with the batch size)."""
+    pid = tl.program_id(0)
+    pid_b = (pid // SPLIT).to(tl.int64)
+    part = pid % SPLIT
+    rr = tl.arange(0, BLOCK_R)
+    cc = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    e_run = tl.full((), -126, tl.int32)
+    base = X + pid_b * sx_b
+    for r0 in range(part * BLOCK_R, R, SPLIT * BLOCK_R):
+        rows = (r0 + rr).to(tl.int64)
+        for c0 in range(0, N, BLOCK_C):
+            cols = (c0 + cc).to(tl.int64)
+            m = (rows[:, None] < R) & (cols[None, :] < N)
+            x = tl.load(base + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=m, other=0.0)
+            x = tl.abs(x.to(tl.float32))
+            e_new = tl.maximum(e_run, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
+            r = _pow2(-tl.minimum(e_new - e_run, 63))
+            acc = acc * r * r
+            y = x * _pow2(-e_new)
+            acc += y * y
+            e_run = e_new
+    tl.store(PART + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(EXPO + pid, e_run)
 
-        then t = 1 / max(safety·ν(G·p), eps·p) and SCALE[b] = s = p·t = 1 / max(safety·ν(G), eps),
-        never forming ν(G) itself (which may overflow). NaN survives the max (the comparison is
-        written so NaN < eps·p is false), Inf gives s = 0 and then 0·Inf = NaN downstream; a zero
-        matrix gives s = 1/eps and stays zero."""
-        b = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK_S)
-        ok = offs < SPLIT
-        ex = tl.load(EXPO + b * SPLIT + offs, mask=ok, other=-126)
-        e = tl.max(ex, axis=0)
-        f = _pow2(tl.maximum(ex - e, -63))
-        v = tl.load(PART + b * SPLIT + offs, mask=ok, other=0.0) * f * f
-        total = tl.sum(v, axis=0)
-        if ROOT == 2:
-            p = _pow2(-e)
-            nu = tl.sqrt(total)
-        else:
-            p = tl.load(PRE + b)
-            nu = tl.sqrt(tl.sqrt(total) * _pow2(e))
-        d = safety * nu
-        lim = eps * p
-        d = tl.where(d < lim, lim, d)
-        t = 1.0 / d
-        tl.store(SCALE + b, p * t)
-        if ROOT == 2:
-            tl.store(AUX + b, p)
-        else:
-            tl.store(AUX + b, t)
+
+@triton.jit
+def _scale_kernel(PART, EXPO, PRE, SCALE, AUX, SPLIT, safety, eps,
+                  ROOT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-matrix scale of the normalization, from the partials of ``_sumsq_partial_kernel``.
+
+    With E = max_p EXPO[b, p] and S = Σ_p PART[b, p]·2^(2(EXPO[b, p] − E)) = Σ (x·2^-E)²:
+
+    * ROOT = 2 (X = G): p = 2^-E, ν(G·p) = √S, and AUX[b] = p;
+    * ROOT = 4 (X = (G·p)(G·p)ᵀ, p = PRE[b] the power of two of the ROOT = 2 pass):
+      ν(G·p) = ‖(G·p)(G·p)ᵀ‖_F^{1/2} = (√S·2^E)^{1/2}, and AUX[b] = t below;
+
+    then t = 1 / max(safety·ν(G·p), eps·p) and SCALE[b] = s = p·t = 1 / max(safety·ν(G), eps),
+    never forming ν(G) itself (which may overflow). NaN survives the max (the comparison is
+    written so NaN < eps·p is false), Inf gives s = 0 and then 0·Inf = NaN downstream; a zero
+    matrix gives s = 1/eps and stays zero."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    ok = offs < SPLIT
+    ex = tl.load(EXPO + b * SPLIT + offs, mask=ok, other=-126)
+    e = tl.max(ex, axis=0)
+    f = _pow2(tl.maximum(ex - e, -63))
+    v = tl.load(PART + b * SPLIT + offs, mask=ok, other=0.0) * f * f
+    total = tl.sum(v, axis=0)
+    if ROOT == 2:
+        p = _pow2(-e)
+        nu = tl.sqrt(total)
+    else:
+        p = tl.load(PRE + b)
+        nu = tl.sqrt(tl.sqrt(total) * _pow2(e))
+    d = safety * nu
+    lim = eps * p
+    d = tl.where(d < lim, lim, d)
+    t = 1.0 / d
+    tl.store(SCALE + b, p * t)
+    if ROOT == 2:
+        tl.store(AUX + b, p)
+    else:
+        tl.store(AUX + b, t)

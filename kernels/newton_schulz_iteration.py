@@ -1,4 +1,4 @@
-"""Newton–Schulz iterations built from the launchers: standard (X-space) and Gram-space.
+"""The Newton–Schulz iterations built from the launchers: standard (X-space) and Gram-space.
 
 Standard, per step (a, b, c) on X (k×L, k ≤ L):
     A = X Xᵀ (sym_mm),  B = b·A + c·A² (sym_mm, β-term in the epilogue),  X ← B·X + a·X (apply_q).
@@ -13,7 +13,7 @@ The long side L is touched only by R₀ = X₀X₀ᵀ, at restarts (X ← Q·X, 
 Q·X: 6k²L + ~14k³ FLOPs for 5 steps with one restart instead of 15k²L + 5k³, a win for L ≳ 1.5k.
 Errors in R compound through the polynomial (R's eigenvalues are σ², so relative errors double
 each step); restarts recompute R from X, and storage must be fp16 (10-bit mantissa): in bf16
-σ_max overshoots to ≈ 1.6 (anchors §3.3).
+(7-bit mantissa) σ_max overshoots far above 1.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ns_launch import apply_q, inv_norm_scale, sym_mm
+from .newton_schulz_launch import apply_q, inv_norm_scale, sym_mm
 
 Triple = tuple[float, float, float]
 
@@ -29,11 +29,10 @@ Triple = tuple[float, float, float]
 def default_restarts(steps: int) -> tuple[int, ...]:
     """Restart Gram-space before steps 3, 6, 9, …: segments of three steps.
 
-    GNS restarts before step 2 of 5. Measured under the interpreter (fp16, Polar Express 1.02,
-    128² Gaussian, error vs fp64 polar / σ_max): restart@2 1.237e-1 / 1.201, restart@3
-    1.178e-1 / 1.141 (standard bf16 NS: 1.215e-1 / 1.144); restart@1 is worse (1.275). The late
-    restart recomputes R after the three large-coefficient steps that amplify its rounding
-    error, and costs the same 3k²L."""
+    Gram Newton–Schulz restarts before step 2 of 5; restarting before step 3 recomputes R after
+    the three large-coefficient steps that amplify its rounding error, for the same 3k²L, and
+    keeps σ_max and the error at standard bf16 NS's level (``tests/interpret``,
+    ``test_gram_space_targets``; numbers in ``bench/RESULTS.md``)."""
     return tuple(range(3, steps, 3))
 
 
@@ -132,7 +131,7 @@ def matmul_flops(k: int, L: int, steps: int, *, gram: bool, tile: int | None = N
     """Matmul FLOPs the kernels perform for one call on a k×L input (k ≤ L), c ≠ 0 assumed.
 
     Symmetric products cost the fraction f of a full product that their computed tiles cover:
-    tile=None counts the exact upper triangle (k+1)/(2k) (the convention of the anchors note);
+    tile=None counts the exact upper triangle (k+1)/(2k) (the element count of a symmetric product);
     an integer tile size counts whole triangle tiles, (T+1)/(2T) with T = ⌈k/tile⌉ (what the
     kernels actually execute)."""
     if tile is None:

@@ -1,6 +1,9 @@
-"""Launchers of the Newton–Schulz kernels: shape checks, config choice, grid, launch.
+"""Launchers of the kernels in ``kernels/newton_schulz.py``: shape checks, config choice, grid, launch.
 
-Every launcher takes *logical* 3-D views (batch, rows, cols) with arbitrary strides, so a caller
+``sym_mm`` (a symmetric product with a fused epilogue) and ``apply_q`` (Q·X + a·X) are the
+matmul building blocks of the Newton–Schulz iterations (``kernels/newton_schulz_iteration.py``)
+and of the polar iterations' Gram and Newton–Schulz-tail steps; ``inv_norm_scale`` is the
+normalization pass. Every launcher takes *logical* 3-D views (batch, rows, cols) with arbitrary strides, so a caller
 passes ``G.mT`` for a tall input and no copy is made. Outputs are written into ``out`` (allocated
 by the caller, so iteration buffers can be reused). Configs come from ``kernels/_config.py``
 (first call: no autotune stall); ``FASTORTHO_TRITON_AUTOTUNE=1`` times the pruned candidate list
@@ -12,27 +15,18 @@ import os
 
 import torch
 
-from . import HAS_TRITON, interpreter_enabled
-from . import _config
+import triton
+import triton.language as tl
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+from . import _config, interpreter_enabled
+from .newton_schulz import _apply_kernel, _scale_kernel, _sumsq_partial_kernel, _sym_mm_kernel
 
-    from .newton_schulz import _apply_kernel, _scale_kernel, _sumsq_partial_kernel, _sym_mm_kernel
-
-    _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _TUNED: dict[tuple, _config.Config] = {}
 
 
-def _require_triton() -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("fastortho's Triton backend needs the `triton` package (pip install triton)")
-
-
 def tl_dtype(dtype: torch.dtype):
-    _require_triton()
+    """The Triton dtype of a storage dtype (bfloat16, float16 or float32)."""
     try:
         return _TL[dtype]
     except KeyError:
@@ -122,7 +116,6 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
     P, S: (B, k, L); Y, out: (B, k, k). ``scale`` (B,) fp32: operands read as round(scale[b]·P).
     ``round_dtype``: precision operands are rounded to (default: out's dtype, or P's when out
     is fp32)."""
-    _require_triton()
     if P.dim() != 3 or S.shape != P.shape:
         raise ValueError(f"sym_mm: P and S must be the same 3-D shape, got {tuple(P.shape)}, {tuple(S.shape)}")
     B, k, L = P.shape
@@ -161,7 +154,6 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
     (storage, default Q's dtype) and then stored in out's dtype. ``x_round_dtype`` (default
     ``round_dtype``) is the precision of X̂: float32 for the first step of ``fp32_first_gram``,
     whose input G must not be rounded to bf16 on either side of the product."""
-    _require_triton()
     if Q.dim() != 3 or X.dim() != 3 or Q.shape[0] != X.shape[0] or Q.shape[1:] != (X.shape[1], X.shape[1]):
         raise ValueError(f"apply_q: need Q (B, k, k) and X (B, k, L), got {tuple(Q.shape)}, {tuple(X.shape)}")
     if out.shape != X.shape:
@@ -206,7 +198,6 @@ def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
     itself is ever formed: finite inputs from 1e-38 to 3e38 give the same s up to rounding
     (``kernels/newton_schulz._sumsq_partial_kernel``). s is rounded once to fp32; it is subnormal
     (fewer than 24 significant bits) only when safety·ν(G) > 2^126 ≈ 8.5e37."""
-    _require_triton()
     B, R, N = X.shape
     if root not in (2, 4) or (root == 4) != (pre is not None):
         raise ValueError("inv_norm_scale: root=2 without pre, or root=4 with pre (the root-2 pass's aux)")

@@ -17,55 +17,54 @@ depends on the shape only, so a matrix gets the same bits alone or inside any ba
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from . import HAS_TRITON, interpreter_enabled
+from . import interpreter_enabled
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-__all__ = ["polar_update", "HAS_TRITON"]
+__all__ = ["polar_update"]
 
 
-if HAS_TRITON:
-
-    @triton.jit
-    def _polar_update_kernel(
-        # pointers: iterate X, solve result Z, output X' (may alias X), per-matrix α, β, active, partials
-        X, Z, OUT, ALPHA, BETA, ACTIVE, PART,
-        # sizes: rows, cols, tiles per matrix along rows / cols
-        R, C, TR, TC,
-        # strides (batch, row, col)
-        sx_b, sx_r, sx_c,
-        sz_b, sz_r, sz_c,
-        so_b, so_r, so_c,
-        BLOCK_R: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        """OUT = active ? α·X + β·Z : X on one tile; PART[pid] = (Σ(OUT − X)², Σ OUT²) in fp32."""
-        pid = tl.program_id(0)
-        per = TR * TC
-        b = (pid // per).to(tl.int64)
-        t = pid % per
-        rows = (t // TC) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (t % TC) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        r64 = rows.to(tl.int64)[:, None]
-        c64 = cols.to(tl.int64)[None, :]
-        x = tl.load(X + b * sx_b + r64 * sx_r + c64 * sx_c, mask=mask, other=0.0)
-        z = tl.load(Z + b * sz_b + r64 * sz_r + c64 * sz_c, mask=mask, other=0.0)
-        alpha = tl.load(ALPHA + b)
-        beta = tl.load(BETA + b)
-        on = tl.load(ACTIVE + b) != 0
-        y = tl.where(on, alpha * x + beta * z, x)
-        tl.store(OUT + b * so_b + r64 * so_r + c64 * so_c, y, mask=mask)
-        d = tl.where(mask, y - x, 0.0)
-        y0 = tl.where(mask, y, 0.0)
-        tl.store(PART + 2 * pid, tl.sum(tl.sum(d * d, axis=1), axis=0))
-        tl.store(PART + 2 * pid + 1, tl.sum(tl.sum(y0 * y0, axis=1), axis=0))
+@triton.jit
+def _polar_update_kernel(
+    # pointers: iterate X, solve result Z, output X' (may alias X), per-matrix α, β, active, partials
+    X, Z, OUT, ALPHA, BETA, ACTIVE, PART,
+    # sizes: rows, cols, tiles per matrix along rows / cols
+    R, C, TR, TC,
+    # strides (batch, row, col)
+    sx_b, sx_r, sx_c,
+    sz_b, sz_r, sz_c,
+    so_b, so_r, so_c,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """OUT = active ? α·X + β·Z : X on one tile; PART[pid] = (Σ(OUT − X)², Σ OUT²) in fp32."""
+    pid = tl.program_id(0)
+    per = TR * TC
+    b = (pid // per).to(tl.int64)
+    t = pid % per
+    rows = (t // TC) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (t % TC) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    r64 = rows.to(tl.int64)[:, None]
+    c64 = cols.to(tl.int64)[None, :]
+    x = tl.load(X + b * sx_b + r64 * sx_r + c64 * sx_c, mask=mask, other=0.0)
+    z = tl.load(Z + b * sz_b + r64 * sz_r + c64 * sz_c, mask=mask, other=0.0)
+    alpha = tl.load(ALPHA + b)
+    beta = tl.load(BETA + b)
+    on = tl.load(ACTIVE + b) != 0
+    y = tl.where(on, alpha * x + beta * z, x)
+    tl.store(OUT + b * so_b + r64 * so_r + c64 * so_c, y, mask=mask)
+    d = tl.where(mask, y - x, 0.0)
+    y0 = tl.where(mask, y, 0.0)
+    tl.store(PART + 2 * pid, tl.sum(tl.sum(d * d, axis=1), axis=0))
+    tl.store(PART + 2 * pid + 1, tl.sum(tl.sum(y0 * y0, axis=1), axis=0))
 
 
-def _blocks(R: int, C: int) -> tuple[int, int]:
+def _tile_shape() -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the update kernel. GPU: 32×128, 128-bit loads along contiguous rows
+    and enough programs for small matrices; interpreter: 16×32 (each program is numpy work). It
+    depends on nothing else, so a matrix gets the same tiles, and sums, in any batch."""
     if interpreter_enabled():
         return 16, 32
     return 32, 128
@@ -81,8 +80,6 @@ def polar_update(
     before it is written by the same program). alpha, beta: (B,) in X's dtype; active: (B,) bool.
     rel_step: (B,) float64/float32 (X's dtype); 0/0 (a zero matrix) gives 0, never NaN.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("fastortho.kernels.polar needs the `triton` package")
     if X.dim() != 3 or Z.shape != X.shape:
         raise ValueError(f"polar_update: X and Z must be the same 3-D shape, got {tuple(X.shape)}, {tuple(Z.shape)}")
     if X.dtype not in (torch.float32, torch.float64) or Z.dtype != X.dtype:
@@ -93,7 +90,7 @@ def polar_update(
     out = torch.empty_like(X) if out is None else out
     if out.shape != X.shape or out.dtype != X.dtype:
         raise ValueError("polar_update: out must have X's shape and dtype")
-    br, bc = _blocks(R, C)
+    br, bc = _tile_shape()
     tr, tc = triton.cdiv(R, br), triton.cdiv(C, bc)
     part = torch.zeros(B, tr * tc, 2, device=X.device, dtype=X.dtype)
     if B * R * C > 0:

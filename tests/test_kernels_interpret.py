@@ -99,7 +99,7 @@ def _fake_cuda_launcher(monkeypatch, arch):
 
     import torch
 
-    from fastortho.kernels import ns_launch
+    from fastortho.kernels import newton_schulz_launch as ns_launch
 
     monkeypatch.setattr(ns_launch, "interpreter_enabled", lambda: False)
     monkeypatch.setattr(ns_launch, "_arch", lambda t: arch)
@@ -128,7 +128,7 @@ def test_fp32_input_configs_are_counted_at_4_bytes(monkeypatch, arch):
 def test_launchers_pass_the_loaded_element_size(monkeypatch):
     import torch
 
-    from fastortho.kernels import ns_launch
+    from fastortho.kernels import newton_schulz_launch as ns_launch
 
     seen = []
 

@@ -1,5 +1,5 @@
 """``bench/ns_model.py``: executed FLOPs per launch against hand counts and the package's NS FLOP
-formula (``kernels.ns_gram.matmul_flops``), and the cuBLAS-loop reference."""
+formula (``kernels.newton_schulz_iteration.matmul_flops``), and the cuBLAS-loop reference."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastortho.kernels import HAS_TRITON
-from fastortho.kernels.ns_gram import matmul_flops
+from fastortho.kernels.newton_schulz_iteration import matmul_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import ns_model  # noqa: E402

@@ -19,7 +19,7 @@ from _common import haar, ns_triton, plain_loop, rel, anchor_matrices
 
 from fastortho.coefficients import get_schedule
 from fastortho.kernels.newton_schulz import _round, _triangle_tile
-from fastortho.kernels.ns_launch import sym_mm
+from fastortho.kernels.newton_schulz_launch import sym_mm
 from fastortho.ns_torch import newton_schulz_torch
 from fastortho.reference import polar_error, polar_svd, singular_band
 
