@@ -315,11 +315,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="one 16×40 size, 1 rep (CI smoke run)")
     p.add_argument("--sizes", default="64x128,256x512", help="comma-separated m×n, m ≤ n")
-    p.add_argument("--kappas", default="1e3,1e8")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--kappas", default="1e3,1e8",
+                   help="comma-separated condition numbers κ (test matrix: σ log-spaced from 1 to 1/κ)")
+    p.add_argument("--reps", type=int, default=10,
+                   help="timed calls per row after one warm-up (p20/p50/p80 printed; stops after 10 s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (jax uses its own pool)")
-    p.add_argument("--no-jax", action="store_true")
-    p.add_argument("--csv", default=None)
+    p.add_argument("--no-jax", action="store_true",
+                   help="leave out the jax.scipy.linalg.polar (QDWH) rows, also when jax is installed")
+    p.add_argument("--csv", default=None, metavar="PATH", help="also append the rows to this CSV file")
     p.add_argument("--speed", action="store_true", help="only the speed rows (1024², 1024×4096, 32×256²)")
     p.add_argument("--repeat", type=int, default=1, help="--speed: passes over the set (median reported)")
     p.add_argument("--storage", action="store_true", help="only the bf16/fp16 storage model")
