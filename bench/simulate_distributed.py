@@ -44,7 +44,7 @@ extra time of a training step, the quantity Moonlight (1–3%) and DMuon (−3.5
   the stack dim) orthogonalized where they are, no bytes.
 * ``owner-fsdp*``: DMuon's owner inside FSDP2's collectives (reduce to the owner instead of
   reduce-scatter, broadcast instead of all-gather): LPT owners over the shard group, no optimizer bytes.
-* ``a2a*`` under FSDP×TP or EP×FSDP: a2a over the sharding group where the engine today falls back to
+* ``a2a*`` under FSDP×TP: a2a over the sharding group where the engine today falls back to
   ``gather`` (two sharded mesh dims).
 """
 from __future__ import annotations
@@ -86,11 +86,12 @@ def shard_extents(size: int, world: int) -> list[tuple[int, int]]:
     return [(min(r * c, size), max(0, min(c, size - min(r * c, size)))) for r in range(world)]
 
 
-def lpt(costs: list[int], world: int) -> list[int]:
+def lpt(costs: list[int], world: int, loads: list[int] | None = None) -> list[int]:
     """LPT: costs in decreasing order (ties: lower index first), each to the least-loaded rank (ties: lower
-    rank). A heap of (load, rank) pops exactly that rank."""
+    rank), starting from ``loads`` (default zeros). A heap of (load, rank) pops exactly that rank."""
     owners = [0] * len(costs)
-    heap = [(0, r) for r in range(world)]
+    heap = [(int(loads[r]) if loads is not None else 0, r) for r in range(world)]
+    heapq.heapify(heap)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         load, r = heapq.heappop(heap)
         owners[i] = r
@@ -108,6 +109,16 @@ class Group(NamedTuple):
 
     def rank_of(self, g):
         return (g // self.stride) % self.size
+
+    def members(self, g: int) -> list[int]:
+        """Global ranks of the instance of this group that holds global rank ``g``, in group-rank order."""
+        base = g - self.stride * self.rank_of(g)
+        return [base + self.stride * i for i in range(self.size)]
+
+    def same(self, a: int, b: int) -> bool:
+        """Whether global ranks ``a`` and ``b`` are in the same instance of this group."""
+        span = self.stride * self.size
+        return a % self.stride == b % self.stride and a // span == b // span
 
 
 @dataclass(frozen=True)
@@ -158,16 +169,29 @@ class Task:
         return b
 
 
-def _owners(tasks: list[Task], steps: int) -> list[int]:
-    """Owner group-rank of every task (0 where none): LPT per exchange group, over tasks in order."""
+def _owners(tasks: list[Task], steps: int, world: int) -> list[np.ndarray]:
+    """Owner group-rank of every task, per global rank ``0..world-1`` (the owner in that rank's instance
+    of the task's group; 0 where none): LPT per exchange group, over tasks in order, groups in order of
+    first appearance, each instance starting from the loads that earlier groups containing the whole
+    instance gave its members (as the engine's ``assign_owners``)."""
     by: dict[Group, list[int]] = {}
     for k, t in enumerate(tasks):
         if t.strategy in ("owner", "a2a", "owner-fsdp*"):
             by.setdefault(t.group, []).append(k)
-    owners = [0] * len(tasks)
+    owners = [np.zeros(world, np.int64) for _ in tasks]
+    done: list[tuple[Group, np.ndarray]] = []  # (group, load added per global rank)
     for g, ks in by.items():
-        for k, o in zip(ks, lpt([ns_flops(*tasks[k].shape, steps) for k in ks], g.size)):
-            owners[k] = o
+        costs = [ns_flops(*tasks[k].shape, steps) for k in ks]
+        added = np.zeros(world, np.int64)
+        for base in range(world):
+            if g.rank_of(base):
+                continue
+            mem = g.members(base)
+            start = [sum(int(ld[m]) for h, ld in done if all(h.same(mem[0], x) for x in mem)) for m in mem]
+            for k, c, o in zip(ks, costs, lpt(costs, g.size, start)):
+                owners[k][mem] = o
+                added[mem[o]] += c
+        done.append((g, added))
     return owners
 
 
@@ -176,7 +200,9 @@ def rank_prediction(tasks: list[Task], rank: int, *, nbytes: int = 2, steps: int
     """What ``Muon.comm_stats`` reports on global ``rank`` after a step with these tasks (one optimizer
     param group, all with gradients): ``bytes`` per kind, ``ns_flops``, ``owners`` (group ranks, task
     order, 0 for local/gather as in the engine). ``nbytes``: the NS dtype's element size."""
-    owners = _owners(tasks, steps)
+    span = max([1] + [g.size * g.stride for t in tasks for g in (t.group, *t.stack, *t.gather, *t.flags) if g])
+    world = span * (rank // span + 1)
+    owners = _owners(tasks, steps, world)
     by: dict[str, int] = {}
     fl = 0
 
@@ -188,13 +214,12 @@ def rank_prediction(tasks: list[Task], rank: int, *, nbytes: int = 2, steps: int
         cost = ns_flops(*t.shape, steps)
         if t.strategy == "local":
             fl += ns_flops(t.local_batch(rank), t.shape[1], t.shape[2], steps)
-            continue
-        if t.strategy == "gather":
+        elif t.strategy == "gather":
             fl += cost
             W = math.prod(g.size for g in t.gather)
             add("gather", t.numel * nbytes * (W - 1) // W)
         else:
-            me = t.group.rank_of(rank)
+            me, o = t.group.rank_of(rank), int(o[rank])
             if o == me:
                 fl += cost
             if t.strategy == "a2a":
@@ -207,7 +232,7 @@ def rank_prediction(tasks: list[Task], rank: int, *, nbytes: int = 2, steps: int
         for groups, n in flag_sets.items():
             for g in groups:
                 add("flags", 4 * n * 2 * (g.size - 1) // g.size)
-    return dict(bytes=by, ns_flops=fl, owners=owners)
+    return dict(bytes=by, ns_flops=fl, owners=[int(o[rank]) for o in owners])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +261,8 @@ class Layout:
 def build_tasks(p: Preset, lay: Layout, strategy: str) -> list[Task] | None:
     """The engine's tasks for ``p`` under ``lay`` with ``strategy`` for the dense matrices (None if that
     strategy does not apply). Expert stacks get what the layout implies (see :class:`Layout`), with
-    ``a2a*`` meaning: a2a where the engine today would gather."""
+    ``a2a*`` meaning: a2a where the engine today would gather (EP×FSDP experts: the engine's a2a over the
+    FSDP-in-EP dim on each rank's own experts)."""
     strategy, _, expert_s = strategy.partition("+experts:")
     R, F, T = lay.replicate, lay.fsdp, lay.tp
     g_rep, g_f, g_t = Group(R, F * T, "replicate"), Group(F, T, "fsdp"), Group(T, 1, "tp")
@@ -291,24 +317,24 @@ def _expert_task(q: MuonParam, sh, lay: Layout, strategy: str) -> Task | None:
     R, W, E = lay.replicate, lay.world, lay.ep
     if E <= 1:  # experts follow the dense layout: FSDP2's Shard(0) is the stack dim: whole experts
         if lay.fsdp * lay.tp > 1:
-            return Task(sh, "local", stack=(Group(lay.fsdp * lay.tp, 1, "fsdp"),), name=q.name)
+            g = Group(lay.fsdp * lay.tp, 1, "fsdp")
+            return Task(sh, "local", stack=(g,), flags=(g,), name=q.name)
         return Task(sh, "local", name=q.name)
     if (W // R) % E:
         raise ValueError(f"--ep {E} must divide the non-replicated world {W // R}")
     Fe = W // (R * E)
     g_ep, g_fe = Group(E, 1, "ep"), Group(Fe, E, "fsdp_in_ep")
     if lay.expert_replicate or Fe == 1:
-        return Task(sh, "local", stack=(g_ep,), name=q.name)
+        return Task(sh, "local", stack=(g_ep,), flags=(g_ep,), name=q.name)
     if lay.expert_dim == 0:
-        return Task(sh, "local", stack=(g_fe, g_ep), name=q.name)
-    # (Shard(0) on EP, Shard(1) on the FSDP-in-EP dim): the local stack of ⌈B/E⌉ experts is a
-    # matrix sharded over Fe. The engine today gathers it over E·Fe ranks (two sharded dims);
-    # a2a over Fe is the plan (a2a*).
+        return Task(sh, "local", stack=(g_fe, g_ep), flags=(g_fe, g_ep), name=q.name)
+    # (Shard(0) on EP, Shard(1) on the FSDP-in-EP dim): the local stack of ⌈B/E⌉ experts is a matrix
+    # sharded over Fe: the engine runs a2a over Fe on it (auto), or gathers over E·Fe ranks (forced)
     b_local = -(-sh[0] // E)
-    if strategy in ("a2a*", "owner-fsdp*"):
-        return Task((b_local, sh[1], sh[2]), "a2a" if strategy == "a2a*" else strategy,
-                    group=g_fe, axis=1, flags=(g_fe,), name=q.name)
-    if strategy in ("auto", "gather"):
+    if strategy in ("auto", "a2a", "a2a*", "owner-fsdp*"):
+        return Task((b_local, sh[1], sh[2]), "owner-fsdp*" if strategy == "owner-fsdp*" else "a2a",
+                    group=g_fe, axis=1, flags=(g_ep, g_fe), name=q.name)
+    if strategy == "gather":
         return Task(sh, "gather", gather=(g_ep, g_fe), flags=(g_ep, g_fe), name=q.name)
     raise ValueError(f"unknown expert strategy {strategy!r}")
 
@@ -406,7 +432,7 @@ def simulate(p: Preset, lay: Layout, strategy: str, hw: Hardware = Hardware(), *
         return None
     W, steps, nb = lay.world, hw.steps, hw.nbytes
     g_all = np.arange(W)
-    owners = _owners(tasks, steps)
+    owners = _owners(tasks, steps, W)
     flops = np.zeros(W)
     fwd: dict[Group, np.ndarray] = {}
     bwd: dict[Group, np.ndarray] = {}
@@ -421,8 +447,7 @@ def simulate(p: Preset, lay: Layout, strategy: str, hw: Hardware = Hardware(), *
                 flops += bs * (cost // t.shape[0])
             else:
                 flops += cost
-            continue
-        if t.strategy == "gather":
+        elif t.strategy == "gather":
             flops += cost
             Wg = math.prod(g.size for g in t.gather)
             b = t.numel * nb * (Wg - 1) // Wg
@@ -498,7 +523,7 @@ def LAYOUTS(p: Preset, W: int, node: int = 8) -> list[tuple[Layout, list[str]]]:
         out = [(lay, s) for lay, s in out if lay.name == "fsdp" or lay.name.startswith("hsdp")]
         if W > E:
             out.append((Layout(f"ep{E}+fsdp{W // E}", fsdp=W, ep=E, expert_dim=1),
-                        ["a2a+experts:gather", "a2a+experts:a2a*", "owner-fsdp*+experts:owner-fsdp*"]))
+                        ["a2a+experts:a2a", "a2a+experts:gather", "owner-fsdp*+experts:owner-fsdp*"]))
         out.append((Layout(f"ep{E}, experts replicated x{W // E}", fsdp=W, ep=E, expert_replicate=True),
                     ["a2a"]))
     return out

@@ -19,9 +19,10 @@ One spawn at W=4, one at W=2, and the one-process side in this process; the scen
   ``tests/test_distributed.py`` (2e-6).
 * **Expert parallelism** on a 2×2 (ep, fsdp) mesh, stacked experts (4, 24, 16) and (4, 16, 24),
   dense weights FSDP2 over fsdp: experts on Shard(0) over ep (whole experts per rank) are
-  orthogonalized locally, no payload bytes (a NaN in one expert must skip the whole stack on every
-  rank, as in one process: a strict xfail today); experts also sharded on their rows over fsdp (explicit DTensors,
-  and FSDP2's ``fully_shard`` on top of EP) are exact but fall back to ``gather``.
+  orthogonalized locally, no payload bytes (a NaN in one expert skips the whole stack on every
+  rank, as in one process: the flag is all-reduced over ep); experts also sharded on their rows over fsdp
+  (explicit DTensors, and FSDP2's ``fully_shard`` on top of EP) are exact with ``a2a`` over fsdp on
+  each rank's own experts.
 """
 from __future__ import annotations
 
@@ -114,12 +115,6 @@ def test_experts_whole_per_rank_are_local(runs):
             assert b.get("flags", 0) <= 4 * 2  # 2 stacks × int32 × 2(W_ep − 1)/W_ep, W_ep = 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plan.param_layout returns Layout('local', mesh=..., placements=...) with empty reduce_groups for a "
-    "stack sharded on its stack dim, so engine._global_finite never all-reduces its finite flag: a NaN in "
-    "one ep rank's expert skips only that rank's experts, the other ep rank updates its own (max |dθ| "
-    "0.025 vs one process, which skips the whole (E, m, n) parameter) and nonfinite_count differs across "
-    "ranks. Fix: reduce_groups=tuple(mesh.get_group(md) for md, _ in sharded) on that Layout"))
 def test_experts_local_nonfinite_skips_whole_stack(runs):
     """A NaN in one expert (last ep rank) at step 2: the whole stack is skipped on every rank, as in one
     process (non-finite detection is per parameter)."""
@@ -130,22 +125,16 @@ def test_experts_local_nonfinite_skips_whole_stack(runs):
 
 @pytest.mark.parametrize("name", ["ep_fsdp", "ep_fsdp2"])
 def test_experts_ep_x_fsdp_exact(runs, name):
-    """Experts on Shard(0) over ep and on their rows over fsdp: exact (via ``gather`` today)."""
+    """Experts on Shard(0) over ep and on their rows over fsdp: exact."""
     for d in _get(runs, name):
         assert d["params_equal"], d["params_bad"]
         assert d["experts_equal"]
         assert d["expert_local_shape"] == (C.E // 2, C.EM // 2, C.EN)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plan.param_layout sends any parameter with two sharded mesh dims to 'gather': the stack dim sharded over "
-    "ep is taken for a second matrix shard, so every rank all-gathers all E experts (of the other ep "
-    "ranks too) and orthogonalizes all of them. Fix: when the other sharded dims are stack dims "
-    "(d < ndim-2, flatten off), use 'a2a' over the one mesh dim that shards a matrix dim, with the local "
-    "stack as the batch"))
 @pytest.mark.parametrize("name", ["ep_fsdp", "ep_fsdp2"])
 def test_experts_ep_x_fsdp_no_gather(runs, name):
-    """Target: a2a over the fsdp dim within each ep rank's own experts; bytes equal the a2a ideal."""
+    """a2a over the fsdp dim within each ep rank's own experts; bytes equal the a2a ideal."""
     for d in _get(runs, name):
         assert d["expert_strategies"] == ["a2a"]
         for got, ideal in zip(d["bytes_experts"], d["ideal_experts"]):

@@ -18,13 +18,15 @@ strategy     when (auto)                                            bytes sent p
 ``owner``    plain tensor, ``process_group`` of size W > 1 (DDP)    :math:`b_O (W-1)/W` per element
 ``a2a``      DTensor with exactly one ``Shard(d)``, d a matrix dim  :math:`(b_u + b_O)(W-1)/W^2`
              (FSDP2 Shard(0), TP Shard(0)/Shard(1), HSDP's shard    per element (bf16: 4(W−1)/W²,
-             sub-mesh)                                              0.44 at W = 8)
+             sub-mesh), other Shards only on stack dims (EP×FSDP    0.44 at W = 8)
+             experts: over the matrix dim's group, local experts)
 ``gather``   any other sharding (FSDP×TP, ``_StridedShard``)         :math:`b_u (W-1)/W` per element
                                                                     (model; DTensor's all-gather)
 ===========  =====================================================  ==================================
 
 * ``owner``: matrices are assigned to ranks by LPT on the NS flop cost (largest first, to the least
-  loaded rank, ties to the lowest rank), the owner orthogonalizes its share, and one
+  loaded rank, ties to the lowest rank; each group starts from the loads that earlier groups
+  containing all its members gave them), the owner orthogonalizes its share, and one
   ``all_to_all_single`` with per-rank split sizes delivers each owner's results to every other rank
   (an all-gather without padding: gloo's all-gather needs equal sizes).
 * ``a2a``: per process group, one ``all_to_all_single`` sends every shard of :math:`u` to the

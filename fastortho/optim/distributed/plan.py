@@ -18,7 +18,7 @@ from torch import Tensor
 from fastortho.optim import functional as F
 
 __all__ = ["STRATEGIES", "Layout", "Task", "ns_flops", "shard_extents", "lpt_owners", "param_layout",
-           "plan_units", "assign_owners", "is_dtensor", "local"]
+           "plan_units", "assign_owners", "group_ranks", "is_dtensor", "local"]
 
 STRATEGIES = ("auto", "local", "owner", "a2a", "gather")
 
@@ -53,11 +53,14 @@ def shard_extents(size: int, world: int) -> list[tuple[int, int]]:
     return out
 
 
-def lpt_owners(costs: list[int], world: int) -> list[int]:
+def lpt_owners(costs: list[int], world: int, loads: Sequence[int] | None = None) -> list[int]:
     """Longest-processing-time assignment: costs in decreasing order (ties: first index first), each to
-    the least-loaded rank (ties: lowest rank). Deterministic, so every rank computes the same owners."""
+    the least-loaded rank (ties: lowest rank), starting from ``loads`` (default zeros). Deterministic, so
+    every rank computes the same owners."""
     owners = [0] * len(costs)
-    load = [0] * world
+    load = list(loads) if loads is not None else [0] * world
+    if len(load) != world:
+        raise ValueError(f"loads has {len(load)} entries for a world of {world}")
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min(range(world), key=lambda r: (load[r], r))
         owners[i] = r
@@ -107,19 +110,23 @@ def param_layout(p: Tensor, flatten: bool | None, process_group: Any, forced: st
     sharded = [(md, pl) for md, pl in enumerate(placements) if not pl.is_replicate() and mesh.size(md) > 1]
     nd = p.ndim
     flat = nd >= 3 and (nd >= 4 if flatten is None else bool(flatten))
+    # a Shard on a stack dim (whole matrices per rank, e.g. MoE experts on an expert-parallel dim) needs no
+    # exchange; the other sharded dims cut matrices
+    stack = [(md, pl) for md, pl in sharded if type(pl) is Shard and not flat and pl.dim % nd < nd - 2]
+    matrix = [(md, pl) for md, pl in sharded if (md, pl) not in stack]
+    # every sharded dim holds part of the parameter: their non-finite flags are AND-ed (one int32 each)
+    flags = tuple(mesh.get_group(md) for md, _ in sharded)
     auto, axis, factor = "gather", 0, 1
-    if not sharded:
+    if not matrix:
         auto = "local"
-    elif len(sharded) == 1 and type(sharded[0][1]) is Shard:
-        d = sharded[0][1].dim % nd
+    elif len(matrix) == 1 and type(matrix[0][1]) is Shard:
+        d = matrix[0][1].dim % nd
         if nd == 2:
             auto, axis = "a2a", 1 + d
         elif flat:
             if d in (0, 1):
                 auto, axis = "a2a", 1 + d
                 factor = math.prod(p.shape[2:]) if d == 1 else 1
-        elif d < nd - 2:
-            auto = "local"  # whole matrices on each rank (MoE experts on Shard(0))
         else:
             auto, axis = "a2a", 1 + d - (nd - 2)
     # a forced strategy applies to parameters that need communication; whole-matrix shards stay local
@@ -133,11 +140,12 @@ def param_layout(p: Tensor, flatten: bool | None, process_group: Any, forced: st
     if strategy == "a2a" and auto != "a2a":
         raise ValueError(f"strategy='a2a' needs one Shard on a matrix dim, got {placements}")
     if strategy == "local":
-        return Layout("local", mesh=mesh, placements=placements)
+        return Layout("local", mesh=mesh, placements=placements, reduce_groups=flags)
     if strategy == "gather":
         return Layout("gather", world=math.prod(mesh.size(md) for md, _ in sharded), mesh=mesh,
-                      placements=placements, reduce_groups=tuple(mesh.get_group(md) for md, _ in sharded))
-    md, pl = sharded[0]
+                      placements=placements, reduce_groups=flags)
+    # a2a over the one mesh dim that cuts a matrix dim, on this rank's own stack of matrices
+    md, pl = matrix[0]
     pg = mesh.get_group(md)
     world, rank = mesh.size(md), mesh.get_local_rank(md)
     d = pl.dim % nd
@@ -145,7 +153,7 @@ def param_layout(p: Tensor, flatten: bool | None, process_group: Any, forced: st
     if p.to_local().shape[d] * factor != ext[rank][1]:
         raise RuntimeError(f"local shard of shape {tuple(p.to_local().shape)} of a {tuple(p.shape)} parameter "
                            f"does not follow torch's chunking on dim {d} (rank {rank} of {world})")
-    return Layout("a2a", group=pg, world=world, rank=rank, axis=axis, extents=ext, reduce_groups=(pg,),
+    return Layout("a2a", group=pg, world=world, rank=rank, axis=axis, extents=ext, reduce_groups=flags,
                   mesh=mesh, placements=placements)
 
 
@@ -212,8 +220,11 @@ def plan_units(
                               split=tuple(split) if split else None))
             continue
         views = [t.view(*F.matrix_shape(pw.shape, group["flatten"])) for t in (pw, bw, uw)]
+        # local and a2a work on this rank's own stack (a stack dim sharded over an expert-parallel mesh
+        # dim holds only this rank's matrices): their batch, and their flops, are the local ones
+        lb = views[0].shape[0]
         for kb, (r0, r1) in enumerate(F.split_blocks(m, bsz, split, p.shape)):
-            t = Task(gi, i, lay, (bsz, r1 - r0, n), cfg, ns_flops(bsz, r1 - r0, n, steps))
+            t = Task(gi, i, lay, (lb, r1 - r0, n), cfg, ns_flops(lb, r1 - r0, n, steps))
             vb = [v.narrow(1, r0, r1 - r0) for v in views] if split else views
             if lay.strategy == "a2a" and lay.axis == 1:
                 # rows sharded: intersect each rank's rows with the block's rows ((0, 0): no overlap)
@@ -231,12 +242,33 @@ def plan_units(
     return units, tasks
 
 
+def group_ranks(group: Any, world: int) -> tuple[int, ...]:
+    """Global ranks of ``group`` in group-rank order (``range(world)`` without an initialized default group)."""
+    if group is None or not dist.is_initialized():
+        return tuple(range(world))
+    return tuple(dist.get_process_group_ranks(group))
+
+
 def assign_owners(tasks: Sequence[Task]) -> None:
-    """LPT owners per process group, over the ``owner`` and ``a2a`` tasks in task order."""
+    """LPT owners per process group, over the ``owner`` and ``a2a`` tasks in task order.
+
+    Groups are assigned in order of first appearance, each starting from the loads (NS flops) already
+    given to its members by earlier groups that contain the whole group: every member of such a group
+    plans it too, so the starting loads, hence the owners, are the same on every rank. Starting each
+    group from zero would send every group's largest task to its rank 0 (dense and expert work piled on
+    the same ranks)."""
     by_group: dict[Any, list[Task]] = {}
     for t in tasks:
         if t.strategy in ("owner", "a2a"):
             by_group.setdefault(t.lay.group, []).append(t)
+    done: list[tuple[frozenset[int], dict[int, int]]] = []  # (members, load per global rank) per group
     for ts in by_group.values():
-        for t, o in zip(ts, lpt_owners([t.cost for t in ts], ts[0].lay.world)):
+        ranks = group_ranks(ts[0].lay.group, ts[0].lay.world)
+        members = frozenset(ranks)
+        start = [sum(ld[g] for m, ld in done if members <= m) for g in ranks]
+        owners = lpt_owners([t.cost for t in ts], len(ranks), start)
+        added = dict.fromkeys(ranks, 0)
+        for t, o in zip(ts, owners):
             t.owner = o
+            added[ranks[o]] += t.cost
+        done.append((members, added))
