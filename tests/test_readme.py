@@ -118,3 +118,13 @@ def test_results_open_with_a_summary_that_readme_and_docs_link_to():
     assert not [h for h in headings if re.search(r"\(issue \d", h)], "internal issue labels in headings"
     assert "bench/RESULTS.md#summary" in README.read_text()
     assert "RESULTS.md#summary" in (root / "docs" / "optimizer.md").read_text()
+
+
+def test_ci_setup_installs_the_extras_the_tests_need():
+    """CI runs README's ci:setup block verbatim: the adapter tests (tests/test_integrations.py) skip a
+    framework that is not installed, so without the ``integrations`` extra CI would skip them all."""
+    text = README.read_text()
+    block = text[text.index("<!-- ci:setup -->"):].split("```bash", 1)[1].split("```", 1)[0]
+    extras = re.search(r'-e "\.\[([a-z,]+)\]"', block)
+    assert extras, block
+    assert {"test", "triton", "integrations"} <= set(extras.group(1).split(",")), block
