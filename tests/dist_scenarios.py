@@ -132,7 +132,7 @@ VECS = [(5,), (33,)]
 
 
 def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, nan=True, mesh=None,
-               steps=K, **extra):
+               steps=K, bucket_numel=None, **extra):
     """Distributed vs single-process fastortho.Muon on identical full gradients; returns a result dict."""
     import fastortho
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor, init_device_mesh
@@ -160,8 +160,10 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
         dp = [nn.Parameter(distribute_tensor(t.clone(), mesh, placement_fn(i, t), src_data_rank=None))
               for i, t in enumerate(full_m + full_s + full_v)]
         opt = fastortho.Muon(groups(dp[:nm], dp[nm:nm + ns_], dp[nm + ns_:]), **kw, strategy=strategy)
+    if bucket_numel is not None:
+        opt._dist_engine.bucket_numel = bucket_numel  # pipelined: stage s+1's exchange during stage s's NS
     shapes = [tuple(p.shape) for p in ref_p]
-    res = {"bytes": [], "ideal": [], "measured": [], "collectives": []}
+    res = {"bytes": [], "ideal": [], "measured": [], "collectives": [], "stages": []}
     for step in range(steps):
         gs = _grads(shapes, step)
         if nan and step == 1:
@@ -179,6 +181,7 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
         res["ideal"].append(dict(st["ideal"]))
         res["measured"].append(c.bytes)
         res["collectives"].append(dict(st["collectives"]))
+        res["stages"].append(st["stages"])
     full = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in dp]
     diffs = [(a.double() - b.double()).abs().max().item() if a.numel() else 0.0
              for a, b in zip(full, [p.detach() for p in ref_p])]
@@ -211,6 +214,17 @@ def sc_ident_a2a(rank, world):
 
 def sc_ident_a2a_bf16(rank, world):
     return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="a2a", ns_dtype=torch.bfloat16)
+
+
+def sc_ident_a2a_bf16_pipe(rank, world):
+    # one matrix (or split block) per stage: the most exchanges in flight while NS runs
+    return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="a2a", ns_dtype=torch.bfloat16,
+                      bucket_numel=1)
+
+
+def sc_ident_owner_pipe(rank, world):
+    return _ident_run(rank, world, placement_fn=None, strategy="auto", ns_dtype=torch.bfloat16, plain=True,
+                      bucket_numel=600)
 
 
 def sc_ident_gather(rank, world):
@@ -263,6 +277,8 @@ SCENARIOS = {
     "ident_after_ortho": sc_ident_after_ortho,
     "ident_a2a": sc_ident_a2a,
     "ident_a2a_bf16": sc_ident_a2a_bf16,
+    "ident_a2a_bf16_pipe": sc_ident_a2a_bf16_pipe,
+    "ident_owner_pipe": sc_ident_owner_pipe,
     "ident_gather": sc_ident_gather,
     "ident_owner": sc_ident_owner,
     "ident_local": sc_ident_local,

@@ -41,8 +41,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
 
 E2E_ATOL = 2e-6
 IDENT = ["ident_a2a", "ident_a2a_bf16", "ident_gather", "ident_owner", "ident_local"]
-W2 = IDENT + ["ident_after_ortho", "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp", "divergent_grads"]
-W4 = ["ident_a2a_bf16", "ident_gather", "ident_owner", "bytes_even", "e2e_fsdp", "e2e_hsdp", "e2e_fsdp_tp"]
+PIPE = ["ident_a2a_bf16_pipe", "ident_owner_pipe"]
+W2 = IDENT + PIPE + ["ident_after_ortho", "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp", "divergent_grads"]
+W4 = ["ident_a2a_bf16", "ident_gather", "ident_owner", *PIPE, "bytes_even", "e2e_fsdp", "e2e_hsdp", "e2e_fsdp_tp"]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,21 @@ def test_identical_grads_after_ortho_w2(w2):
 @pytest.mark.parametrize("name", ["ident_a2a_bf16", "ident_gather", "ident_owner"])
 def test_identical_grads_w4(w4, name):
     _check_ident(_get(w4, name), 4)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", PIPE)
+def test_pipelined_exchange_bit_identical(w2, w4, world, name):
+    """Stages of one matrix (a2a) or ~600 elements (owner): stage s+1's exchange is in flight while stage
+    s is orthogonalized, and stage s−1's results return meanwhile. Parameters stay ``torch.equal`` to one
+    process (so to the one-stage step, which the other ident tests check), with the same bytes."""
+    per_rank = _get(w2 if world == 2 else w4, name)
+    _check_ident(per_rank, world)
+    kind = "a2a" if "a2a" in name else "owner"
+    for d in per_rank:
+        for stages, calls in zip(d["stages"], d["collectives"]):
+            assert stages >= 8  # 15 matrices / split blocks: many stages, not one
+            assert calls[kind] == (2 if kind == "a2a" else 1) * stages  # one exchange per stage and way
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any, TypedDict
@@ -31,12 +32,18 @@ class CommStats(TypedDict):
     numel: dict[str, int]  # elements of the Muon matrices per strategy
     ns_flops: int  # Newton–Schulz flops run by this rank
     ns_calls: int  # batched orthogonalizer calls on this rank
+    stages: int  # pipeline stages of the exchanged matrices (see ``DistributedMuonEngine.bucket_numel``)
+    wait_s: float  # seconds this rank blocked waiting for exchanges: the communication NS did not hide
 
 
 class DistributedMuonEngine:
     """Runs :meth:`fastortho.Muon.step` when parameters are DTensors or a process group is given."""
 
-    def __init__(self, process_group: Any = None, strategy: str = "auto") -> None:
+    #: default pipeline stage size (elements of the exchanged matrices per process group); overridden by
+    #: ``FASTORTHO_DIST_BUCKET_NUMEL``
+    BUCKET_NUMEL = 1 << 24
+
+    def __init__(self, process_group: Any = None, strategy: str = "auto", *, bucket_numel: int | None = None) -> None:
         self.process_group = process_group
         self.strategy = strategy
         self._plan_key: Any = None
@@ -47,6 +54,12 @@ class DistributedMuonEngine:
         self.check_every_step = os.environ.get("FASTORTHO_DIST_CHECK", "0") == "1"
         self._layouts: dict[tuple[int, int], tuple[Any, Layout]] = {}
         self.stats: CommStats | dict = {}
+        #: elements of exchanged matrices per pipeline stage and process group: stage s+1's exchange
+        #: overlaps stage s's NS. ``math.inf``: one stage (no overlap). Must be equal on every rank.
+        self.bucket_numel: float = (bucket_numel if bucket_numel is not None else
+                                    int(os.environ.get("FASTORTHO_DIST_BUCKET_NUMEL", self.BUCKET_NUMEL)))
+        if not self.bucket_numel >= 1:
+            raise ValueError(f"bucket_numel must be >= 1 (elements per pipeline stage), got {self.bucket_numel}")
 
     def _layout(self, gi: int, pi: int, p: Tensor, group: dict) -> Layout:
         ident = (id(p), getattr(p, "placements", None))
@@ -68,7 +81,8 @@ class DistributedMuonEngine:
     def step(self, param_groups: Sequence[dict[str, Any]], state: Any) -> list[Tensor]:
         """One step over ``param_groups`` with optimizer ``state``; returns the finite masks of the groups
         with ``nonfinite="skip"`` (for the optimizer's count)."""
-        self.stats = CommStats(bytes={}, ideal={}, collectives={}, numel={}, ns_flops=0, ns_calls=0)
+        self.stats = CommStats(bytes={}, ideal={}, collectives={}, numel={}, ns_flops=0, ns_calls=0, stages=0,
+                               wait_s=0.0)
         selected = [(gi, [i for i, p in enumerate(g["params"]) if p.grad is not None])
                     for gi, g in enumerate(param_groups)]
         key = tuple((gi, tuple(idx)) for gi, idx in selected)
@@ -159,24 +173,81 @@ class DistributedMuonEngine:
                                    "gradients, shapes or order differ across ranks)")
 
     # -- phase 2 ---------------------------------------------------------------------------------
-    def _batches(self, tasks: list[Task], units: list[F.MatrixUnit], strategy: str) -> list[tuple[list[int], AllToAll]]:
-        """Task indices of ``strategy`` per (process group, dtype), each with its (unstarted) exchange."""
+    def _batches(self, tasks: list[Task], units: list[F.MatrixUnit], strategy: str,
+                 ks: Sequence[int]) -> list[tuple[list[int], AllToAll]]:
+        """Task indices ``ks`` of ``strategy`` per (process group, dtype), each with its (unstarted) exchange."""
         by: dict[tuple, list[int]] = {}
-        for k, t in enumerate(tasks):
+        for k in ks:
+            t = tasks[k]
             if t.strategy == strategy:
                 by.setdefault((t.lay.group, units[k].ns_input.dtype), []).append(k)
-        return [(ks, AllToAll(g, tasks[ks[0]].lay.world, tasks[ks[0]].lay.rank, units[ks[0]].ns_input, dt))
-                for (g, dt), ks in by.items()]
+        return [(ks_, AllToAll(g, tasks[ks_[0]].lay.world, tasks[ks_[0]].lay.rank, units[ks_[0]].ns_input, dt))
+                for (g, dt), ks_ in by.items()]
+
+    def _stages(self, tasks: list[Task]) -> list[list[int]]:
+        """The exchanged tasks (``a2a``, ``owner``) in pipeline stages: per process group, in task order,
+        a new stage once a stage holds ``bucket_numel`` elements (at least one task per stage). Every member
+        of a group sees the same tasks of that group, so it cuts the same stages."""
+        per_group: dict[Any, list[list[int]]] = {}
+        fill: dict[Any, int] = {}
+        for k, t in enumerate(tasks):
+            if t.strategy not in ("a2a", "owner"):
+                continue
+            chunks = per_group.setdefault(t.lay.group, [[]])
+            if chunks[-1] and fill[t.lay.group] + t.numel() > self.bucket_numel:
+                chunks.append([])
+                fill[t.lay.group] = 0
+            chunks[-1].append(k)
+            fill[t.lay.group] = fill.get(t.lay.group, 0) + t.numel()
+        n = max((len(c) for c in per_group.values()), default=0)
+        return [sorted(k for c in per_group.values() if s < len(c) for k in c[s]) for s in range(n)]
+
+    def _wait(self, ex: AllToAll) -> None:
+        t0 = time.perf_counter()
+        ex.wait()
+        self.stats["wait_s"] += time.perf_counter() - t0
 
     def _orthogonalize(self, tasks: list[Task], units: list[F.MatrixUnit]) -> None:
+        """NS of every task, pipelined over stages: stage s+1's shards travel while stage s is
+        orthogonalized, and stage s's results travel back while stage s+1 is. At most three stages hold
+        exchange buffers at once (s−1 returning, s in NS, s+1 arriving)."""
         st = self.stats
         for t in tasks:
             st["numel"][t.strategy] = st["numel"].get(t.strategy, 0) + t.numel()
-        items: list[tuple[Task, Tensor, Any]] = []  # (task, full (B, m, n) input, sink)
-        # forward: a2a shards to their owner
-        forward = self._batches(tasks, units, "a2a")
-        for ks, ex in forward:
-            for k in ks:
+        stages = self._stages(tasks)
+        st["stages"] = len(stages)
+        results: dict[Any, Tensor] = {}  # task index (or (task index, block)) -> full output
+        fwd = self._start_forward(tasks, units, stages[0]) if stages else []
+        # no exchange: NS while the first stage's shards travel
+        items: list[tuple[Task, Tensor, Any]] = []
+        for k, t in enumerate(tasks):
+            if t.strategy == "local":
+                items.append((t, units[k].ns_input, k))
+            elif t.strategy == "gather":
+                items.extend(self._gather_inputs(k, t))
+        results.update(self._run_ns(items))
+        for k, t in enumerate(tasks):
+            if t.strategy == "local":
+                units[k].out = results[k]
+            elif t.strategy == "gather":
+                units[k].out = self._gather_output(t, [results[(k, j)] for j in range(len(t.split or (0,)))])
+        back_prev: list[tuple[list[int], AllToAll]] = []
+        for s, ks in enumerate(stages):
+            nxt = self._start_forward(tasks, units, stages[s + 1]) if s + 1 < len(stages) else []
+            res = self._run_ns(self._finish_forward(tasks, units, ks, fwd))
+            back = self._start_backward(tasks, units, ks, res)
+            self._finish_backward(tasks, units, back_prev, res_prev if back_prev else {})
+            back_prev, res_prev, fwd = back, res, nxt
+        if back_prev:
+            self._finish_backward(tasks, units, back_prev, res_prev)
+        self._ideal(tasks, units)
+
+    def _start_forward(self, tasks: list[Task], units: list[F.MatrixUnit],
+                       ks: Sequence[int]) -> list[tuple[list[int], AllToAll]]:
+        """Send the a2a shards of tasks ``ks`` to their owners (asynchronous)."""
+        forward = self._batches(tasks, units, "a2a", ks)
+        for ks_, ex in forward:
+            for k in ks_:
                 t, me = tasks[k], ex.rank
                 if t.owner != me and t.pieces[me][1]:
                     ex.send(t.owner, units[k].ns_input)
@@ -185,26 +256,30 @@ class DistributedMuonEngine:
                         if r != me:
                             ex.expect(r, t.piece_numel(r))
             self._count("a2a", ex.start())
-        for k, t in enumerate(tasks):
-            if t.strategy == "local" or (t.strategy == "owner" and t.owner == t.lay.rank):
-                items.append((t, units[k].ns_input, k))
-            elif t.strategy == "gather":
-                items.extend(self._gather_inputs(k, t))
-        for ks, ex in forward:
-            ex.wait()
-            for k in ks:
+        return forward
+
+    def _finish_forward(self, tasks: list[Task], units: list[F.MatrixUnit], ks: Sequence[int],
+                        forward: list[tuple[list[int], AllToAll]]) -> list[tuple[Task, Tensor, Any]]:
+        """The full NS inputs this rank owns in stage ``ks``: its ``owner`` tasks and its assembled ``a2a``
+        tasks (after the forward exchange)."""
+        items = [(tasks[k], units[k].ns_input, k) for k in ks
+                 if tasks[k].strategy == "owner" and tasks[k].owner == tasks[k].lay.rank]
+        for ks_, ex in forward:
+            self._wait(ex)
+            for k in ks_:
                 t = tasks[k]
                 if t.owner == ex.rank:
                     parts = [units[k].ns_input if r == ex.rank else ex.take(r, t.piece_shape(r))
                              for r in range(ex.world)]
                     items.append((t, torch.cat(parts, dim=t.lay.axis), k))
+        return items
 
-        results = self._run_ns(items)  # task index (or (task index, block)) -> full output
-
-        # backward: a2a slices back to their ranks, owner results to everyone, gather slices locally
-        backward = self._batches(tasks, units, "a2a") + self._batches(tasks, units, "owner")
-        for ks, ex in backward:
-            for k in ks:
+    def _start_backward(self, tasks: list[Task], units: list[F.MatrixUnit], ks: Sequence[int],
+                        results: dict[Any, Tensor]) -> list[tuple[list[int], AllToAll]]:
+        """Send a2a slices of O back to their ranks and owner results to everyone (asynchronous)."""
+        backward = self._batches(tasks, units, "a2a", ks) + self._batches(tasks, units, "owner", ks)
+        for ks_, ex in backward:
+            for k in ks_:
                 t, me = tasks[k], ex.rank
                 if t.strategy == "owner":
                     if t.owner == me:
@@ -223,15 +298,14 @@ class DistributedMuonEngine:
                             ex.send(r, o.narrow(t.lay.axis, s0, ln))
                 elif t.pieces[me][1]:
                     ex.expect(t.owner, t.piece_numel(me))
-            self._count(tasks[ks[0]].strategy, ex.start())
-        for k, t in enumerate(tasks):
-            if t.strategy == "local":
-                units[k].out = results[k]
-            elif t.strategy == "gather":
-                units[k].out = self._gather_output(t, [results[(k, j)] for j in range(len(t.split or (0,)))])
-        for ks, ex in backward:
-            ex.wait()
-            for k in ks:
+            self._count(tasks[ks_[0]].strategy, ex.start())
+        return backward
+
+    def _finish_backward(self, tasks: list[Task], units: list[F.MatrixUnit],
+                         backward: list[tuple[list[int], AllToAll]], results: dict[Any, Tensor]) -> None:
+        for ks_, ex in backward:
+            self._wait(ex)
+            for k in ks_:
                 t, u = tasks[k], units[k]
                 if t.owner == ex.rank:
                     if t.strategy == "owner":
@@ -240,7 +314,6 @@ class DistributedMuonEngine:
                     u.out = u.ns_input.new_empty(u.ns_input.shape, dtype=ex.dtype)
                 else:
                     u.out = ex.take(t.owner, tuple(u.ns_input.shape))
-        self._ideal(tasks, units)
 
     def _run_ns(self, items: list[tuple[Task, Tensor, Any]]) -> dict[Any, Tensor]:
         """One batched :func:`~fastortho.optim.functional.orthogonalize` per (config, m, n, dtype, device),
