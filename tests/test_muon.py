@@ -241,8 +241,10 @@ def test_adjust_lr_fn_is_torchs_name_for_lr_scale():
     assert F.resolve_lr_scale(None, None) == "original"
     with pytest.raises(ValueError, match="contradicts"):
         Muon(p, adjust_lr_fn="original", lr_scale="spectral")
-    with pytest.raises(ValueError):
-        Muon(p, lr_scale="spectral_norm")
+    # peers' names for the same rules are accepted as lr_scale (dion's spectral_norm = √(m/n)); others raise
+    assert F.resolve_lr_scale("spectral_norm", None) == "spectral"
+    with pytest.raises(ValueError, match="lr_scale must be one of"):
+        Muon(p, lr_scale="spectral_nrom")
 
 
 # ------------------------------------------------------------------------------------------------

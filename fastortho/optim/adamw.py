@@ -12,9 +12,9 @@ Per parameter, with step :math:`t`, gradient :math:`g_t`, learning rate :math:`\
     \end{aligned}
 
 ``zero_init=True`` starts from :math:`m_0 = v_0 = 0` (torch.optim.AdamW). ``zero_init=False`` starts
-from :math:`m_0 = g_1,\ v_0 = g_1^2`, so :math:`m_1 = g_1,\ v_1 = g_1^2`. Seed 003 (Table 4.2)
-ablates the four (zero_init, bias_correction) pairs and finds the initialization matters more than the
-correction: e.g. without zero-init but with bias correction the first step is inflated by
+from :math:`m_0 = g_1,\ v_0 = g_1^2`, so :math:`m_1 = g_1,\ v_1 = g_1^2`. Of the four
+(zero_init, bias_correction) pairs the initialization matters more than the correction: e.g.
+without zero-init but with bias correction the first step is inflated by
 :math:`\sqrt{1-\beta_2}/(1-\beta_1)`. The defaults (True, True) are torch.optim.AdamW, and with them this
 function performs torch's ``foreach`` AdamW operation for operation (fp32 results are bit-identical,
 see ``tests/test_muon.py``).
@@ -42,13 +42,22 @@ def adamw_step_(
     weight_decay: float,
     bias_correction: bool = True,
     zero_init: bool = True,
+    capturable: bool = False,
 ) -> None:
-    """One AdamW step over lists, in place (``steps`` are 0-dim CPU float tensors, incremented here).
+    """One AdamW step over lists, in place (``steps`` are 0-dim float tensors, incremented here).
 
-    The step counters live on the CPU (as in torch.optim's non-capturable AdamW), so the bias
-    corrections are host arithmetic and the step needs no device sync.
+    Not ``capturable``: the step counters live on the CPU (as in torch.optim's non-capturable AdamW),
+    so the bias corrections are host arithmetic and the step needs no device sync. ``capturable``: the
+    counters, ``lr`` and ``weight_decay`` are device tensors and every quantity, the bias corrections
+    included, is computed on the device with no host read and no branch on a device value (CUDA-graph
+    capturable); results agree with the host form to float32 rounding.
     """
     if not params:
+        return
+    if capturable:
+        _adamw_capturable(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps), lr=lr,
+                          betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                          zero_init=zero_init)
         return
     for p, g in zip(params, grads):
         if g.is_sparse:
@@ -80,3 +89,37 @@ def adamw_step_(
         step_size = [-lr for _ in t]
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+
+def _adamw_capturable(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
+    weight_decay: float | Tensor, bias_correction: bool, zero_init: bool,
+) -> None:
+    """:func:`adamw_step_` with device step counters and device (or constant) ``lr``/``weight_decay``."""
+    beta1, beta2 = betas
+    dev = params[0].device
+    lr_t = torch.as_tensor(lr, dtype=torch.float32, device=dev) if not isinstance(lr, Tensor) else lr
+    torch._foreach_add_(steps, 1)
+    if not zero_init:  # m_0 = g_1, v_0 = g_1² at the first step, chosen on the device
+        for m, v, g, t in zip(exp_avgs, exp_avg_sqs, grads, steps):
+            first = t == 1
+            m.copy_(torch.where(first, g, m))
+            v.copy_(torch.where(first, g * g, v))
+    if isinstance(weight_decay, Tensor) or weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr_t * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if bias_correction:
+        # step size −lr/(1 − β₁ᵗ) and √(1 − β₂ᵗ), per parameter, as device tensors
+        bc1 = torch._foreach_sub(torch._foreach_pow(beta1, steps), 1)  # −(1 − β₁ᵗ)
+        bc2 = torch._foreach_sqrt(torch._foreach_neg(torch._foreach_sub(torch._foreach_pow(beta2, steps), 1)))
+        torch._foreach_div_(denom, bc2)
+        step_size = [lr_t / b for b in bc1]  # −lr/(1 − β₁ᵗ)
+    else:
+        step_size = [-lr_t for _ in steps]
+    torch._foreach_add_(denom, eps)
+    # p += (step_size · m) / denom: addcdiv takes no tensor value, so fold the step size into m's quotient
+    torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, step_size), denom)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fastortho.coefficients import SCHEDULES, get_schedule
-from fastortho.optim.shapes import resolve_lr_scale
+from fastortho.optim.shapes import matrix_shape, resolve_lr_scale, split_blocks
 from fastortho.optim.defaults import ORTHOGONALIZER_ALIASES, ORTHOGONALIZERS, TORCH_NS_STEPS
 
 __all__ = ["CUSTOM", "choice", "number", "check_ns_dtype", "check_coefficients", "check_orthogonalizer",
@@ -113,3 +113,63 @@ def torch_checks(*, lr: Any, momentum: Any, weight_decay: Any, ns_steps: Any, ns
         raise ValueError(f"ns_steps should be >= 0 but is: {ns_steps}")
     if len(tuple(ns_coefficients)) != 3:
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
+
+
+def check_muon_group(group: dict[str, Any]) -> None:
+    """A Muon group's keys after the defaults are filled in (``add_param_group``)."""
+    resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"])
+    check_coefficients(group["coefficients"])
+    check_orthogonalizer(group)
+    check_backend(group["backend"], group["params"])
+    choice("variant", group["variant"], ("muon", "normuon"))
+    number("beta2", group["beta2"], tensor_ok=True)
+    if not isinstance(group["beta2"], Tensor) and not 0.0 <= group["beta2"] < 1.0:
+        raise ValueError(f"beta2 (NorMuon's second-moment EMA weight) must be in [0, 1), got {group['beta2']}")
+    if group["fan_in_first"] and group["split_sizes"]:
+        raise ValueError("fan_in_first=True (a (fan_in, fan_out) weight such as Hugging Face's Conv1D) cannot be "
+                         "combined with split_sizes, which splits rows = fan_out of an (out, in) matrix")
+    # complex parameters raise at step() (RuntimeError, torch's message and timing)
+    for p in group["params"]:
+        if p.ndim < 2:
+            raise ValueError(f"Muon group got a {p.ndim}-D parameter of shape {tuple(p.shape)}; "
+                             "route it to an AdamW group (algorithm='adamw')")
+        bsz, m, _ = matrix_shape(p.shape, group["flatten"])
+        split_blocks(m, bsz, group["split_sizes"], p.shape)  # raises on a bad split
+
+
+def check_capturable(group: dict[str, Any]) -> None:
+    """``capturable=True`` needs a step without host reads: no ``nonfinite="raise"`` (it reads the flags)."""
+    if group.get("capturable") and group.get("nonfinite") == "raise":
+        raise ValueError("capturable=True cannot raise on non-finite updates (that reads a flag on the host); "
+                         "use nonfinite='skip' (zeroes the update on the device) or 'ignore'")
+
+
+def restore_orthogonalizers(groups: Sequence[dict[str, Any]], live: Sequence[Any], default: Any) -> None:
+    """After loading a state dict, put back the callable orthogonalizers it stored as :data:`CUSTOM`: the
+    loading optimizer's own (``live``, per group) or its default."""
+    for i, group in enumerate(groups):
+        if group.get("orthogonalizer") == CUSTOM:
+            fn = live[i] if i < len(live) and callable(live[i]) else default
+            if not callable(fn):
+                raise ValueError(f"param group {i} of this checkpoint used a callable orthogonalizer, which a "
+                                 "state dict cannot hold: construct the optimizer with orthogonalizer=<that "
+                                 "callable> before load_state_dict")
+            group["orthogonalizer"] = fn
+
+
+def check_extras(*, adamw_betas: Any, qk_clip: Any) -> None:
+    b1, b2 = adamw_betas
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"adamw_betas must be in [0, 1), got {adamw_betas}")
+    if qk_clip is not None and not callable(getattr(qk_clip, "apply", None)):
+        raise TypeError(f"qk_clip must have an apply() method (e.g. fastortho.optim.qk_clip.QKClip), "
+                        f"got {type(qk_clip).__name__}")
+
+
+def check_single_process(engine: Any, groups: Sequence[dict[str, Any]]) -> None:
+    """NorMuon and the capturable step run without the distributed engine (it builds its own matrix units,
+    without NorMuon's row moments, and reduces non-finite flags on the host's schedule)."""
+    if engine is not None and any(g["capturable"] or g.get("variant") == "normuon" for g in groups):
+        raise NotImplementedError("variant='normuon' and capturable=True run in a single process for now: the "
+                                  "distributed engine does not yet carry NorMuon's row moments or device scalars; "
+                                  "use variant='muon', capturable=False with DTensor parameters or a process_group")

@@ -39,6 +39,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     coefficients=None, normalize="fro", lr_scale=None, momentum_convention="ema",
     momentum_placement="before_ortho", orthogonalizer="newton_schulz", ns_dtype=None, backend="auto",
     flatten=None, split_sizes=None, nonfinite="skip", algorithm="muon",
+    variant="muon", beta2=0.95, capturable=False, fan_in_first=False,
 )
 
 #: The auxiliary AdamW's group keys and defaults (torch.optim.AdamW's betas and eps; no decay, since

@@ -34,6 +34,7 @@ from torch import Tensor
 from fastortho.coefficients import Schedule
 from fastortho.muon_step import muon_apply_, muon_momentum_
 from fastortho.optim.adamw import adamw_step_
+from fastortho.optim.variants import momentum_tensor_, normuon_, normuon_state
 from fastortho.optim.defaults import (
     KELLER, MUON_DEFAULTS, ORTHOGONALIZER_ALIASES, ORTHOGONALIZERS, TORCH_NS_STEPS, enforce_nonfinite,
 )
@@ -77,7 +78,9 @@ class OrthoConfig:
         return OrthoConfig(
             orthogonalizer=ORTHOGONALIZER_ALIASES.get(orth, orth) if isinstance(orth, str) else orth,
             coefficients=coeffs, steps=steps, normalize=group["normalize"], eps=float(group["eps"]),
-            dtype=group["ns_dtype"], backend=group["backend"],
+            dtype=group["ns_dtype"],
+            # capturable: fixed kernels (cuBLAS matmuls), no autotuning launch that could run inside a capture
+            backend="torch" if group.get("capturable") and group["backend"] == "auto" else group["backend"],
         )
 
 
@@ -123,16 +126,24 @@ class MatrixUnit:
     group_index: int = 0
     name: str = ""
     out: Tensor | None = field(default=None, repr=False)
+    v: Tensor | None = field(default=None, repr=False)  # NorMuon's (B, m) row second moment
 
 
-def init_state(state: dict[str, Any], p: Tensor, algorithm: str) -> dict[str, Any]:
-    """Create ``p``'s optimizer state in ``state`` if missing: the momentum buffer (Muon) or the step
-    count and moments (AdamW). ``zeros_like``: a DTensor parameter gets DTensor state of its placements."""
+def init_state(state: dict[str, Any], p: Tensor, algorithm: str, group: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create ``p``'s optimizer state in ``state`` if missing: the momentum buffer (Muon; NorMuon adds
+    ``normuon_v``, the per-row second moment, shape ``(m,)`` or ``(B, m)`` for a stack) or the step count
+    and moments (AdamW; the count on ``p``'s device when the group is ``capturable``). ``zeros_like``: a
+    DTensor parameter gets DTensor state of its placements."""
+    group = group or {}
     if algorithm == "muon":
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        if group.get("variant") == "normuon" and "normuon_v" not in state:
+            bsz, m, _ = matrix_shape(p.shape, group.get("flatten"))
+            state["normuon_v"] = normuon_state(p, bsz, m)
     elif "exp_avg" not in state:
-        state["step"] = torch.tensor(0.0)  # CPU, as torch.optim.AdamW (not capturable)
+        # CPU, as torch.optim.AdamW when not capturable: the bias corrections are host arithmetic
+        state["step"] = torch.tensor(0.0, device=p.device if group.get("capturable") else None)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
     return state
@@ -160,15 +171,16 @@ def momentum_phase(
     :math:`u` (its fused :math:`\sum u^2` is NaN/Inf) is replaced by zeros, which the orthogonalizer
     maps to a zero update, and its momentum buffer is reset to zero: the old buffer cannot be
     recovered after the in-place update, and a NaN kept there would poison every later step. No host
-    sync unless ``nonfinite="raise"``.
+    sync unless ``nonfinite="raise"``. A tensor ``momentum`` is read on the device
+    (:func:`~fastortho.optim.variants.momentum_tensor_`, the capturable step).
     """
     for p, g in zip(params, grads):
         _check_grad(p, g)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     finite = None
     if placement == "before_ortho":
-        us, sumsq = muon_momentum_(grads, bufs, momentum=momentum, nesterov=nesterov,
-                                   convention=convention, out_dtype=ns_dtype, backend=backend)
+        us, sumsq = _momentum(grads, bufs, momentum=momentum, nesterov=nesterov, convention=convention,
+                              out_dtype=ns_dtype, backend=backend)
         if nonfinite != "ignore" and len(us):
             finite = torch.isfinite(sumsq)
             if reduce_finite is not None:
@@ -184,20 +196,26 @@ def momentum_phase(
 
 def matrix_units(
     params: Sequence[Tensor], bufs: Sequence[Tensor], us: Sequence[Tensor], *, lr_scale: str,
-    flatten: bool | None, split_sizes: Sequence[int] | None, group_index: int, names: Sequence[str],
+    flatten: bool | None, split_sizes: Sequence[int] | None, fan_in_first: bool, group_index: int,
+    names: Sequence[str], vs: Sequence[Tensor | None] | None = None,
 ) -> list[MatrixUnit]:
-    """The matrix units of one group's contiguous ``params``, momentum ``bufs`` and inputs ``us``."""
+    """The matrix units of one group's contiguous ``params``, momentum ``bufs`` and inputs ``us`` (and
+    NorMuon's row moments ``vs``). ``fan_in_first``: the parameter is stored ``(fan_in, fan_out)`` (Hugging
+    Face's ``Conv1D``), so its lr scale is :math:`s(n, m)`; the polar factor of the transpose is the
+    transpose of the polar factor, so nothing else changes."""
     units: list[MatrixUnit] = []
-    for p, b, u, name in zip(params, bufs, us, names):
+    for i, (p, b, u, name) in enumerate(zip(params, bufs, us, names)):
         bsz, m, n = matrix_shape(p.shape, flatten)
         views = [t.view(bsz, m, n) for t in (p, b, u)]  # p, b, u are contiguous (see contiguous_params)
+        v = None if vs is None or vs[i] is None else vs[i].view(bsz, m)
         blocks = split_blocks(m, bsz, split_sizes, p.shape)
         for k, (r0, r1) in enumerate(blocks):
             # (1, s_k, n) row blocks of a contiguous (1, m, n) tensor are contiguous views
-            pb, bb, ub = (v.narrow(1, r0, r1 - r0) for v in views) if split_sizes else views
-            units.append(MatrixUnit(param=pb, buf=bb, ns_input=ub, group_index=group_index,
-                                    scale=lr_scale_factor(r1 - r0, n, lr_scale),
-                                    name=f"{name}[{k}]" if split_sizes else name))
+            pb, bb, ub = (t.narrow(1, r0, r1 - r0) for t in views) if split_sizes else views
+            scale = lr_scale_factor(n, r1 - r0, lr_scale) if fan_in_first else lr_scale_factor(r1 - r0, n, lr_scale)
+            units.append(MatrixUnit(param=pb, buf=bb, ns_input=ub, group_index=group_index, scale=scale,
+                                    name=f"{name}[{k}]" if split_sizes else name,
+                                    v=None if v is None else v.narrow(1, r0, r1 - r0)))
     return units
 
 
@@ -217,26 +235,34 @@ def orthogonalize_units(units: Sequence[MatrixUnit], configs: Sequence[OrthoConf
 
 
 def apply_phase(
-    units: Sequence[MatrixUnit], *, lr: float | Tensor, weight_decay: float | Tensor, momentum: float,
-    nesterov: bool, convention: str, placement: str, nonfinite: str, backend: str,
+    units: Sequence[MatrixUnit], *, lr: float | Tensor, weight_decay: float | Tensor, momentum: float | Tensor,
+    nesterov: bool, convention: str, placement: str, nonfinite: str, backend: str, variant: str,
+    beta2: float | Tensor,
 ) -> Tensor | None:
     r"""Phase 3 for one group: :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\,s\,O`, fused.
 
     With ``placement="after_ortho"`` the momentum runs here, on the orthogonalized gradients
     (:math:`B \leftarrow \beta B + (1-\beta)\,O(g)`, the update is :math:`B` or its Nesterov blend), and
-    the non-finite check happens on it; returns that per-unit finite mask (else None).
+    the non-finite check happens on it; returns that per-unit finite mask (else None). With
+    ``variant="normuon"`` the update is first row-normalized (:func:`~fastortho.optim.variants.normuon_`,
+    which needs each unit's ``v``: every row of the matrix on this process).
     """
     if not units:
         return None
     outs = [u.out for u in units]  # (B, m, n), contiguous: slices along dim 0 of a batched result
     finite = None
     if placement == "after_ortho":
-        outs, sumsq = muon_momentum_(outs, [u.buf for u in units], momentum=momentum, nesterov=nesterov,
-                                     convention=convention, out_dtype=torch.float32, backend=backend)
+        outs, sumsq = _momentum(outs, [u.buf for u in units], momentum=momentum, nesterov=nesterov,
+                                convention=convention, out_dtype=torch.float32, backend=backend)
         if nonfinite != "ignore":
             finite = torch.isfinite(sumsq)
             enforce_nonfinite(finite, [(o, u.buf) for o, u in zip(outs, units)], policy=nonfinite,
                               names=[u.name for u in units], what="orthogonalized momentum for")
+    if variant == "normuon":
+        if any(u.v is None for u in units):
+            raise NotImplementedError("variant='normuon' needs the per-row second moment of every matrix unit "
+                                      "(state 'normuon_v'); this caller did not attach it (distributed engine)")
+        outs = normuon_(outs, [u.v for u in units], beta2=beta2)
     muon_apply_([u.param for u in units], outs, lr=lr, weight_decay=weight_decay,
                 scales=[u.scale for u in units], backend=backend)
     return finite
@@ -244,14 +270,24 @@ def apply_phase(
 
 def adamw_phase(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]], *,
-    lr: float | Tensor, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
-    zero_init: bool,
+    lr: float | Tensor, betas: tuple[float, float], eps: float, weight_decay: float | Tensor, bias_correction: bool,
+    zero_init: bool, capturable: bool = False,
 ) -> None:
     """One AdamW step (:func:`fastortho.optim.adamw.adamw_step_`) on parameters whose ``states`` come from
     :func:`init_state` (local tensors: a distributed caller passes the shards)."""
     adamw_step_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                bias_correction=bias_correction, zero_init=zero_init)
+                bias_correction=bias_correction, zero_init=zero_init, capturable=capturable)
+
+
+def _momentum(grads: Sequence[Tensor], bufs: Sequence[Tensor], *, momentum: float | Tensor, nesterov: bool,
+              convention: str, out_dtype: torch.dtype, backend: str) -> tuple[list[Tensor], Tensor]:
+    """The fused momentum kernel, or its device-scalar form when ``momentum`` is a tensor."""
+    if isinstance(momentum, Tensor):
+        return momentum_tensor_(grads, bufs, momentum=momentum, nesterov=nesterov, convention=convention,
+                                out_dtype=out_dtype)
+    return muon_momentum_(grads, bufs, momentum=momentum, nesterov=nesterov, convention=convention,
+                          out_dtype=out_dtype, backend=backend)
 
 
 def momentum_args(group: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -264,25 +300,28 @@ def momentum_args(group: dict[str, Any], device: torch.device) -> dict[str, Any]
 def unit_args(group: dict[str, Any]) -> dict[str, Any]:
     """:func:`matrix_units`' settings from a Muon param group."""
     return dict(lr_scale=resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"]), flatten=group["flatten"],
-                split_sizes=group["split_sizes"])
+                split_sizes=group["split_sizes"], fan_in_first=bool(group.get("fan_in_first")))
 
 
 def apply_args(group: dict[str, Any]) -> dict[str, Any]:
     """:func:`apply_phase`'s settings from a Muon param group."""
     lr = group["lr"]
-    if isinstance(lr, Tensor) and lr.device.type == "cpu" and not torch.compiler.is_compiling():
+    if (isinstance(lr, Tensor) and lr.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not group.get("capturable")):
         # torch.optim.Muon reads a tensor lr as a Python float (float64 arithmetic): a CPU tensor
         # costs no device sync, and this keeps fp32 parameters bit-identical to torch's
         lr = lr.item()
     return dict(lr=lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
                 nesterov=group["nesterov"], convention=group["momentum_convention"],
-                placement=group["momentum_placement"], nonfinite=group["nonfinite"], backend="auto")
+                placement=group["momentum_placement"], nonfinite=group["nonfinite"], backend="auto",
+                variant=group.get("variant", "muon"), beta2=group.get("beta2", 0.95))
 
 
 def adamw_args(group: dict[str, Any]) -> dict[str, Any]:
     """:func:`adamw_phase`'s settings from an AdamW param group."""
     return dict(lr=group["lr"], betas=group["betas"], eps=group["adamw_eps"], weight_decay=group["weight_decay"],
-                bias_correction=group["bias_correction"], zero_init=group["zero_init"])
+                bias_correction=group["bias_correction"], zero_init=group["zero_init"],
+                capturable=bool(group.get("capturable")))
 
 
 def telemetry_records(units: Sequence[MatrixUnit], *, lr: float | Tensor) -> list[dict[str, Any]]:
@@ -347,9 +386,10 @@ def muon(
             nonfinite=nonfinite, names=names, backend=backend, reduce_finite=None,
         )
         units = matrix_units(work, momentum_buffers, us, lr_scale=resolve_lr_scale(lr_scale, adjust_lr_fn),
-                             flatten=flatten, split_sizes=split_sizes, group_index=0, names=names)
+                             flatten=flatten, split_sizes=split_sizes, fan_in_first=False, group_index=0,
+                             names=names)
         orthogonalize_units(units, [cfg])
         f2 = apply_phase(units, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          convention=momentum_convention, placement=momentum_placement,
-                         nonfinite=nonfinite, backend=backend)
+                         nonfinite=nonfinite, backend=backend, variant="muon", beta2=0.0)
     return finite if finite is not None else f2

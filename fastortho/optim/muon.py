@@ -10,6 +10,8 @@ from torch.optim import Optimizer
 
 from fastortho.optim import checks as C
 from fastortho.optim import functional as F
+from fastortho.optim import interop
+from fastortho.optim.variants import prepare_capturable
 from fastortho.optim.defaults import ADAMW_DEFAULTS, MUON_DEFAULTS, NONFINITE_POLICIES
 from fastortho.optim.distributed import make_engine
 
@@ -34,18 +36,11 @@ class Muon(Optimizer):
     Jordan's triple (a, b, c) = (3.4445, −4.7750, 2.0315), X₀ = u / max(‖u‖_F, ε),
     X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, this is exactly ``torch.optim.Muon``'s update.
 
-    **Learning-rate scale** s(m, n) (``lr_scale``; m = fan_out = rows, n = fan_in = columns of the
-    matrix *as orthogonalized*):
-
-    * ``"original"`` (default): √max(1, m/n). Keller Jordan; torch's ``adjust_lr_fn="original"``.
-    * ``"rms_match"``: 0.2·√max(m, n), so the update RMS is ≈ 0.2 like AdamW's and AdamW's lr and
-      weight decay carry over (Moonlight; torch's ``"match_rms_adamw"``).
-    * ``"spectral"``: √(m/n), the steepest-descent step under the RMS→RMS operator norm (Bernstein,
-      "Deriving Muon"; torch's ``"spectral_unclamped"``). Below 1 for wide matrices.
-    * ``"none"``: 1.
-
-    Peers use conflicting names for these: the formulas are the contract. A conv kernel
-    (out, in, kh, kw) is the matrix (out, in·kh·kw) and its scale comes from that shape.
+    **Learning-rate scale** s(m, n) (``lr_scale``, m = fan_out = rows, n = fan_in = columns of the
+    matrix *as orthogonalized*; the table with every peer's name is :func:`fastortho.optim.shapes.lr_scale_factor`):
+    ``"original"`` (default) √max(1, m/n) (Keller Jordan, torch); ``"rms_match"`` 0.2·√max(m, n), update
+    RMS ≈ 0.2 like AdamW's (Moonlight); ``"spectral"`` √(m/n) (Bernstein, "Deriving Muon"); ``"none"``.
+    A (fan_in, fan_out) weight (Hugging Face's ``Conv1D``) needs ``fan_in_first=True`` (group key).
 
     **Shapes.** 2-D parameters are matrices. ``flatten=True`` (group key) views (out, ...) as
     (out, prod(...)) (conv kernels); ``flatten=False`` treats (..., m, n) as a stack of matrices
@@ -60,6 +55,12 @@ class Muon(Optimizer):
     AdamW groups use ``adamw_lr``, ``betas``, ``adamw_eps``, ``adamw_weight_decay``,
     ``bias_correction`` and ``zero_init`` (see :mod:`fastortho.optim.adamw`); a group can override
     each (``lr`` and ``weight_decay`` of AdamW groups are the AdamW values).
+
+    **Variants** (``variant``, group key): ``"muon"``, or ``"normuon"``: each row of O is divided by the
+    root of an EMA (weight ``beta2``) of its mean square, then O is rescaled to its former Frobenius norm
+    (NorMuon, see :mod:`fastortho.optim.variants`; state ``normuon_v``). **Capturable** (``capturable``):
+    lr, weight decay and momentum are kept as 0-dim tensors on the parameters' device (schedulers
+    ``fill_`` them) and ``step()`` reads no device value on the host (CUDA-graph capturable).
 
     **Non-finite updates** (``nonfinite``), detected per parameter from the fused momentum kernel's
     Σu² at no extra pass: ``"skip"`` (default) zeroes that parameter's orthogonalized update (decoupled
@@ -118,6 +119,9 @@ class Muon(Optimizer):
         strategy: ``"auto"`` (default), or force ``"local"``, ``"owner"``, ``"a2a"`` or ``"gather"`` for the
             parameters that need communication (also a param-group key). :attr:`comm_stats` reports the
             bytes each step sends.
+        variant: ``"muon"`` or ``"normuon"`` (also a group key); ``beta2``: NorMuon's EMA weight (0.95).
+        capturable: device-tensor lr / weight decay / momentum and no host read in ``step()`` (no
+            ``nonfinite="raise"``; single process; ``backend="auto"`` Newton–Schulz runs torch matmuls).
         qk_clip: an object with an ``apply()`` method (e.g. :class:`fastortho.optim.qk_clip.QKClip`),
             called at the end of every :meth:`step`, under ``no_grad`` (MuonClip).
 
@@ -168,6 +172,9 @@ class Muon(Optimizer):
         process_group: Any = None,
         strategy: str = "auto",
         qk_clip: Any = None,
+        variant: str = _D["variant"],
+        beta2: float = _D["beta2"],
+        capturable: bool = _D["capturable"],
     ) -> None:
         for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("eps", eps),
                             ("adamw_eps", adamw_eps), ("adamw_weight_decay", adamw_weight_decay)):
@@ -184,30 +191,29 @@ class Muon(Optimizer):
         C.choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         C.choice("backend", backend, C.BACKENDS)
         C.check_ns_dtype(ns_dtype)
-        b1, b2 = adamw_betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"adamw_betas must be in [0, 1), got {adamw_betas}")
-        if qk_clip is not None and not callable(getattr(qk_clip, "apply", None)):
-            raise TypeError(f"qk_clip must have an apply() method (e.g. fastortho.optim.qk_clip.QKClip), "
-                            f"got {type(qk_clip).__name__}")
+        C.check_extras(adamw_betas=adamw_betas, qk_clip=qk_clip)
         if isinstance(params, Iterator):
             params = list(params)  # a generator can be read once: say so when it already was
             if not params:
                 raise ValueError("optimizer got an empty parameter list: params is an iterator that was "
                                  "already consumed (e.g. model.parameters() passed to another optimizer "
                                  "or to list()); call model.parameters() again or pass a list")
+        # the order a peer's state dict numbers the parameters in (see fastortho.optim.interop)
+        params = params if isinstance(params, Tensor) else list(params)  # a Tensor: torch's TypeError below
+        self._given = ([[g["params"]] if isinstance(g["params"], Tensor) else list(g["params"]) for g in params]
+                       if len(params) and isinstance(params[0], dict) else [list(params)])
         defaults = dict(
             MUON_DEFAULTS, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
             coefficients=coefficients, normalize=normalize, lr_scale=lr_scale,
             momentum_convention=momentum_convention, momentum_placement=momentum_placement,
             orthogonalizer=orthogonalizer, ns_dtype=ns_dtype, backend=backend, nonfinite=nonfinite,
-            algorithm=None,
+            algorithm=None, variant=variant, beta2=beta2, capturable=bool(capturable),
         )
         C.check_orthogonalizer(defaults)
         self._adamw_defaults = dict(
             lr=lr if adamw_lr is None else adamw_lr, weight_decay=adamw_weight_decay, betas=tuple(adamw_betas),
-            adamw_eps=adamw_eps, bias_correction=bias_correction, zero_init=zero_init,
+            adamw_eps=adamw_eps, bias_correction=bias_correction, zero_init=zero_init, capturable=bool(capturable),
         )
         self.telemetry = bool(telemetry)
         self._telemetry: list[dict[str, Any]] = []
@@ -215,14 +221,15 @@ class Muon(Optimizer):
         self._qk_clip = qk_clip
         super().__init__(params, defaults)
         self._dist_engine = make_engine(self.param_groups, process_group, strategy, telemetry=self.telemetry)
+        C.check_single_process(self._dist_engine, self.param_groups)
+        if any(g["capturable"] for g in self.param_groups):  # the skip counter exists before any capture
+            self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=self.param_groups[0]["params"][0].device)
 
-    # ------------------------------------------------------------------------------------------
-    # groups and state
-    # ------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; one without ``algorithm`` is split into a Muon part (ndim ≥ 2) and an AdamW part."""
         if isinstance(param_group.get("params"), Tensor):
             param_group = dict(param_group, params=[param_group["params"]])
+        param_group = interop.algorithm_from_flags(param_group)  # use_muon / use_fallback of the peers
         algo = param_group.get("algorithm", None)
         if algo is None:
             params = list(param_group["params"])
@@ -248,27 +255,20 @@ class Muon(Optimizer):
         for k in ("lr", "weight_decay") + (("momentum", "eps") if algo == "muon" else ("adamw_eps",)):
             C.number(k if algo == "muon" or k == "adamw_eps" else f"adamw_{k}", group[k], tensor_ok=k == "lr")
         if algo == "muon":
-            F.resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"])
-            C.check_coefficients(group["coefficients"])
-            C.check_orthogonalizer(group)
-            C.check_backend(group["backend"], group["params"])
+            C.check_muon_group(group)
             if own_schedule:
                 group["ns_steps"] = C.resolve_ns_steps(None, group["coefficients"])
-            # complex parameters raise at step() (RuntimeError, torch's message and timing)
-            for p in group["params"]:
-                if p.ndim < 2:
-                    raise ValueError(f"Muon group got a {p.ndim}-D parameter of shape {tuple(p.shape)}; "
-                                     "route it to an AdamW group (algorithm='adamw')")
-                bsz, m, _ = F.matrix_shape(p.shape, group["flatten"])
-                F.split_blocks(m, bsz, group["split_sizes"], p.shape)  # raises on a bad split
+        C.check_capturable(group)
+        prepare_capturable(group, self.state)
         # eager state: every rank / every checkpoint has the same keys, even for params without grads
         for p in group["params"]:
-            F.init_state(self.state[p], p, group["algorithm"])
+            F.init_state(self.state[p], p, group["algorithm"], group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for k, v in (("telemetry", False), ("_telemetry", []), ("_nonfinite_count", None),
-                     ("_dist_engine", None), ("_qk_clip", None)):
+                     ("_dist_engine", None), ("_qk_clip", None), ("_given", [list(g["params"]) for g in
+                                                                             self.param_groups])):
             self.__dict__.setdefault(k, v)
         adamw = self.__dict__.setdefault(
             "_adamw_defaults", dict(ADAMW_DEFAULTS, lr=self.defaults.get("lr", MUON_DEFAULTS["lr"])))
@@ -290,19 +290,24 @@ class Muon(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a fastortho state dict, or a peer's (torch.optim.Muon, KellerJordan/Muon's
+        ``MuonWithAuxAdam``, timm's ``Muon``) when this optimizer was built with the same param groups
+        as the peer (see :mod:`fastortho.optim.interop`): momentum and AdamW moments carry over."""
         state_dict = dict(state_dict)
+        if interop.is_peer_state_dict(state_dict):
+            state_dict = interop.adopt_peer_state_dict(state_dict, self._given, self.param_groups)
         count = state_dict.pop("nonfinite_count", None)
         live = [g.get("orthogonalizer") for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for i, group in enumerate(self.param_groups):
-            if group.get("orthogonalizer") == C.CUSTOM:
-                fn = live[i] if i < len(live) and callable(live[i]) else self.defaults.get("orthogonalizer")
-                if not callable(fn):
-                    raise ValueError(f"param group {i} of this checkpoint used a callable orthogonalizer, which a "
-                                     "state dict cannot hold: construct the optimizer with orthogonalizer=<that "
-                                     "callable> before load_state_dict")
-                group["orthogonalizer"] = fn
-        self._nonfinite_count = None if count is None else count.clone()
+        C.restore_orthogonalizers(self.param_groups, live, self.defaults.get("orthogonalizer"))
+        for group in self.param_groups:
+            prepare_capturable(group, self.state)
+        if self._nonfinite_count is not None and count is not None:
+            self._nonfinite_count.copy_(count)  # in place: a captured graph keeps counting into it
+        elif self._nonfinite_count is not None and any(g["capturable"] for g in self.param_groups):
+            self._nonfinite_count.zero_()
+        else:
+            self._nonfinite_count = None if count is None else count.clone()
 
     @property
     def nonfinite_count(self) -> int:
@@ -317,9 +322,6 @@ class Muon(Optimizer):
         rank. Empty in single-process mode."""
         return {} if self._dist_engine is None else self._dist_engine.stats
 
-    # ------------------------------------------------------------------------------------------
-    # step
-    # ------------------------------------------------------------------------------------------
     def _count_nonfinite(self, finite: Tensor) -> None:
         bad = (~finite).sum()
         if self._nonfinite_count is None:
@@ -354,7 +356,7 @@ class Muon(Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            states = [F.init_state(self.state[p], p, group["algorithm"]) for p in params]
+            states = [F.init_state(self.state[p], p, group["algorithm"], group) for p in params]
             if group["algorithm"] == "adamw":
                 F.adamw_phase(params, grads, states, **F.adamw_args(group))
                 continue
@@ -365,7 +367,8 @@ class Muon(Optimizer):
                                           names=names, reduce_finite=None)
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)
-            units = F.matrix_units(work.work, bufs, us, **F.unit_args(group), group_index=gi, names=names)
+            units = F.matrix_units(work.work, bufs, us, **F.unit_args(group), group_index=gi, names=names,
+                                   vs=[s.get("normuon_v") for s in states])
             configs[gi] = F.OrthoConfig.from_group(group)
             muon_groups.append((group, units, work))
         F.orthogonalize_units([u for _, units, _ in muon_groups for u in units], configs)
@@ -380,9 +383,6 @@ class Muon(Optimizer):
                 self._telemetry.extend(F.telemetry_records(units, lr=group["lr"]))
         return skipped
 
-    # ------------------------------------------------------------------------------------------
-    # telemetry
-    # ------------------------------------------------------------------------------------------
     def telemetry_report(self) -> list[dict[str, Any]]:
         """Per matrix unit of the last step: ``name`` ("group.index", "[k]" for split blocks), ``shape``,
         ``update_rms`` (η·s·‖O‖_F/√(mn), the RMS of the applied step, comparable with AdamW's

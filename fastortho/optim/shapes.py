@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = [
-    "LR_SCALES", "TORCH_ADJUST_LR_FN", "lr_scale_factor", "resolve_lr_scale", "matrix_shape", "split_blocks",
+    "LR_SCALES", "LR_SCALE_ALIASES", "TORCH_ADJUST_LR_FN", "lr_scale_factor", "resolve_lr_scale", "matrix_shape", "split_blocks",
     "resolve_ns_dtype",
 ]
 
@@ -34,6 +34,15 @@ TORCH_ADJUST_LR_FN: dict[str | None, str] = {
     "original": "original",
     "match_rms_adamw": "rms_match",
     "spectral_unclamped": "spectral",
+    "rms_to_rms": "spectral",  # timm's name (its adjust_lr_fn)
+}
+#: The names peers give the rules, accepted as ``lr_scale`` values (one table: docs/optimizer-variants.md).
+LR_SCALE_ALIASES: dict[str, str] = {
+    "match_rms_adamw": "rms_match",  # torch.optim.Muon, timm, Moonlight
+    "rms_norm": "rms_match",  # dion
+    "spectral_unclamped": "spectral",  # torch.optim.Muon
+    "rms_to_rms": "spectral",  # timm
+    "spectral_norm": "spectral",  # dion
 }
 
 
@@ -72,6 +81,7 @@ def resolve_lr_scale(lr_scale: str | None, adjust_lr_fn: str | None) -> str:
     from_torch = TORCH_ADJUST_LR_FN[adjust_lr_fn]
     if lr_scale is None:
         return from_torch
+    lr_scale = LR_SCALE_ALIASES.get(lr_scale, lr_scale)
     if lr_scale not in LR_SCALES:
         raise ValueError(f"lr_scale must be one of {sorted(LR_SCALES)}, got {lr_scale!r}")
     if adjust_lr_fn is not None and from_torch != lr_scale:
