@@ -6,6 +6,7 @@ and the Triton op :func:`fastortho.ops.newton_schulz_triton` (fused kernels).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -17,7 +18,25 @@ from .coefficients import Schedule, get_schedule
 from .ns_torch import newton_schulz_torch
 from .ops import newton_schulz_triton, triton_available
 
-__all__ = ["newton_schulz"]
+__all__ = ["newton_schulz", "NORMALIZE", "canonical_normalize"]
+
+#: normalize= values: ‖G‖_F, or the Gram bound ‖GGᵀ‖_F^{1/2} ≥ σ_max
+NORMALIZE = ("fro", "gram")
+#: old spellings still accepted, with a DeprecationWarning (docs/decisions.md, table of renames)
+_NORMALIZE_ALIASES = {"spectral": "gram"}
+
+
+def canonical_normalize(normalize: str, *, stacklevel: int = 2) -> str:
+    """``normalize`` checked and in its current spelling (``"spectral"`` warns and becomes ``"gram"``)."""
+    if normalize in _NORMALIZE_ALIASES:
+        new = _NORMALIZE_ALIASES[normalize]
+        warnings.warn(f'normalize="{normalize}" is deprecated: the scale is ‖GGᵀ‖_F^(1/2), an upper bound on '
+                      f'the spectral norm σ_max, not σ_max itself; use normalize="{new}" (same result)',
+                      DeprecationWarning, stacklevel=stacklevel + 1)
+        return new
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be 'fro' or 'gram', got {normalize!r}")
+    return normalize
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -33,7 +52,7 @@ def newton_schulz(
     steps: int | None = None,
     coefficients: str | Schedule | Sequence[Sequence[float]] = "polar_express",
     *,
-    normalize: Literal["fro", "spectral"] = "fro",
+    normalize: Literal["fro", "gram"] = "fro",
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
@@ -54,7 +73,7 @@ def newton_schulz(
 
     Args:
         G: (..., m, n) float tensor; leading dims are a batch. A 1-D g returns g/‖g‖ exactly (the
-            rank-1 polar factor, seed 000 Claim 3). Empty dims give an empty result.
+            rank-1 polar factor). Empty dims give an empty result.
         steps: number of steps; None uses the schedule's native length (5 for "keller"/"cubic"/
             "polar_express"/"you", 8 for "polar_express_paper"); more steps never hurt: Polar
             Express is regenerated for that count, other lists continue with a convergent tail
@@ -62,12 +81,14 @@ def newton_schulz(
         coefficients: a name in ``fastortho.SCHEDULES`` ("keller", "you", "polar_express",
             "polar_express_paper", "cubic"), a :class:`Schedule` (e.g. from
             ``polar_express_schedule``), or a sequence of (a, b, c) triples (safety 1).
-        normalize: ν(G) = ‖G‖_F (``"fro"``) or ‖GGᵀ‖_F^{1/2} (``"spectral"``, a tighter bound on
-            σ_max, free because the first step needs GGᵀ anyway; seed 002 argues for operator-norm
-            scaling). The schedule's safety factor multiplies ν. Both backends compute it the same
+        normalize: ν(G) = ‖G‖_F (``"fro"``) or ‖GGᵀ‖_F^{1/2} = (Σσ⁴)^{1/4} (``"gram"``; the old
+            name ``"spectral"`` is a deprecated alias): both bound σ_max from above, the Gram bound
+            tighter (by up to rank^{1/4}), and free because the first step needs GGᵀ anyway. A
+            tighter bound starts the small singular values higher, so the same steps bring them
+            closer to 1. The schedule's safety factor multiplies ν. Both backends compute it the same
             way, on the device without a host sync: with p = 2^-E, E the binary exponent of
             max|G| (so max|G·p| ∈ [1, 2); an exact scaling), ν is taken of G·p in fp32 (fp64 for
-            fp64 input) and X₀ = (G·p) / max(safety·ν(G·p), eps·p); "spectral" forms the Gram
+            fp64 input) and X₀ = (G·p) / max(safety·ν(G·p), eps·p); "gram" forms the Gram
             matrix of G·p. So no square overflows or underflows for any finite G, and ν(G) itself,
             which may overflow, is never formed: G·2^k gives the result of G bit for bit for any
             power of two 2^k that keeps G·2^k normal, while safety·ν > eps (tested at 2^±100 ≈
@@ -82,8 +103,8 @@ def newton_schulz(
             under ``TRITON_INTERPRET=1``), "auto" (triton on CUDA when available, else torch).
         check_finite: raise ``ValueError`` on NaN/Inf input (costs a host sync). Otherwise NaN/Inf
             propagate to the result of that matrix only, and the call never synchronizes.
-        fp32_first_gram: (triton) read the fp32 input for the first Gram product, removing the
-            bf16 input-rounding floor.
+        fp32_first_gram: (triton only; other backends raise) read the fp32 input for the first
+            Gram product, removing the bf16 input-rounding floor.
         gram: force (True) or forbid (False) Gram-space iteration: the same polynomial run on the
             m×m Gram matrix (Q ← ZQ, R ← ZRZ with Z = aI + bR + cR², X touched once at the end),
             1.5–1.8× fewer flops when n ≳ 2m. None chooses by shape (torch backend: when it saves
@@ -98,8 +119,7 @@ def newton_schulz(
         require_finite(G, "newton_schulz")
     if G.ndim == 1:
         return normalize_vector(G, out_dtype)
-    if normalize not in ("fro", "spectral"):
-        raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
+    normalize = canonical_normalize(normalize, stacklevel=2)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     coeffs, safety = get_schedule(coefficients, steps)
@@ -112,6 +132,10 @@ def newton_schulz(
     lead, (m, n) = G.shape[:-2], G.shape[-2:]
     G3 = G.reshape(-1, m, n)  # a view whenever the leading dims allow it
     be = _resolve_backend(backend, G.device)
+    if fp32_first_gram and be != "triton":
+        raise ValueError("fp32_first_gram=True needs backend='triton' (CUDA, or CPU under TRITON_INTERPRET=1); "
+                         f"this call runs the {be!r} backend, whose first Gram product reads X₀ rounded to "
+                         "dtype: pass dtype=torch.float32 for an fp32 iteration, or drop fp32_first_gram")
     if be == "triton":
         X = newton_schulz_triton(
             G3, coeffs, safety=safety, normalize=normalize, eps=eps, compute_dtype=dtype,

@@ -30,7 +30,7 @@ def scale_input(
 ) -> tuple[Tensor, Tensor | None]:
     """X₀ = G / max(safety·ν(G), eps) in float32 (float64 if G is), G of shape (B, m, n) with m ≤ n.
 
-    ν = ‖G‖_F for ``"fro"``; ν = ‖GGᵀ‖_F^{1/2} ≥ σ_max (tighter by up to √rank) for ``"spectral"``,
+    ν = ‖G‖_F for ``"fro"``; ν = ‖GGᵀ‖_F^{1/2} ≥ σ_max (tighter than ‖G‖_F by up to rank^{1/4}) for ``"gram"``,
     which needs the Gram matrix GGᵀ: it is returned scaled (= X₀X₀ᵀ) so the first step reuses it.
     The normalization contract shared with the Triton backend: norms are taken of G·p, p the power
     of two with max|G·p| in [1, 2) (:func:`pow2_prescale`, exact), so squares neither overflow

@@ -5,6 +5,7 @@ batched over the leading dims, and never modify G.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -17,6 +18,11 @@ from .polar_qdwh import qdwh_polar
 from .reference import default_rtol, polar_svd
 
 __all__ = ["newton_schulz", "polar"]
+
+#: old spellings of scaling= still accepted, with a DeprecationWarning (docs/decisions.md, table of renames)
+_SCALING_ALIASES = {"fro": "none"}
+#: scaling= as higham_polar spells it ("fro": the start X₀ = G/‖G‖_F is the only scaling)
+_HIGHAM_SCALING = {"norm": "norm", "none": "fro"}
 
 
 def _polar_meta(G: Tensor, method: str, dtype: torch.dtype | None, hermitian: bool, iterations: bool):
@@ -43,7 +49,7 @@ def polar(
     *,
     tol: float | None = None,
     max_iter: int = 20,
-    scaling: Literal["norm", "fro"] = "norm",
+    scaling: Literal["norm", "none"] = "norm",
     dtype: torch.dtype | None = None,
     rtol: float | None = None,
     return_hermitian: bool = False,
@@ -58,10 +64,12 @@ def polar(
             then Cholesky steps, then one Newton–Schulz polish. Error ≈ u·κ (κ = σ_max/σ_min of the
             kept part): float32 keeps σ/σ_max down to ~3e-6 (64×128), where "higham" keeps ~2e-3.
             At most 4 steps in float32, 6 in float64, whatever κ.
-        ``"higham"``: scaled Newton iteration Φ(X) = ½(μX + μ⁻¹(XXᵀ)⁻¹X) on the short side with
-            Cholesky solves of the Gram matrix (seed 000 Claim 11 with Higham's norm scaling;
-            ``scaling="fro"`` is the seed's unscaled form). The Gram matrix squares κ: float32
-            resolves σ/σ_max ≳ 2e-3 only; directions below are dropped.
+        ``"higham"``: Higham & Schreiber, "Fast polar decomposition of an arbitrary matrix" (1990):
+            a QR of G, then the scaled Newton iteration X ← ½(μX + μ⁻¹X⁻ᵀ) on the triangular factor
+            and an inverse-free Newton–Schulz tail. ``scaling="norm"`` (default) takes Higham's
+            Frobenius-norm μ (Higham 1986, "Computing the polar decomposition—with applications");
+            ``scaling="none"`` takes μ = 1, the unscaled iteration (the old name ``"fro"`` is a
+            deprecated alias). Rank rule and accuracy: ``fastortho.polar_higham``.
         ``"svd"``: exact SVD in float64 (``fastortho.reference.polar_svd``), with the rank cut of
             G's own precision (below).
         ``"newton_schulz"``: delegates to :func:`newton_schulz` with ``ns_kwargs``.
@@ -93,8 +101,17 @@ def polar(
         raise ValueError(f"method must be 'qdwh', 'higham', 'newton_schulz' or 'svd', got {method!r}")
     if return_iterations and method not in ("qdwh", "higham"):
         raise ValueError("return_iterations is only defined for method='qdwh' or 'higham'")
-    if scaling not in ("norm", "fro"):
-        raise ValueError(f"scaling must be 'norm' or 'fro', got {scaling!r}")
+    if ns_kwargs and method != "newton_schulz":
+        names = ", ".join(repr(k) for k in ns_kwargs)
+        raise TypeError(f"polar(method={method!r}) got unexpected keyword argument(s) {names}: the Newton–Schulz "
+                        "options (steps, coefficients, normalize, ...) apply to method='newton_schulz' only")
+    if scaling in _SCALING_ALIASES:
+        new = _SCALING_ALIASES[scaling]
+        warnings.warn(f'polar: scaling="{scaling}" is deprecated: it is the unscaled Newton iteration (X₀ = G/‖G‖_F, '
+                      f'no per-step scaling); use scaling="{new}" (same result)', DeprecationWarning, stacklevel=2)
+        scaling = new
+    if scaling not in ("norm", "none"):
+        raise ValueError(f"scaling must be 'norm' (Higham's norm scaling) or 'none', got {scaling!r}")
     if method == "qdwh" and scaling != "norm":
         raise ValueError("scaling applies to method='higham' only (QDWH's weights are its scaling)")
     if rtol is not None and not (0.0 <= rtol < 1.0):
@@ -129,7 +146,8 @@ def polar(
                 q_rtol = default_rtol(m, n, coarse) if rtol is None else rtol
                 P3, it = qdwh_polar(G3, tol=tol, max_iter=max_iter, dtype=wdtype, rtol=q_rtol)
             else:
-                P3, it = higham_polar(G3, tol=tol, max_iter=max_iter, scaling=scaling, dtype=wdtype, rtol=rtol)
+                P3, it = higham_polar(G3, tol=tol, max_iter=max_iter, scaling=_HIGHAM_SCALING[scaling], dtype=wdtype,
+                                      rtol=rtol)
             if not bool(torch.isfinite(P3).all()):
                 raise FloatingPointError(f"polar(method={method!r}): the iteration produced NaN/Inf")
             P, iters = P3.reshape(G.shape), it.reshape(lead)

@@ -15,7 +15,7 @@ from torch import nn
 
 import fastortho
 from fastortho.optim import Muon
-from fastortho.param_groups import describe_param_groups
+from fastortho.optim.param_groups import describe_param_groups
 
 SHAPE = (6, 10)
 INPUTS = {

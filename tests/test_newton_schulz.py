@@ -84,7 +84,7 @@ def test_never_modifies_its_input(dtype):
     G = torch.randn(2, 16, 24).to(dtype)
     before = G.clone()
     fastortho.newton_schulz(G, dtype=dtype)
-    fastortho.newton_schulz(G, dtype=dtype, normalize="spectral")
+    fastortho.newton_schulz(G, dtype=dtype, normalize="gram")
     assert torch.equal(G, before)
 
 
@@ -105,7 +105,7 @@ def test_zero_matrices_give_zeros_and_nan_stays_local():
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
-@pytest.mark.parametrize("normalize", ["fro", "spectral"])
+@pytest.mark.parametrize("normalize", ["fro", "gram"])
 def test_extreme_scales_in_float32(scale, normalize):
     # ‖G‖² and GGᵀ would overflow (1e20) or underflow (1e-20) in fp32: norms are taken of G·2^-E.
     # G·scale rounds every entry (2^-24 relative) and 5 steps amplify that: max |ΔX| in units of
@@ -166,13 +166,13 @@ def test_spectral_normalization_bound_and_gain_on_low_rank():
     s[:16] = 1.0  # rank 16, flat: ‖G‖_F = 4σ_max while ‖GGᵀ‖_F^{1/2} = 2σ_max
     G = with_spectrum((64, 128), s)
     for name in ("polar_express", "cubic"):
-        X = fastortho.newton_schulz(G, coefficients=name, dtype=torch.float64, normalize="spectral")
+        X = fastortho.newton_schulz(G, coefficients=name, dtype=torch.float64, normalize="gram")
         # ν = ‖GGᵀ‖_F^{1/2} ≥ σ_max, so the band stays inside the polynomial's.
         assert singular_band(X)[1].item() <= composed_band(*get_schedule(name))[1] + 1e-12
     # cubic is monotone on [0, 1]: starting σ at 1/2 instead of 1/4 is strictly closer to 1.
     err_fro = polar_error(fastortho.newton_schulz(G, coefficients="cubic", dtype=torch.float64), G)
     err_spec = polar_error(
-        fastortho.newton_schulz(G, coefficients="cubic", dtype=torch.float64, normalize="spectral"), G
+        fastortho.newton_schulz(G, coefficients="cubic", dtype=torch.float64, normalize="gram"), G
     )
     assert err_spec.item() < 0.5 * err_fro.item()
 
@@ -222,7 +222,7 @@ def test_bad_inputs_raise():
     n=st.integers(1, 24),
     log_scale=st.floats(-30, 30),
     name=st.sampled_from(sorted(SCHEDULES)),
-    normalize=st.sampled_from(["fro", "spectral"]),
+    normalize=st.sampled_from(["fro", "gram"]),
     seed=st.integers(0, 2**16),
 )
 def test_property_band_and_scale_invariance(m, n, log_scale, name, normalize, seed):
@@ -286,7 +286,7 @@ def test_exact_oracle_is_the_iteration_and_converges_to_the_polar_factor():
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     assert rel_to(X, exact_ns(G, "polar_express", None, "fro")) < 1e-13
-    assert rel_to(exact_ns(G, "cubic", 40, "spectral"), polar_svd(G)) < 1e-13
+    assert rel_to(exact_ns(G, "cubic", 40, "gram"), polar_svd(G)) < 1e-13
 
 
 # Relative Frobenius distance to the oracle, in units of the compute dtype's eps. Measured over
@@ -304,7 +304,7 @@ TOL_EPS_TORCH = {torch.float64: 256.0, torch.float32: 256.0, torch.bfloat16: 32.
     cdt=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
     name=st.sampled_from(sorted(SCHEDULES)),
     steps=st.sampled_from([None, 2, 3]),
-    normalize=st.sampled_from(["fro", "spectral"]),
+    normalize=st.sampled_from(["fro", "gram"]),
     seed=st.integers(0, 2**16),
 )
 def test_differential_torch_backend_vs_exact_oracle(m, n, batch, layout, log_scale, cdt, name, steps, normalize, seed):
@@ -314,3 +314,26 @@ def test_differential_torch_backend_vs_exact_oracle(m, n, batch, layout, log_sca
     ref = exact_ns(G, name, steps, normalize, eps=1e-300 if cdt == torch.float64 else 1e-38)
     d = rel_to(X, ref)
     assert d <= TOL_EPS_TORCH[cdt] * torch.finfo(cdt).eps, f"{d:.2e} = {d / torch.finfo(cdt).eps:.1f} eps"
+
+
+# ---------------------------------------------------------------------------------------------
+# names that say what they do (docs/decisions.md, table of renames)
+# ---------------------------------------------------------------------------------------------
+def test_normalize_gram_is_the_gram_bound_and_spectral_a_deprecated_alias():
+    """``normalize="gram"`` scales by ‖GGᵀ‖_F^{1/2} (≥ σ_max, not the spectral norm); the old name
+    ``"spectral"`` gives the same bits with a DeprecationWarning."""
+    G = torch.randn(2, 12, 20, dtype=torch.float64)
+    X = fastortho.newton_schulz(G, steps=1, coefficients=[(1.0, 0.0, 0.0)], normalize="gram", dtype=torch.float64)
+    nu = torch.linalg.matrix_norm(G @ G.mT, keepdim=True).sqrt()
+    torch.testing.assert_close(X, G / nu, rtol=4 * 2**-52, atol=0)
+    with pytest.warns(DeprecationWarning, match=r'normalize="spectral" is deprecated.*normalize="gram"'):
+        old = fastortho.newton_schulz(G, normalize="spectral", dtype=torch.float64)
+    assert torch.equal(old, fastortho.newton_schulz(G, normalize="gram", dtype=torch.float64))
+
+
+def test_fp32_first_gram_on_the_torch_backend_raises():
+    """The torch backend cannot honour ``fp32_first_gram``: it says so instead of ignoring it."""
+    with pytest.raises(ValueError, match="fp32_first_gram=True needs backend='triton'"):
+        fastortho.newton_schulz(torch.randn(8, 12), backend="torch", fp32_first_gram=True)
+    with pytest.raises(ValueError, match="fp32_first_gram"):
+        fastortho.newton_schulz(torch.randn(8, 12), fp32_first_gram=True)  # auto resolves to torch on CPU

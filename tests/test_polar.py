@@ -209,7 +209,7 @@ def test_hermitian_factor_and_methods():
 def test_norm_scaling_needs_fewer_iterations_than_the_seeds_unscaled_form():
     G = with_spectrum((64, 128), log_spectrum(64, 1e6))
     _, it_norm = fastortho.polar(G, method="higham", scaling="norm", return_iterations=True, max_iter=60)
-    _, it_fro = fastortho.polar(G, method="higham", scaling="fro", return_iterations=True, max_iter=60)
+    _, it_fro = fastortho.polar(G, method="higham", scaling="none", return_iterations=True, max_iter=60)
     _, it_q = fastortho.polar(G, method="qdwh", return_iterations=True)
     assert it_q.item() <= 6 and it_norm.item() <= 8 < it_fro.item()  # measured 6 / 8 / 25
 
@@ -229,9 +229,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         fastortho.polar(G, method="qr")
     with pytest.raises(ValueError):
-        fastortho.polar(G, method="higham", scaling="none")
+        fastortho.polar(G, method="higham", scaling="spectral")
     with pytest.raises(ValueError):
-        fastortho.polar(G, method="qdwh", scaling="fro")
+        fastortho.polar(G, method="qdwh", scaling="none")
     with pytest.raises(ValueError):
         fastortho.polar(G, method="svd", return_iterations=True)
     with pytest.raises(TypeError):
@@ -310,3 +310,25 @@ def test_muon_svd_orthogonalizer_on_a_rank_one_gradient_moves_one_direction(dtyp
     ref = ref / ref.norm()
     cos = (p.detach().double() * ref).sum().abs() / p.detach().double().norm()
     assert cos.item() > 1 - 1e-3
+
+
+def test_scaling_none_is_the_unscaled_iteration_and_fro_a_deprecated_alias():
+    """``scaling="none"`` runs Newton with no per-step scaling (X₀ = G/‖G‖_F only); the old name "fro"
+    gives the same bits with a DeprecationWarning."""
+    G = with_spectrum((16, 24), log_spectrum(16, 1e3))
+    P, it = fastortho.polar(G, method="higham", scaling="none", return_iterations=True, max_iter=60)
+    with pytest.warns(DeprecationWarning, match=r'scaling="fro" is deprecated.*scaling="none"'):
+        P_old, it_old = fastortho.polar(G, method="higham", scaling="fro", return_iterations=True, max_iter=60)
+    assert torch.equal(P, P_old) and torch.equal(it, it_old)
+    _, it_norm = fastortho.polar(G, method="higham", scaling="norm", return_iterations=True, max_iter=60)
+    assert it_norm.item() < it.item()
+
+
+@pytest.mark.parametrize("method", ["qdwh", "higham", "svd"])
+def test_newton_schulz_options_for_another_method_raise(method):
+    """``**ns_kwargs`` belong to method="newton_schulz": elsewhere (or misspelt) they raise, named."""
+    G = torch.randn(6, 9, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument.*'steps'"):
+        fastortho.polar(G, method=method, steps=5)
+    with pytest.raises(TypeError, match="max_iters"):
+        fastortho.polar(G, method=method, max_iters=5)

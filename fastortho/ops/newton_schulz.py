@@ -33,6 +33,9 @@ from ._load import triton_available
 
 __all__ = ["newton_schulz_triton", "use_gram"]
 
+#: normalize= as the kernels spell it (they predate the name "gram" for the Gram bound)
+_KERNEL_NORMALIZE = {"fro": "fro", "gram": "spectral"}
+
 GRAM_MIN_ASPECT = 1.5   # Gram-space needs 6k²L + 14k³ vs 15k²L + 5k³ (5 steps): wins for L > k
 GRAM_MIN_SHORT = 256    # below this the extra k×k launches cost more than the FLOPs saved
 
@@ -56,20 +59,19 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     Gv = G.mT if tall else G
     if gram is None:
         gram = use_gram(m, n)
-    cdt = compute_dtype
-    if gram and cdt == torch.bfloat16:
-        cdt = torch.float16
-    # The last step writes the result rounded to cdt; write straight into `out` when the dtypes
-    # agree, else into a cdt buffer converted once (the rounding torch.to would do).
-    res = out if out_dtype == cdt else torch.empty(B, m, n, device=G.device, dtype=cdt)
+    if gram and compute_dtype == torch.bfloat16:
+        compute_dtype = torch.float16
+    # The last step writes the result rounded to compute_dtype; write straight into `out` when the dtypes
+    # agree, else into a compute_dtype buffer converted once (the rounding torch.to would do).
+    res = out if out_dtype == compute_dtype else torch.empty(B, m, n, device=G.device, dtype=compute_dtype)
     resv = res.mT if tall else res
     run = ns_gram if gram else ns_standard
     # Triton launches on the current device; custom_op adds no device guard, so a tensor on
     # cuda:1 while cuda:0 is current needs one (it then runs on cuda:1's current stream).
     guard = torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        run(Gv, resv, list(coefficients), normalize=normalize, safety=safety, eps=eps, cdt=cdt,
-            fp32_first=fp32_first_gram)
+        run(Gv, resv, list(coefficients), normalize=_KERNEL_NORMALIZE[normalize], safety=safety, eps=eps,
+            cdt=compute_dtype, fp32_first=fp32_first_gram)
     if res is not out:
         out.copy_(res)
     return out
@@ -90,7 +92,7 @@ if triton_available():
 
 
 def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safety: float,
-                         normalize: Literal["fro", "spectral"], eps: float, compute_dtype: torch.dtype,
+                         normalize: Literal["fro", "gram"], eps: float, compute_dtype: torch.dtype,
                          out_dtype: torch.dtype, fp32_first_gram: bool = False,
                          gram: bool | None = None) -> Tensor:
     """Newton–Schulz on a batch G (B, m, n) with the fused Triton kernels (module docstring).
@@ -99,9 +101,9 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
         G: (B, m, n), any float dtype and strides; CUDA, or CPU under ``TRITON_INTERPRET=1``.
         coefficients: per-step (a, b, c) of p(σ) = aσ + bσ³ + cσ⁵.
         safety, eps: X₀ = G / max(safety·ν, eps).
-        normalize: "fro" (ν = ‖G‖_F) or "spectral" (ν = ‖GGᵀ‖_F^{1/2}, free from the first Gram).
+        normalize: "fro" (ν = ‖G‖_F) or "gram" (ν = ‖GGᵀ‖_F^{1/2}, free from the first Gram).
         compute_dtype: storage of X and the k×k matrices (bfloat16, float16 or float32).
-        out_dtype: dtype of the result (the cdt result is converted once).
+        out_dtype: dtype of the result (the compute_dtype result is converted once).
         fp32_first_gram: form the first Gram product from G in fp32 (no bf16 input-rounding floor).
         gram: True/False force Gram-space/standard NS; None chooses by shape (:func:`use_gram`).
 
@@ -117,8 +119,8 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
                            "under the Triton interpreter (TRITON_INTERPRET=1 set before import)")
     if not G.is_floating_point():
         raise TypeError(f"newton_schulz_triton expects a floating-point tensor, got {G.dtype}")
-    if normalize not in ("fro", "spectral"):
-        raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
+    if normalize not in ("fro", "gram"):
+        raise ValueError(f"normalize must be 'fro' or 'gram', got {normalize!r}")
     if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
     if G.dtype == torch.float64:     # kernels read at most fp32; the scale is applied in fp32

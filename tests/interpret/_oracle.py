@@ -2,7 +2,7 @@
 
 In exact arithmetic every step maps G = U S Vᵀ to U p(S) Vᵀ, so the iteration's exact result is
 X* = U f(σ) Vᵀ with f = p_k ∘ … ∘ p_1 applied to σ / max(safety·ν, eps), ν = ‖σ‖₂ ("fro") or
-(Σσ⁴)^{1/4} ("spectral", = ‖GGᵀ‖_F^{1/2}). Computed from a float64 SVD (``torch.linalg.svd``), not
+(Σσ⁴)^{1/4} ("gram", = ‖GGᵀ‖_F^{1/2}). Computed from a float64 SVD (``torch.linalg.svd``), not
 from either backend's code, and compared in the relative Frobenius norm ‖X − X*‖_F / ‖X*‖_F.
 The polar factor itself is ``fastortho.reference.polar_svd``.
 """

@@ -74,7 +74,7 @@ def params() -> list:
     scales are listed as skips with their reason."""
     out = []
     for dt, cdt in CASES:
-        for normalize in ("fro", "spectral"):
+        for normalize in ("fro", "gram"):
             labels = [f"2^{k}" for k in POW2[dt]] + [f"{s:g}" for s in DECIMAL]
             for lab in labels:
                 marks = ()

@@ -54,7 +54,7 @@ TOL_EPS = {torch.float32: 128.0, torch.bfloat16: 12.0}
     cdt=st.sampled_from([torch.float32, torch.bfloat16]),
     name=st.sampled_from(sorted(SCHEDULES)),
     steps=st.sampled_from([None, 1, 2, 3]),
-    normalize=st.sampled_from(["fro", "spectral"]),
+    normalize=st.sampled_from(["fro", "gram"]),
     gram=st.booleans(),
     seed=st.integers(0, 2**16),
 )
