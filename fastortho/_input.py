@@ -31,7 +31,7 @@ def require_finite(G: Tensor, fn: str) -> None:
 
 
 def normalize_vector(g: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """Rank-1 case (seed 000, Claims 3 and 13): the polar factor of a vector g is g/‖g‖; 0 ↦ 0."""
+    """Rank-1 case: the polar factor of a vector g (an n×1 matrix g = (g/‖g‖)·‖g‖·1) is g/‖g‖; 0 ↦ 0."""
     w = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
     nrm = torch.linalg.vector_norm(w)
     return (w / nrm.clamp_min(torch.finfo(w.dtype).tiny)).to(out_dtype)

@@ -1,18 +1,20 @@
-r"""Diagnostics from the seeds: how orthogonal an update is, what momentum costs, how biased Muon is.
+r"""Diagnostics: how orthogonal an update is, what momentum costs, how biased Muon is.
 
-Each function states the formula it computes and the seed claim it implements.
+Each function states the formula it computes and the property it measures.
 
 * :func:`orthogonality_error`, :func:`singular_band`, :func:`polar_error`: quality of an update
-  O ≈ U Vᵀ (DESIGN §3).
+  O ≈ U Vᵀ.
 * :func:`momentum_bias`, :func:`momentum_variance`, :func:`momentum_mse`, :func:`warmup_length`:
   the exact bias / variance / MSE of an EMA momentum started at zero, and the warm-up length T*
-  after which momentum beats the raw gradient (seed 000, Claims 5–6).
+  after which momentum beats the raw gradient.
 * :func:`direction_bias`, :func:`ortho_bias_estimate`, :func:`ema_weights`: second-order bias of
   "orthogonalize the sum" (MsignThenAcc) vs "sum the orthogonalized" (AccThenMsign) as estimators of
-  msign(g) (seed 000, Claims 8–9; seed 001); :func:`ortho_bias_monte_carlo` measures it.
+  msign(g): averaging before msign divides the second-order bias by the effective sample size,
+  averaging after it does not; :func:`ortho_bias_monte_carlo` measures it.
 * :func:`riemannian_variance`, :class:`CurvatureMonitor`: the Fréchet mean and the Riemannian
   variance σ_R of a window of SPD curvature estimates under the affine-invariant metric
-  (seed 000, Claim 10), with a rolling monitor to log next to ``Muon(telemetry=True)``.
+  (invariant under every congruence H ↦ AHAᵀ), with a rolling monitor to log next to
+  ``Muon(telemetry=True)``.
 
 Everything runs in float64 on the input's device; none of it is meant for an optimizer's hot loop.
 """
@@ -69,7 +71,7 @@ def orthogonality_error(X: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# momentum: seed 000, Claims 5-6
+# momentum: bias, variance and MSE of an EMA started at zero
 # ----------------------------------------------------------------------------------------------
 def _check_gamma(gamma: float) -> None:
     if not 0.0 <= gamma < 1.0:
@@ -81,7 +83,7 @@ def momentum_bias(mu: Number, gamma: float, t: int | Tensor) -> Number:
 
     .. math:: \mathbb E[m_t] - \mu = -\mu\,\gamma^{t}
 
-    (seed 000, Claim 5). Elementwise in ``mu``; ``t`` may be a tensor of step counts.
+    Elementwise in ``mu``; ``t`` may be a tensor of step counts.
     """
     _check_gamma(gamma)
     return -mu * gamma ** t
@@ -93,14 +95,14 @@ def momentum_variance(sigma2: Number, gamma: float, t: int | Tensor) -> Number:
     .. math:: \operatorname{Var}(m_t) = (1-\gamma)^2\sigma^2\sum_{i=0}^{t-1}\gamma^{2i}
               = \sigma^2\,\frac{1-\gamma}{1+\gamma}\,(1-\gamma^{2t})
 
-    (seed 000, Claim 5). Pass tr Σ for the total variance of a vector/matrix gradient.
+    Pass tr Σ for the total variance of a vector/matrix gradient.
     """
     _check_gamma(gamma)
     return sigma2 * (1.0 - gamma) / (1.0 + gamma) * (1.0 - gamma ** (2 * t))
 
 
 def momentum_mse(mu: Number, sigma2: Number, gamma: float, t: int | Tensor) -> Number:
-    r"""Mean squared error of the EMA momentum as an estimator of μ (seed 000, Claim 5):
+    r"""Mean squared error of the EMA momentum as an estimator of μ (bias² + variance):
 
     .. math:: \mathrm{MSE}(m_t) = \mu^2\gamma^{2t} + \sigma^2\frac{1-\gamma}{1+\gamma}(1-\gamma^{2t}).
 
@@ -113,11 +115,11 @@ def warmup_length(snr: float, gamma: float) -> float:
     r"""Warm-up length T*: momentum's MSE is below the raw gradient's (σ²) exactly when t > T*.
 
     With r = μ²/σ² (``snr``; ‖μ‖²/tr Σ for vectors), MSE(m_t) < σ² reads
-    r γ^{2t} + c(1 − γ^{2t}) < 1 with c = (1−γ)/(1+γ), so (seed 000, Claim 6)
+    r γ^{2t} + c(1 − γ^{2t}) < 1 with c = (1−γ)/(1+γ), so
 
     .. math:: T^* = \frac{\ln\!\big[\,2\gamma \,/\, ((1+\gamma)\,r - (1-\gamma))\big]}{2\ln\gamma}.
 
-    Returns 0.0 when momentum wins from the start (r ≤ 1, which includes the seed's case
+    Returns 0.0 when momentum wins from the start (r ≤ 1, which includes the case
     r ≤ (1−γ)/(1+γ) where the inequality holds for every t), and 0.0 for γ = 0 (m_t = g_t).
     """
     _check_gamma(gamma)
@@ -129,13 +131,13 @@ def warmup_length(snr: float, gamma: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# ortho-of-sum vs sum-of-ortho: seed 000 Claims 8-9, seed 001
+# ortho-of-sum vs sum-of-ortho: the second-order bias of the two momentum orders
 # ----------------------------------------------------------------------------------------------
 def ema_weights(gamma: float, t: int, normalized: bool = True) -> Tensor:
     r"""EMA weights w_s = (1−γ)γ^{t−1−s}, s = 0..t−1 (oldest first), of m_t = Σ_s w_s g_s (m_0 = 0).
 
     ``normalized`` rescales them to sum to 1 (as msign is scale-invariant, this does not change
-    msign(Σ w_s g_s)). With normalized weights Σ w_s² → (1−γ)/(1+γ) = 1/n_eff as t → ∞ (seed 001).
+    msign(Σ w_s g_s)). With normalized weights Σ w_s² → (1−γ)/(1+γ) = 1/n_eff as t → ∞.
     """
     _check_gamma(gamma)
     if t < 1:
@@ -145,7 +147,7 @@ def ema_weights(gamma: float, t: int, normalized: bool = True) -> Tensor:
 
 
 def direction_bias(g: Tensor, Sigma: Tensor, gamma: float | None = None) -> tuple[Tensor, Tensor]:
-    r"""Second-order bias of the two momentum orders for a *vector* gradient (seed 001).
+    r"""Second-order bias of the two momentum orders for a *vector* gradient.
 
     With y_s = g + ε_s, Cov ε_s = Σ, u = g/ρ, ρ = ‖g‖, P⊥ = I − uuᵀ and stationary EMA weights
     (Σ w = 1, Σ w² = (1−γ)/(1+γ)):
@@ -192,7 +194,7 @@ def _laplacian_msign(G: Tensor, noise_std: float | Tensor, h: float) -> Tensor:
 def ortho_bias_estimate(
     G: Tensor, noise_std: float | Tensor, gamma: float | None = None, t: int | None = None, h: float = 1e-3
 ) -> tuple[Tensor, Tensor]:
-    r"""Delta-method bias of MsignThenAcc vs AccThenMsign for a *matrix* gradient (seed 000 Claims 8–9).
+    r"""Delta-method bias of MsignThenAcc vs AccThenMsign for a *matrix* gradient.
 
     For noisy gradients G_s = G + E_s with independent entries of std ``noise_std`` (a scalar, or a
     tensor of G's shape for anisotropic noise) and EMA weights w (Σ w = 1), a second-order
@@ -205,16 +207,16 @@ def ortho_bias_estimate(
           \approx \tfrac12\, \mathcal L,
 
     where :math:`\mathcal L = \mathbb E\,D^2\mathrm{msign}(G)[E, E]
-    = \sum_{ij}\mathrm{std}_{ij}^2\,\partial_{ij}^2\,\mathrm{msign}(G)` (the seed's
-    ½ Tr(J H Σ) term). Ortho-of-sum's bias carries the factor Σ w² = 1/n_eff (→ (1−γ)/(1+γ)), i.e.
+    = \sum_{ij}\mathrm{std}_{ij}^2\,\partial_{ij}^2\,\mathrm{msign}(G)` (the
+    ½ Tr(J H Σ) term of a second-order expansion). Ortho-of-sum's bias carries the factor Σ w² = 1/n_eff (→ (1−γ)/(1+γ)), i.e.
     it is the bias of one step on a batch n_eff times larger, while sum-of-ortho keeps the
-    one-sample bias whatever the averaging: the seed's O(kΣ) vs O(Σ) gap for k averaged gradients.
+    one-sample bias whatever the averaging: a factor-k gap for k equally averaged gradients.
     The Laplacian is computed by central differences (step h·σ_max; m·n SVDs in float64), so keep
     G small (≲ 32×32). ``gamma=None`` uses Σ w² = 1 (a single sample); with ``t`` the finite-t
     normalized weights of :func:`ema_weights`, else the stationary (1−γ)/(1+γ).
 
-    The estimate is the bias w.r.t. msign(G) = (GGᵀ)^{-1/2}G, seed 001's "true preconditioned
-    update". Returns (bias_post, bias_pre), float64 matrices of G's shape.
+    The estimate is the bias w.r.t. msign(G) = (GGᵀ)^{-1/2}G, the update Muon would take with the
+    noise-free gradient. Returns (bias_post, bias_pre), float64 matrices of G's shape.
     """
     if G.ndim != 2:
         raise ValueError(f"ortho_bias_estimate needs one (m, n) matrix, got shape {tuple(G.shape)}")
@@ -238,7 +240,7 @@ def ortho_bias_monte_carlo(
     generator: torch.Generator,
     orthogonalize: Callable[[Tensor], Tensor] = polar_svd,
 ) -> dict[str, Tensor]:
-    r"""Monte Carlo bias of MsignThenAcc and AccThenMsign around msign(G) (seed 001).
+    r"""Monte Carlo bias of MsignThenAcc and AccThenMsign around msign(G).
 
     ``sample_noise(k, generator)`` returns k noise matrices (k, m, n); each trial draws one window of
     len(weights) gradients G_s = G + E_s and forms post = Orth(Σ w_s G_s) and pre = Σ w_s Orth(G_s)
@@ -267,7 +269,7 @@ def ortho_bias_monte_carlo(
 
 
 # ----------------------------------------------------------------------------------------------
-# Riemannian variance of SPD curvature estimates: seed 000 Claim 10
+# Riemannian variance of SPD curvature estimates (affine-invariant metric)
 # ----------------------------------------------------------------------------------------------
 def _sym_fn(A: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     evals, evecs = torch.linalg.eigh(A)
@@ -282,7 +284,7 @@ def spd_log(A: Tensor) -> Tensor:
 def riemannian_variance(
     H: Tensor | Sequence[Tensor], max_iter: int = 50, tol: float = 1e-10
 ) -> tuple[Tensor, Tensor]:
-    r"""Riemannian variance σ_R² and Fréchet mean H̄ of SPD matrices H_1..H_k (seed 000, Claim 10).
+    r"""Riemannian variance σ_R² and Fréchet mean H̄ of SPD matrices H_1..H_k.
 
     Under the affine-invariant metric, d²(A, B) = ‖log(B^{-1/2} A B^{-1/2})‖_F², and
 
@@ -317,9 +319,9 @@ def riemannian_variance(
 
 
 class CurvatureMonitor:
-    r"""Rolling σ_R of a parameter's one-sided curvature estimates (seed 000, Claim 10), for logging.
+    r"""Rolling σ_R of a parameter's one-sided curvature estimates, for logging.
 
-    Muon whitens the gradient on the left by M^{-1/2}, M ≈ G Gᵀ (Claim 2). Each :meth:`update` stores
+    Muon whitens the gradient on the left by M^{-1/2}, M ≈ G Gᵀ (msign(G) = (GGᵀ)^{-1/2}G). Each :meth:`update` stores
     the SPD estimate C_t = (Ĉ_t + δI)/(1 + δ), Ĉ_t = G_tG_tᵀ / (tr(G_tG_tᵀ)/m) (G's short side, m rows;
     unit mean eigenvalue; δ = ``ridge`` keeps it invertible for rank-deficient G) and :attr:`sigma_r`
     returns σ_R of the last ``window`` of them via :func:`riemannian_variance`. Use next to the optimizer's telemetry, e.g. every 100 steps::
@@ -335,7 +337,7 @@ class CurvatureMonitor:
         opt.step()
         log(opt.telemetry_report(), {n: m.sigma_r for n, m in mon.items()})
 
-    Read it as the seed suggests: a small, steady σ_R means the curvature is stable and one global
+    Reading it: a small, steady σ_R means the curvature is stable and one global
     whitening per layer works; a spike means the layer's curvature is moving (e.g. after a lr or
     data change) and a richer preconditioner, or a fresher momentum, may help. Each estimate is
     trace-normalized, so a decaying gradient norm alone does not move σ_R (σ_R² itself is only
