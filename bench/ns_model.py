@@ -23,10 +23,15 @@ measured cuBLAS rate:
 * ``apply`` pipelined (128×256 tiles, 241 registers): 0.76–0.89 × cuBLAS = 600–700 (Triton's
   non-persistent tutorial GEMM ≈ 0.95× cuBLAS, triton-lang/triton PR #5461; minus the register and
   epilogue cost the AOT manifest shows);
-* first-step / restart launches that scale operand tiles in registers (``scale`` variants; the
-  manifest shows wgmma waiting to 0 in their loop): 0.5–0.65 × the pipelined rate, an engineering
-  estimate for a synchronous wgmma with a register round trip (no published measurement);
+* launches whose operand tiles are converted in registers (``-sync`` classes: an operand loaded in
+  another dtype than the dot's; the manifest shows wgmma waiting to 0 in their loop): 0.5–0.65 ×
+  the pipelined rate, an engineering estimate for a synchronous wgmma with a register round trip
+  (no published measurement). Since the per-matrix scale moved to the epilogues and the first
+  step reads X' = round(p·G) in the storage dtype, the default call has no such launch;
 * norm pass (``sumsq``): 0.5–1.0 TB/s (non-pipelined, ≤ 64 programs per matrix: estimate);
+* cast pass (``cast``: X' = round(p·G), one read of G, one write of X'): 2.0–3.0 TB/s, a copy-class
+  kernel (one 32×128 tile per program, thousands of programs, 128-bit stores): the copy rate above
+  at the high end, two thirds of it at the low end for strided (tall) reads (estimate);
 * per launch a GPU floor of 3 µs (launch + tail of a small grid) and, without CUDA graphs, a host
   cost of 12–24 µs per Triton launch (Python launch path; estimate).
 
@@ -57,6 +62,7 @@ RATES = {
 }
 SYNC_FACTOR = (0.50, 0.65)
 NORM_TBS = (0.5, 1.0)
+CAST_TBS = (2.0, 3.0)
 GPU_FLOOR_US = 3.0
 HOST_US = (12.0, 24.0)
 CUBLAS_FLOOR_US = 5.0
@@ -73,7 +79,7 @@ SHAPES = [
 @dataclass
 class LaunchCost:
     kernel: str          # sym / apply / sumsq / scale
-    klass: str           # sym / sym-sync / apply / apply-sync / norm / tiny
+    klass: str           # sym / sym-sync / apply / apply-sync / norm / cast / tiny
     flops: float         # executed
     bytes: float         # compulsory HBM traffic
     programs: int
@@ -84,12 +90,18 @@ def _elem(dt) -> int:
     return 4 if "32" in s else (8 if "64" in s else 2)
 
 
+def _torch_of(tl_dtype) -> str:
+    """torch spelling of a Triton dot dtype ('bf16' -> 'torch.bfloat16')."""
+    return {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}.get(str(tl_dtype), "")
+
+
 def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = False) -> list[LaunchCost]:
     """Executed FLOPs and bytes of every launch ``newton_schulz`` makes for G of ``shape``.
 
-    A matmul launch is in the synchronous class when its kernel reads G with the per-matrix scale
-    (``HAS_SCALE``), or, with ``sass=True``, when its compiled sm_90 SASS has no wgmma wait with a
-    group in flight inside the main loop (``aot.compile_launch``: follows the kernels as they change)."""
+    A matmul launch is in the synchronous class when an operand is loaded in another dtype than
+    the dot's (converted in registers), or, with ``sass=True``, when its compiled sm_90 SASS has no
+    wgmma wait with a group in flight inside the main loop (``aot.compile_launch``: follows the
+    kernels as they change)."""
     from fastortho.kernels.aot import _TensorArg, _short, compile_launch, trace_newton_schulz
 
     out = []
@@ -100,7 +112,8 @@ def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = 
         programs = math.prod(ln.grid)
         kern = _short(ln.kernel)
         tens = [a for a in ln.args if isinstance(a, _TensorArg)]
-        scaled = bool(kw.get("HAS_SCALE", False))
+        operands = [arg[n] for n in (("P", "S") if kern == "sym" else ("Q", "X")) if n in arg]
+        scaled = kern in ("sym", "apply") and any(str(t.dtype) != _torch_of(kw.get("DOT_DTYPE")) for t in operands)
         if sass and _short(ln.kernel) in ("sym", "apply"):
             waits = compile_launch(ln, arch)["sass"]["wgmma_waits_in_loop"]
             scaled = not waits or min(waits) < 1
@@ -118,6 +131,10 @@ def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = 
             Q, X, O = (arg[n] for n in ("Q", "X", "O"))
             nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (Q, X, O))
             klass = "apply-sync" if scaled else "apply"
+        elif kern == "cast":
+            flops = 0.0
+            nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (arg["X"], arg["OUT"]))
+            klass = "cast"
         else:
             flops = 0.0
             nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in tens[:1])
@@ -151,6 +168,8 @@ def predict_fastortho(costs: list[LaunchCost], ctas_per_sm: int = 1, scenario: s
             t_worst = max(c.flops / (lo * 1e12 * eff), mem)
         elif c.klass == "norm":
             t_best, t_worst = c.bytes / (NORM_TBS[1] * 1e12), c.bytes / (NORM_TBS[0] * 1e12)
+        elif c.klass == "cast":
+            t_best, t_worst = c.bytes / (CAST_TBS[1] * 1e12), c.bytes / (CAST_TBS[0] * 1e12)
         else:
             t_best = t_worst = 0.0
         best += max(t_best, GPU_FLOOR_US * 1e-6)

@@ -324,7 +324,7 @@ class _TensorArg:
 
 def _short(name: str) -> str:
     return {"_sym_mm_kernel": "sym", "_apply_kernel": "apply", "_sumsq_partial_kernel": "sumsq",
-            "_scale_kernel": "scale"}.get(name, name.strip("_").removesuffix("_kernel"))
+            "_scale_kernel": "scale", "_scale_cast_kernel": "cast"}.get(name, name.strip("_").removesuffix("_kernel"))
 
 
 class _Recorder:
@@ -411,7 +411,7 @@ def ns_call_args() -> dict:
     import torch
 
     from fastortho.coefficients import get_schedule
-    from fastortho.orthogonalize import newton_schulz
+    from fastortho.newton_schulz import newton_schulz
 
     p = inspect.signature(newton_schulz).parameters
     coeffs, safety = get_schedule(p["coefficients"].default, p["steps"].default)
@@ -463,7 +463,7 @@ def _tname(dt) -> str:
 def describe(launch: Launch) -> tuple[str, dict]:
     """(variant name, config dict) of a launch, from its constexpr flags, dtypes and strides.
 
-    Variant tags: ``scale`` = operands read from G with the per-matrix scale (first step or
+    Variant tags: ``scale`` = the per-matrix scale applied in the epilogue (first step or
     restart), ``y`` / ``ax`` = β·Y / a·X epilogue terms, ``dt=`` dtypes of the matrix arguments,
     ``tall`` = an operand read through transposed strides (row stride 1), ``prec=`` non-IEEE dot."""
     kw = launch.kwargs

@@ -21,10 +21,15 @@ Tall inputs need no transposed copy: every operand is addressed through (batch, 
 so the XᵀX variant is the same kernel called with the strides of Gᵀ. Triton specializes strides
 equal to 1, so both orientations compile to contiguous loads along the memory-contiguous axis.
 
-The first step may read the caller's tensor G directly (any float dtype, any strides) with a
-per-matrix scale s: operand tiles are loaded as round_c(s·G), reproducing X₀ = round(G/ν) without
-materializing it; with ``ROUND_DTYPE = float32`` (``fp32_first_gram``) the bf16 input-rounding
-floor disappears for the first Gram product.
+The first step never scales operand tiles: X₀ = s·G is represented as t·X' with X' = round_c(p·G)
+written once by ``_scale_cast_kernel`` (p the power of two of the norm pass, so X' is G itself,
+exponent-shifted, whenever G is already in the storage dtype) and t = s/p applied in the
+epilogues: α·t² for the first Gram product, t·(Q·X' + a·X') for the first apply and the restart
+apply. Every matmul launch therefore reads plain storage-dtype operands, which the sm_90 pipeline
+feeds to asynchronous wgmma straight from shared memory; an operand multiplied in registers must
+be written back to shared memory first, and wgmma then waits for every k-step. The shift by p
+keeps the products in range: raw G ≈ 1e±30 would overflow or underflow the fp32 accumulator.
+With ``fp32_first_gram`` X' is kept in fp32 (no input rounding for the first step).
 
 Batching: programs are numbered batch-major over a 1-D grid (no 65 535 limit on the batch), with
 int64 offsets, so a matrix is computed by the same programs, tiles and reduction order whatever
@@ -40,7 +45,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["_round", "_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel",
-           "_pow2", "_exponent"]
+           "_scale_cast_kernel", "_pow2", "_exponent"]
 
 
 @triton.jit
@@ -82,12 +87,12 @@ def _sym_mm_kernel(
     ss_b, ss_r, ss_c,
     sy_b, sy_r, sy_c,
     sc_b, sc_r, sc_c,
-    # epilogue coefficients: C = alpha·P·Sᵀ + beta·Y
+    # epilogue coefficients: C = alpha·SCALE[b]²·P·Sᵀ + beta·Y
     alpha, beta,
     # meta-parameters
-    HAS_SCALE: tl.constexpr,    # operands are loaded as round(SCALE[b]·P)
+    HAS_SCALE: tl.constexpr,    # per-matrix epilogue factor SCALE[b]² (first Gram product)
     HAS_Y: tl.constexpr,
-    ROUND_DTYPE: tl.constexpr,  # storage precision the operands are rounded to after scaling
+    ROUND_DTYPE: tl.constexpr,  # precision operands are rounded to (a no-op when loaded in it)
     DOT_DTYPE: tl.constexpr,    # tl.dot operand dtype (fp32 under the interpreter)
     INPUT_PRECISION: tl.constexpr,
     OUT_ROUND: tl.constexpr,    # dtype the result is rounded to before the store
@@ -95,10 +100,11 @@ def _sym_mm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """C[b] = α·P[b]·S[b]ᵀ + β·Y[b] on the upper-triangle tiles, mirrored on store.
+    """C[b] = α·σ_b²·P[b]·S[b]ᵀ + β·Y[b] on the upper-triangle tiles, mirrored on store
+    (σ_b = SCALE[b] with HAS_SCALE, else 1).
 
     Valid when the exact result is symmetric (P = S, or P, S commuting symmetric matrices and
-    Y symmetric). Accumulation in fp32; α·acc + β·Y formed in fp32 and rounded once."""
+    Y symmetric). Accumulation in fp32; α·σ²·acc + β·Y formed in fp32 and rounded once."""
     pid = tl.program_id(0)
     pid_b = (pid // N_TRI).to(tl.int64)
     ti, tj = _triangle_tile(pid % N_TRI)
@@ -112,23 +118,22 @@ def _sym_mm_kernel(
 
     p_ptrs = P + pid_b * sp_b + rows[:, None] * sp_r + ks[None, :] * sp_c
     s_ptrs = S + pid_b * ss_b + cols[None, :] * ss_r + ks[:, None] * ss_c   # Sᵀ tile: BK×BM
-    if HAS_SCALE:
-        s = tl.load(SCALE + pid_b)
     acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, L, BLOCK_K):
         k_ok = (k0 + ks) < L
         p = tl.load(p_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         q = tl.load(s_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_SCALE:
-            p = p.to(tl.float32) * s
-            q = q.to(tl.float32) * s
         p = _round(p, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
         q = _round(q, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE)
         acc = tl.dot(p, q, acc, input_precision=INPUT_PRECISION)
         p_ptrs += step_k * sp_c
         s_ptrs += step_k * ss_c
 
-    out = acc * alpha
+    if HAS_SCALE:
+        s = tl.load(SCALE + pid_b)
+        out = acc * (alpha * s) * s     # two products: σ² alone may leave fp32's range
+    else:
+        out = acc * alpha
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_Y:
         y = tl.load(Y + pid_b * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
@@ -148,7 +153,7 @@ def _sym_mm_kernel(
 
 @triton.jit
 def _apply_kernel(
-    # pointers: Q (k×k), X (k×L), output O (k×L), per-matrix scale of X
+    # pointers: Q (k×k), X (k×L), output O (k×L), per-matrix epilogue factor
     Q, X, O, SCALE,
     # sizes
     K_IN, L, TILES_M, TILES_N,
@@ -158,8 +163,8 @@ def _apply_kernel(
     so_b, so_r, so_c,
     a,
     HAS_AX: tl.constexpr,
-    HAS_SCALE: tl.constexpr,    # X is read as round(SCALE[b]·X)
-    ROUND_DTYPE: tl.constexpr,  # precision X is rounded to after scaling (fp32: first step)
+    HAS_SCALE: tl.constexpr,    # O = SCALE[b]·(Q·X + a·X) (first and restart applies)
+    ROUND_DTYPE: tl.constexpr,  # precision X is rounded to (a no-op when loaded in it)
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     OUT_ROUND: tl.constexpr,    # storage rounding before the (possibly wider) output store
@@ -169,7 +174,8 @@ def _apply_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """O[b] = Q[b]·X[b] + a·X[b], fp32 accumulation, a·X added in fp32, one rounding.
+    """O[b] = σ_b·(Q[b]·X[b] + a·X[b]) (σ_b = SCALE[b] with HAS_SCALE, else 1), fp32
+    accumulation, a·X added and σ applied in fp32, one rounding.
 
     Programs are grouped GROUP_M tile-rows at a time so consecutive programs share X column
     panels in L2 (Triton tutorial 03)."""
@@ -192,15 +198,11 @@ def _apply_kernel(
     col_ok = cols < L
     q_ptrs = Q + pid_b * sq_b + rows[:, None] * sq_r + ks[None, :] * sq_c
     x_ptrs = X + pid_b * sx_b + ks[:, None] * sx_r + cols[None, :] * sx_c
-    if HAS_SCALE:
-        s = tl.load(SCALE + pid_b)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_IN, BLOCK_K):
         k_ok = (k0 + ks) < K_IN
         q = tl.load(q_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_SCALE:
-            x = x.to(tl.float32) * s
         acc = tl.dot(q.to(DOT_DTYPE), _round(x, ROUND_DTYPE, SOFT_BF16).to(DOT_DTYPE), acc,
                      input_precision=INPUT_PRECISION)
         q_ptrs += step_k * sq_c
@@ -209,9 +211,9 @@ def _apply_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_AX:
         x = tl.load(X + pid_b * sx_b + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=mask, other=0.0)
-        if HAS_SCALE:
-            x = x.to(tl.float32) * s
         acc += a * _round(x, ROUND_DTYPE, SOFT_BF16).to(tl.float32)
+    if HAS_SCALE:
+        acc = acc * tl.load(SCALE + pid_b)
     out = _round(acc, OUT_ROUND, SOFT_BF16)
     tl.store(O + pid_b * so_b + rows[:, None] * so_r + cols[None, :] * so_c, out, mask=mask)
 
@@ -275,20 +277,21 @@ def _sumsq_partial_kernel(
 
 
 @triton.jit
-def _scale_kernel(PART, EXPO, PRE, SCALE, AUX, SPLIT, safety, eps,
+def _scale_kernel(PART, EXPO, PRE, SCALE, POW2, REST, SPLIT, safety, eps,
                   ROOT: tl.constexpr, BLOCK_S: tl.constexpr):
     """Per-matrix scale of the normalization, from the partials of ``_sumsq_partial_kernel``.
 
     With E = max_p EXPO[b, p] and S = Σ_p PART[b, p]·2^(2(EXPO[b, p] − E)) = Σ (x·2^-E)²:
 
-    * ROOT = 2 (X = G): p = 2^-E, ν(G·p) = √S, and AUX[b] = p;
+    * ROOT = 2 (X = G): p = 2^-E and ν(G·p) = √S;
     * ROOT = 4 (X = (G·p)(G·p)ᵀ, p = PRE[b] the power of two of the ROOT = 2 pass):
-      ν(G·p) = ‖(G·p)(G·p)ᵀ‖_F^{1/2} = (√S·2^E)^{1/2}, and AUX[b] = t below;
+      ν(G·p) = ‖(G·p)(G·p)ᵀ‖_F^{1/2} = (√S·2^E)^{1/2};
 
-    then t = 1 / max(safety·ν(G·p), eps·p) and SCALE[b] = s = p·t = 1 / max(safety·ν(G), eps),
-    never forming ν(G) itself (which may overflow). NaN survives the max (the comparison is
-    written so NaN < eps·p is false), Inf gives s = 0 and then 0·Inf = NaN downstream; a zero
-    matrix gives s = 1/eps and stays zero."""
+    then REST[b] = t = 1 / max(safety·ν(G·p), eps·p), POW2[b] = p and SCALE[b] = s = p·t =
+    1 / max(safety·ν(G), eps), never forming ν(G) itself (which may overflow). The kernels use
+    s = t·p split in two: p (exact, a power of two) shifts G into range, t is applied in the
+    epilogues. NaN survives the max (the comparison is written so NaN < eps·p is false), Inf
+    gives t = s = 0 and then 0·Inf = NaN downstream; a zero matrix gives s = 1/eps and stays zero."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_S)
     ok = offs < SPLIT
@@ -308,7 +311,28 @@ def _scale_kernel(PART, EXPO, PRE, SCALE, AUX, SPLIT, safety, eps,
     d = tl.where(d < lim, lim, d)
     t = 1.0 / d
     tl.store(SCALE + b, p * t)
-    if ROOT == 2:
-        tl.store(AUX + b, p)
-    else:
-        tl.store(AUX + b, t)
+    tl.store(POW2 + b, p)
+    tl.store(REST + b, t)
+
+
+@triton.jit
+def _scale_cast_kernel(X, OUT, SCALE, R, N, TILES_C,
+                       sx_b, sx_r, sx_c,
+                       so_b, so_r, so_c,
+                       OUT_ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[b] = round(SCALE[b]·X[b]) on one BLOCK_R×BLOCK_C tile per program, product in fp32.
+
+    With SCALE = p (a power of two) this writes the first step's operand X' = round_c(p·G): one
+    read of G in any dtype and strides, one write in the storage dtype, so every matmul after it
+    loads plain storage-dtype tiles. Elementwise, so batch-invariant by construction."""
+    pid = tl.program_id(0)
+    per_b = ((R + BLOCK_R - 1) // BLOCK_R) * TILES_C
+    pid_b = (pid // per_b).to(tl.int64)
+    t = pid % per_b
+    rows = ((t // TILES_C) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = ((t % TILES_C) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = (rows[:, None] < R) & (cols[None, :] < N)
+    x = tl.load(X + pid_b * sx_b + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=mask, other=0.0)
+    y = _round(x.to(tl.float32) * tl.load(SCALE + pid_b), OUT_ROUND, SOFT_BF16)
+    tl.store(OUT + pid_b * so_b + rows[:, None] * so_r + cols[None, :] * so_c, y, mask=mask)

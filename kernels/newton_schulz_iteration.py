@@ -18,10 +18,11 @@ each step); restarts recompute R from X, and storage must be fp16 (10-bit mantis
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from .newton_schulz_launch import apply_q, inv_norm_scale, sym_mm
+from .newton_schulz_launch import apply_q, inv_norm_scale, scale_cast, sym_mm
 
 Triple = tuple[float, float, float]
 
@@ -36,35 +37,49 @@ def default_restarts(steps: int) -> tuple[int, ...]:
     return tuple(range(3, steps, 3))
 
 
-def first_gram(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, cdt: torch.dtype,
-               fp32_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A₀, s): s = 1/max(safety·ν, eps) per matrix and A₀ = round(X₀X₀ᵀ), X₀ = s·G.
+class FirstStep(NamedTuple):
+    """The normalized input X₀ = s·G, kept as t·X' (module docstring of ``kernels/newton_schulz.py``).
+
+    A: X₀X₀ᵀ rounded to the storage dtype; X: X' = round(p·G), (B, k, L), contiguous, in the storage
+    dtype (float32 with ``fp32_first``); t: (B,) fp32, the epilogue factor of the first apply;
+    s: (B,) fp32, the full scale (used when there are no steps)."""
+    A: torch.Tensor
+    X: torch.Tensor
+    t: torch.Tensor
+    s: torch.Tensor
+
+
+def first_step(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, cdt: torch.dtype,
+               fp32_first: bool) -> FirstStep:
+    """Normalize G and form the first Gram product; s = 1/max(safety·ν, eps) per matrix.
 
     Norms are taken of G·p, p the power of two with max|G·p| in [1, 2) (exact scaling), so no
-    square overflows or underflows whatever G's scale (``inv_norm_scale``).
-    "fro": ν = ‖G‖_F from one scaled pass over G, and s is applied while loading G.
-    "spectral": ν = ‖GGᵀ‖_F^{1/2}: p from a pass over G, then the Gram product of G·p (fp32
-    buffer, entries < 16·L: no overflow), its norm, and A₀ = round(t²·(G·p)(G·p)ᵀ), t = s/p.
-    ``fp32_first``: the Gram product reads G in fp32 (3xTF32 on a GPU), no input rounding."""
-    B, k, _ = Gv.shape
-    rd = torch.float32 if fp32_first else cdt
+    square overflows or underflows whatever G's scale (``inv_norm_scale``). One pass writes
+    X' = round(p·G) (``scale_cast``); every matmul reads X' as loaded, and t = s/p goes to the
+    epilogues.
+    "fro": ν = ‖G‖_F from the norm pass; A₀ = round(t²·X'X'ᵀ).
+    "spectral": ν = ‖GGᵀ‖_F^{1/2}: the Gram product X'X'ᵀ in an fp32 buffer (entries < 4·L: no
+    overflow), its norm, and A₀ = round(t²·X'X'ᵀ).
+    ``fp32_first``: X' is kept in fp32 and the Gram product uses 3xTF32 dots (no input rounding)."""
+    B, k, L = Gv.shape
+    if normalize not in ("fro", "spectral"):
+        raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
+    xdt = torch.float32 if fp32_first else cdt
+    ns = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
+    X = scale_cast(Gv, ns.p, torch.empty(B, k, L, device=Gv.device, dtype=xdt))
     if normalize == "fro":
-        s, _ = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
-        A = torch.empty(B, k, k, device=Gv.device, dtype=cdt)
-        sym_mm(Gv, Gv, A, scale=s, round_dtype=rd, first_fp32=fp32_first)
-        return A, s
-    if normalize == "spectral":
-        _, p = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
-        raw = torch.empty(B, k, k, device=Gv.device, dtype=torch.float32)
-        sym_mm(Gv, Gv, raw, scale=p, round_dtype=rd, first_fp32=fp32_first)
-        s, t = inv_norm_scale(raw, safety=safety, eps=eps, root=4, pre=p)
-        return (raw * (t * t)[:, None, None]).to(cdt), s
-    raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
+        A = sym_mm(X, X, torch.empty(B, k, k, device=Gv.device, dtype=cdt), scale=ns.t, round_dtype=xdt,
+                   first_fp32=fp32_first)
+        return FirstStep(A, X, ns.t, ns.s)
+    raw = sym_mm(X, X, torch.empty(B, k, k, device=Gv.device, dtype=torch.float32), round_dtype=xdt,
+                 first_fp32=fp32_first)
+    sp = inv_norm_scale(raw, safety=safety, eps=eps, root=4, pre=ns.p)
+    return FirstStep((raw * (sp.t * sp.t)[:, None, None]).to(cdt), X, sp.t, sp.s)
 
 
 def _first_x(on: bool) -> dict:
-    """apply_q options reading G in fp32: the input-rounding error E of X₀ = G + E would otherwise
-    survive as q(A)·E, amplified by 1/σ_min, however exact the Gram product was."""
+    """apply_q options for an fp32 X' (``fp32_first``): the input-rounding error E of X₀ = G + E
+    would otherwise survive as q(A)·E, amplified by 1/σ_min, however exact the Gram product was."""
     return {"x_round_dtype": torch.float32, "first_fp32": True} if on else {}
 
 
@@ -75,16 +90,23 @@ def _poly(R: torch.Tensor, b: float, c: float) -> torch.Tensor:
     return sym_mm(R, R, torch.empty_like(R), Y=R, alpha=c, beta=b)
 
 
+def _no_steps(Gv: torch.Tensor, out: torch.Tensor, s: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    out.copy_((Gv.float() * s[:, None, None]).to(cdt))
+    return out
+
+
 def ns_standard(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple], *, normalize: str,
                 safety: float, eps: float, cdt: torch.dtype, fp32_first: bool) -> torch.Tensor:
     """Standard quintic NS on the logical wide view Gv (B, k, L); writes out (same logical view)."""
-    A, s = first_gram(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
+    A, X, t, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
     steps = len(coefficients)
     if steps == 0:
-        out.copy_((Gv.float() * s[:, None, None]).to(cdt))
-        return out
-    bufs = [torch.empty(Gv.shape, device=Gv.device, dtype=cdt) for _ in range(min(2, steps - 1))]
-    X, Xscale = Gv, s
+        return _no_steps(Gv, out, s, cdt)
+    # Ping-pong buffers; X' serves as the second one once step 0 has read it.
+    bufs = [torch.empty(Gv.shape, device=Gv.device, dtype=cdt) for _ in range(min(1, steps - 1))]
+    if steps > 2:
+        bufs.append(X if X.dtype == cdt else torch.empty(Gv.shape, device=Gv.device, dtype=cdt))
+    Xscale = t
     for i, (a, b, c) in enumerate(coefficients):
         if i > 0:
             A = sym_mm(X, X, A)
@@ -101,11 +123,9 @@ def ns_gram(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple],
     """Gram-space NS (module docstring) on the logical wide view Gv (B, k, L) in storage ``cdt``."""
     steps = len(coefficients)
     restarts = set(default_restarts(steps) if restarts is None else restarts) - {0}
-    R, s = first_gram(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
+    R, X, Xscale, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
     if steps == 0:
-        out.copy_((Gv.float() * s[:, None, None]).to(cdt))
-        return out
-    X, Xscale = Gv, s
+        return _no_steps(Gv, out, s, cdt)
     Q = None
     for i, (a, b, c) in enumerate(coefficients):
         if i in restarts:

@@ -12,6 +12,7 @@ once per (k, L, dtype, arch) key — never per batch size, which keeps batch inv
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _config, interpreter_enabled
-from .newton_schulz import _apply_kernel, _scale_kernel, _sumsq_partial_kernel, _sym_mm_kernel
+from .newton_schulz import _apply_kernel, _scale_cast_kernel, _scale_kernel, _sumsq_partial_kernel, _sym_mm_kernel
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _TUNED: dict[tuple, _config.Config] = {}
@@ -110,12 +111,13 @@ def _choose(kind: str, k: int, L: int, dtype: torch.dtype, t: torch.Tensor, laun
 def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tensor | None = None,
            alpha: float = 1.0, beta: float = 0.0, scale: torch.Tensor | None = None,
            round_dtype: torch.dtype | None = None, first_fp32: bool = False) -> torch.Tensor:
-    """out[b] = α·P[b]·S[b]ᵀ + β·Y[b], computed on the upper-triangle tiles and mirrored.
+    """out[b] = α·σ_b²·P[b]·S[b]ᵀ + β·Y[b], computed on the upper-triangle tiles and mirrored.
 
     Requires the exact result to be symmetric (P = S, or P and S commuting and symmetric).
-    P, S: (B, k, L); Y, out: (B, k, k). ``scale`` (B,) fp32: operands read as round(scale[b]·P).
-    ``round_dtype``: precision operands are rounded to (default: out's dtype, or P's when out
-    is fp32)."""
+    P, S: (B, k, L); Y, out: (B, k, k). ``scale`` (B,) fp32: σ, applied in the epilogue (the
+    first Gram product t²·X'X'ᵀ), else σ = 1. ``round_dtype``: precision operands are rounded to
+    (default: out's dtype, or P's when out is fp32); operands already in it are used as loaded,
+    which keeps the sm_90 pipeline asynchronous."""
     if P.dim() != 3 or S.shape != P.shape:
         raise ValueError(f"sym_mm: P and S must be the same 3-D shape, got {tuple(P.shape)}, {tuple(S.shape)}")
     B, k, L = P.shape
@@ -148,12 +150,14 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
 def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0.0,
             scale: torch.Tensor | None = None, round_dtype: torch.dtype | None = None,
             x_round_dtype: torch.dtype | None = None, first_fp32: bool = False) -> torch.Tensor:
-    """out[b] = round(Q[b]·X̂[b] + a·X̂[b]) with X̂ = round_x(scale[b]·X[b]) (or X).
+    """out[b] = round(σ_b·(Q[b]·X̂[b] + a·X̂[b])) with X̂ = round_x(X[b]), σ = ``scale`` or 1.
 
-    Q: (B, k, k) in storage dtype; X, out: (B, k, L). The result is rounded to ``round_dtype``
-    (storage, default Q's dtype) and then stored in out's dtype. ``x_round_dtype`` (default
-    ``round_dtype``) is the precision of X̂: float32 for the first step of ``fp32_first_gram``,
-    whose input G must not be rounded to bf16 on either side of the product."""
+    Q: (B, k, k) in storage dtype; X, out: (B, k, L); ``scale`` (B,) fp32 is applied in the
+    epilogue (the first and restart applies t·(Q·X' + a·X')). The result is rounded to
+    ``round_dtype`` (storage, default Q's dtype) and then stored in out's dtype.
+    ``x_round_dtype`` (default ``round_dtype``) is the precision of X̂: float32 for the first
+    step of ``fp32_first_gram``, whose input must not be rounded to bf16 on either side of the
+    product; X already in it is used as loaded."""
     if Q.dim() != 3 or X.dim() != 3 or Q.shape[0] != X.shape[0] or Q.shape[1:] != (X.shape[1], X.shape[1]):
         raise ValueError(f"apply_q: need Q (B, k, k) and X (B, k, L), got {tuple(Q.shape)}, {tuple(X.shape)}")
     if out.shape != X.shape:
@@ -184,14 +188,24 @@ def _split(rows: int, cols: int) -> int:
     return max(1, min(64, (rows * cols) // (1 << 18)))
 
 
-def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
-                   pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, aux), (B,) fp32 tensors, from one scaled pass over X; no host sync.
+class NormScale(NamedTuple):
+    """Per-matrix normalization factors, (B,) fp32 each: s = p·t = 1 / max(safety·ν, eps).
 
-    root = 2 (X = G): s_b = 1 / max(safety·‖G_b‖_F, eps) and aux = p_b, the power of two with
-    max|G_b|·p_b in [1, 2) (clamped to [2^-126, 2^126]).
+    p: the power of two with max|G·p| in [1, 2) (clamped to [2^-126, 2^126]): shifts G into range
+    exactly; t = s/p: the rest, applied in the kernels' epilogues."""
+    s: torch.Tensor
+    p: torch.Tensor
+    t: torch.Tensor
+
+
+def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
+                   pre: torch.Tensor | None = None) -> NormScale:
+    """(s, p, t) from one scaled pass over X; no host sync.
+
+    root = 2 (X = G): s_b = 1 / max(safety·‖G_b‖_F, eps), p_b the power of two with max|G_b|·p_b
+    in [1, 2), t_b = s_b / p_b.
     root = 4 (X = (G·p)(G·p)ᵀ, ``pre`` = p from the root-2 pass): s_b = 1 / max(safety·ν_b, eps)
-    with ν_b = ‖G_bG_bᵀ‖_F^{1/2} ≥ σ_max(G_b), and aux = t_b = s_b / p_b, the factor that
+    with ν_b = ‖G_bG_bᵀ‖_F^{1/2} ≥ σ_max(G_b), p = ``pre`` and t_b = s_b / p_b, the factor that
     turns X_b into X₀X₀ᵀ = t_b²·X_b.
 
     Squares are taken of x·2^-E (E the clamped exponent of max|x|), so neither ‖G‖² nor ν(G)
@@ -200,16 +214,36 @@ def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
     (fewer than 24 significant bits) only when safety·ν(G) > 2^126 ≈ 8.5e37."""
     B, R, N = X.shape
     if root not in (2, 4) or (root == 4) != (pre is not None):
-        raise ValueError("inv_norm_scale: root=2 without pre, or root=4 with pre (the root-2 pass's aux)")
+        raise ValueError("inv_norm_scale: root=2 without pre, or root=4 with pre (the root-2 pass's p)")
     split = _split(R, N)
     block_r, block_c = (16, 32) if interpreter_enabled() else (32, 128)
     part = torch.empty(B * split, device=X.device, dtype=torch.float32)
     expo = torch.empty(B * split, device=X.device, dtype=torch.int32)
-    scale = torch.empty(B, device=X.device, dtype=torch.float32)
-    aux = torch.empty(B, device=X.device, dtype=torch.float32)
+    out = NormScale(*(torch.empty(B, device=X.device, dtype=torch.float32) for _ in range(3)))
     if B == 0:
-        return scale, aux
+        return out
     _sumsq_partial_kernel[(B * split,)](X, part, expo, R, N, split, *X.stride(), BLOCK_R=block_r, BLOCK_C=block_c)
-    _scale_kernel[(B,)](part, expo, pre if pre is not None else scale, scale, aux, split, float(safety), float(eps),
-                        ROOT=root, BLOCK_S=triton.next_power_of_2(split))
-    return scale, aux
+    _scale_kernel[(B,)](part, expo, pre if pre is not None else out.s, out.s, out.p, out.t, split, float(safety),
+                        float(eps), ROOT=root, BLOCK_S=triton.next_power_of_2(split))
+    return out
+
+
+def scale_cast(X: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[b] = round_out(scale[b]·X[b]) (product in fp32, one rounding to out's dtype).
+
+    X: (B, R, N) any float dtype and strides; scale: (B,) fp32; out: (B, R, N) bf16, fp16 or fp32.
+    With scale = p (``NormScale.p``) this is the first step's operand X' = round(p·G): exact when
+    G is already in out's dtype (a power-of-two shift)."""
+    if X.dim() != 3 or out.shape != X.shape:
+        raise ValueError(f"scale_cast: X and out must be the same 3-D shape, got {tuple(X.shape)}, {tuple(out.shape)}")
+    if scale.shape != X.shape[:1] or scale.dtype != torch.float32:
+        raise ValueError("scale_cast: scale must be a (B,) float32 tensor")
+    B, R, N = X.shape
+    # Along the contiguous axis of the input: 128 elements (16-byte loads and stores), 32 rows.
+    block_r, block_c = (16, 32) if interpreter_enabled() else (32, 128)
+    tc = triton.cdiv(N, block_c)
+    if B * R * N > 0:
+        _scale_cast_kernel[(B * triton.cdiv(R, block_r) * tc,)](
+            X, out, scale, R, N, tc, *X.stride(), *out.stride(),
+            OUT_ROUND=tl_dtype(out.dtype), SOFT_BF16=interpreter_enabled(), BLOCK_R=block_r, BLOCK_C=block_c)
+    return out

@@ -127,16 +127,8 @@ def _tags(v):
     return set(v.split())
 
 
-def _fp32_g(v):
-    return "fp32" in v and "scale" in _tags(v)     # operands read from an fp32 G
-
-
 PENDING = {
-    "async": [  # wgmma waits to 0 on every k-step when the scale is applied to the operand tiles
-        (lambda a, sh, k, v: "scale" in _tags(v),
-         "kernel work pending: first-step/restart path applies the per-matrix scale to operand tiles, "
-         "wgmma waits to 0 (WARPGROUP.DEPBAR.LE gsb0, 0x0) every k-step; move the scale to the epilogue"),
-    ],
+    "async": [],
     "tma_loads": [
         (lambda a, sh, k, v: k == "sym", "kernel work pending: the sm_90 symmetric kernel loads with cp.async "
                                          "(LDGSTS), no TMA descriptors (UTMALDG)"),
@@ -145,18 +137,8 @@ PENDING = {
         (lambda a, sh, k, v: k == "sym", "kernel work pending: the symmetric kernel's masked mirrored store compiles "
                                          "to scalar 2-byte STG.E.U16 even on off-diagonal tiles"),
     ],
-    "spills": [
-        (lambda a, sh, k, v: a in (86, 89) and sh == "64x128x128" and k == "apply" and _fp32_g(v),
-         "kernel work pending: the first apply on fp32 G (64x128x64, fp32 X tiles) spills 12 B on sm_86/sm_89"),
-        (lambda a, sh, k, v: a == 100 and k == "apply" and "tall" in _tags(v) and "scale" in _tags(v)
-         and not _fp32_g(v),
-         "kernel work pending: the restart apply reading a tall bf16 G (128x256x64) spills 16 B on sm_100"),
-    ],
-    "smem": [
-        (lambda a, sh, k, v: a in (86, 89) and _fp32_g(v),
-         "kernel work pending: fp32-input first-step configs are sized for bf16 loads and exceed the 99 KiB "
-         "per-block limit of sm_86/sm_89 (112-160 KiB)"),
-    ],
+    "spills": [],
+    "smem": [],
 }
 
 
