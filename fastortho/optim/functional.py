@@ -3,7 +3,7 @@ r"""Stateless phases of a Muon step, shared by :class:`fastortho.Muon`, its dist
 
 A Muon step on a list of matrix parameters runs in three phases:
 
-1. **momentum** (:func:`momentum_phase`, per group, fused, :func:`fastortho.muon_step.muon_momentum_`):
+1. **momentum** (:func:`momentum_phase`, per group, fused, :func:`fastortho.ops.muon_momentum_`):
    :math:`B \leftarrow \beta B + (1-\beta) g` (``"ema"``) or :math:`B \leftarrow \beta B + g` (``"sum"``),
    and the orthogonalizer input :math:`u` (Nesterov blend or :math:`B`), with a per-tensor
    :math:`\sum u^2` that doubles as the non-finite check; :func:`matrix_units` then views each
@@ -12,7 +12,7 @@ A Muon step on a list of matrix parameters runs in three phases:
 2. **orthogonalize** (:func:`orthogonalize_units`, across groups): units of equal ``(m, n, dtype,
    device)`` and equal :class:`OrthoConfig` are concatenated and orthogonalized in one batched call,
    :math:`O \approx U V^\top`;
-3. **apply** (:func:`apply_phase`, per group, fused, :func:`fastortho.muon_step.muon_apply_`):
+3. **apply** (:func:`apply_phase`, per group, fused, :func:`fastortho.ops.muon_apply_`):
    :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\, s(m, n)\, O` with the learning-rate scale
    :math:`s` of :func:`lr_scale_factor`, computed from the matrix shape *after* flattening/splitting.
 
@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from fastortho.coefficients import Schedule
-from fastortho.muon_step import muon_apply_, muon_momentum_
+from fastortho.newton_schulz import newton_schulz
+from fastortho.ops import muon_apply_, muon_momentum_
 from fastortho.optim.adamw import adamw_step_
 from fastortho.optim.variants import momentum_tensor_, normuon_, normuon_state
 from fastortho.optim.defaults import (
@@ -41,7 +42,7 @@ from fastortho.optim.defaults import (
 from fastortho.optim.shapes import (
     LR_SCALES, TORCH_ADJUST_LR_FN, lr_scale_factor, matrix_shape, resolve_lr_scale, resolve_ns_dtype, split_blocks,
 )
-from fastortho.orthogonalize import newton_schulz, polar
+from fastortho.polar import polar
 
 __all__ = [
     "LR_SCALES", "TORCH_ADJUST_LR_FN", "lr_scale_factor", "resolve_lr_scale", "matrix_shape",

@@ -47,7 +47,7 @@ def _hyperparameters(g: dict[str, Any], algo: str) -> dict[str, Any]:
     if kind == "adamw":
         return {dst: g[src] for src, dst in _ADAMW_KEYS.items() if src in g}
     if kind == "mixed":  # timm: its fallback AdamW runs at lr * fallback_lr_scale
-        out = {dst: g[src] for src, dst in _ADAMW_KEYS.items() if src in ("betas", "eps") and src in g}
+        out = {dst: g[src] for src, dst in _ADAMW_KEYS.items() if src in ("betas", "eps", "weight_decay") and src in g}
         if "lr" in g:
             out["lr"] = g["lr"] * g.get("fallback_lr_scale", 1.0)
         return out

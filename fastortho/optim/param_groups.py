@@ -25,6 +25,13 @@ _EMBED = (nn.Embedding, nn.EmbeddingBag)
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 #: Module names that mark an output head (the last component of the module's path).
 HEAD_NAMES = frozenset({"lm_head", "head", "output", "out", "classifier", "fc", "score", "logits"})
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2, GPT-J's ancestors): a Linear whose weight is stored (in, out)."""
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers")
+
+
 #: Name fragments of directly registered parameters that are additive tables (position embeddings,
 #: learned tokens), not maps: ViT's ``cls_token``/``pos_embed``, ``register_tokens``, ``mask_token``.
 _TABLE_WORDS = ("embed", "token", "pos")
@@ -166,14 +173,16 @@ def _routes(
             seen.add(id(p))
             full = name_of.get(id(p), f"{mname}.{pname}" if mname else pname)
             opts: tuple[tuple[str, Any], ...] = ()
-            direct = not isinstance(mod, (nn.Linear, *_CONV, *_CONV_T, *_EMBED, nn.MultiheadAttention))
+            direct = not (isinstance(mod, (nn.Linear, *_CONV, *_CONV_T, *_EMBED, nn.MultiheadAttention))
+                          or _is_hf_conv1d(mod))
             if id(p) in to_adamw:
                 group, reason = "adamw", "force_adamw"
             elif id(p) in to_muon:
                 if p.ndim < 2:
                     raise ValueError(f"force_muon: {full} is {p.ndim}-D; Muon needs a matrix (ndim >= 2)")
                 group, reason = "muon", "force_muon"
-                opts = (("flatten", True),) if isinstance(mod, _CONV) else ()
+                opts = ((("flatten", True),) if isinstance(mod, _CONV) else
+                        (("fan_in_first", True),) if _is_hf_conv1d(mod) and pname == "weight" else ())
             elif p.ndim < 2:
                 group, reason = "adamw", f"{p.ndim}-D (bias, norm gain or scalar)"
             elif id(p) in embed_of:
@@ -196,6 +205,9 @@ def _routes(
             elif split_qkv and isinstance(mod, nn.MultiheadAttention) and pname == "in_proj_weight":
                 group, reason = "muon", "fused Q/K/V projection, split in 3"
                 opts = (("split_sizes", (mod.embed_dim,) * 3),)
+            elif _is_hf_conv1d(mod) and pname == "weight":
+                # stored (fan_in, fan_out): the lr scale must read the shape transposed
+                group, reason, opts = "muon", "Hugging Face Conv1D, weight stored (in, out)", (("fan_in_first", True),)
             elif p.ndim >= 3:
                 group, reason, opts = "muon", "stack of matrices (e.g. experts)", (("flatten", False),)
             else:
@@ -267,7 +279,9 @@ def muon_param_groups(
        ``flatten=True``: ``(out, in·k...)`` matrices.
     8. ``nn.MultiheadAttention.in_proj_weight`` → Muon with ``split_sizes=(E, E, E)`` when ``split_qkv``
        (Q, K and V are separate maps stored in one tensor).
-    9. Any other parameter with ndim ≥ 2 (``nn.Linear`` weights, custom 2-D matrices, stacked
+    9. Hugging Face ``Conv1D`` weights (GPT-2) → Muon with ``fan_in_first=True``: they are stored
+       ``(in, out)``, so the lr scale reads the shape transposed.
+    10. Any other parameter with ndim ≥ 2 (``nn.Linear`` weights, custom 2-D matrices, stacked
        ``(E, m, n)`` experts) → Muon; ndim ≥ 3 ones are stacks (``flatten=False``).
 
     ``verbose=True`` prints the routing table (:func:`describe_param_groups` returns it as rows).
