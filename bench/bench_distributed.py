@@ -4,6 +4,7 @@
 Usage::
 
     python bench/bench_distributed.py                    # W = 2 and 4, a 2-layer transformer's matrices
+    python bench/bench_distributed.py --overlap --world 4 --dim 384 --mats 16   # exposed communication
     python bench/bench_distributed.py --world 2 --dim 64 --layers 1 --reps 3   # CI-sized
     python bench/bench_distributed.py --csv bench/distributed.csv
 
@@ -25,6 +26,17 @@ over ranks: ``B/param`` from the independent counter (everything), ``payload`` f
 without ``flags`` (the per-parameter non-finite flags all-reduce of sharded strategies). Times are
 the median over ``--reps`` steps of the slowest rank (CPU, 1 thread per rank,
 gloo over loopback: the NS flops dominate, so this shows the load balance more than the network).
+
+``--overlap``: ``--mats`` matrices d×d on FSDP2-style Shard(0) (``a2a``), fp32 NS, one step per rep in
+five modes: ``one stage`` (``bucket_numel=inf``: every shard travels, then all NS, then every result
+travels back), ``pipelined`` (``bucket_numel=d²``: one matrix per stage, stage s+1's exchange in
+flight during stage s's NS), and ``comm only`` (one stage, the orthogonalizer replaced by a copy: the
+exchange's own time). *Exposed communication* is ``comm_stats["wait_s"]`` (time blocked in
+``work.wait()``) on the rank with the most NS time in that step (the critical path; other ranks
+also wait for it, which is load imbalance, not communication); hidden = 1 − exposed(pipelined) /
+exposed(one stage). ``--link-mbs B`` slows every all-to-all by (bytes this rank sends)/B MB/s, a
+sleeping thread after the real collective (a link whose transfer does not use the CPU; loopback gloo
+on an oversubscribed CPU otherwise measures scheduling more than communication).
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ import pickle
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -182,6 +195,122 @@ def _run(rank: int, world: int, port: int, outfile: str, cfg: dict) -> None:
     dist.destroy_process_group()
 
 
+class _SlowWork:
+    """An async collective that completes ``delay`` seconds after the real one: a link of finite
+    bandwidth whose transfer, like a NIC's or NVLink's DMA, does not use the CPU (a sleeping thread)."""
+
+    def __init__(self, work, delay: float) -> None:
+        self.thread = threading.Thread(target=lambda: (work.wait(), time.sleep(delay)))
+        self.thread.start()
+
+    def wait(self) -> bool:
+        self.thread.join()
+        return True
+
+
+_LINK = {"mbs": 0.0}  # 0: the link as is
+
+
+def _slow_link() -> None:
+    """Make ``dist.all_to_all_single`` take an extra (bytes this rank sends) / ``_LINK["mbs"]`` MB/s."""
+    real = dist.all_to_all_single
+
+    def slow(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        work = real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=True)
+        if _LINK["mbs"]:
+            me = dist.get_rank(group)
+            own = input_split_sizes[me] if input_split_sizes else 0
+            work = _SlowWork(work, (input.numel() - own) * input.element_size() / (_LINK["mbs"] * 1e6))
+        return work if async_op else work.wait()
+
+    dist.all_to_all_single = slow
+
+
+def _run_overlap(rank: int, world: int, port: int, outfile: str, cfg: dict) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _slow_link()
+    import fastortho
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    d = cfg["dim"]
+    torch.manual_seed(0)
+    full = [0.02 * torch.randn(d, d) for _ in range(cfg["mats"])]
+    rows = []
+    slow = cfg["link_mbs"]
+    modes = [("one stage", float("inf"), None, slow), ("pipelined", d * d, None, slow),
+             ("one stage", float("inf"), None, 0.0), ("pipelined", d * d, None, 0.0),
+             ("comm only", float("inf"), lambda x: x.clone(), slow)]
+    for name, bucket, ortho, mbs in modes:
+        _LINK["mbs"] = mbs
+        ps = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)], src_data_rank=None)) for t in full]
+        for p in ps:
+            p.grad = distribute_tensor(torch.randn(d, d), mesh, [Shard(0)], src_data_rank=None)
+        kw = dict(orthogonalizer=ortho) if ortho is not None else {}
+        opt = fastortho.Muon(ps, lr=0.02, ns_dtype=torch.float32, **kw)
+        opt._dist_engine.bucket_numel = bucket
+        opt.step()  # warm-up and plan check
+        per = []
+        for _ in range(cfg["reps"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            dt = time.perf_counter() - t0
+            st = opt.comm_stats
+            v = torch.tensor([[dt, st["ns_s"], st["wait_s"]]], dtype=torch.float64)
+            allv = [torch.empty_like(v) for _ in range(world)]
+            dist.all_gather(allv, v)
+            allv = torch.cat(allv)
+            crit = int(allv[:, 1].argmax())
+            per.append((allv[:, 0].max().item(), allv[crit, 1].item(), allv[crit, 2].item()))
+        per.sort()
+        step, ns, wait = per[len(per) // 2]
+        rows.append(dict(mode=name, link_mbs=mbs, world=world, dim=d, mats=cfg["mats"], stages=opt.comm_stats["stages"],
+                         bytes=opt.comm_stats["bytes"].get("a2a", 0), step_ms=step * 1e3, ns_ms=ns * 1e3,
+                         wait_ms=wait * 1e3))
+    if rank == 0:
+        with open(outfile, "wb") as f:
+            pickle.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _overlap_main(args, method: str, dev: str) -> list[dict]:
+    cfg = dict(dim=args.dim, mats=args.mats, reps=args.reps, link_mbs=args.link_mbs)
+    link = f"link slowed to {args.link_mbs:g} MB/s per rank" if args.link_mbs else "loopback link"
+    print(f"# {dev} | gloo, {link} | overlap: {args.mats} matrices {args.dim}x{args.dim} on Shard(0), "
+          f"fp32 NS, median of {args.reps} steps")
+    print(f"{'W':>2} {'mode':<10} {'link MB/s':>9} {'stages':>6} {'a2a B/rank':>10} {'step ms':>8} {'NS ms':>8} "
+          f"{'wait ms':>8}")
+    out = []
+    for W in args.world:
+        with tempfile.TemporaryDirectory() as d:
+            f = os.path.join(d, "rows.pkl")
+            mp.start_processes(_run_overlap, args=(W, _free_port(), f, cfg), nprocs=W, join=True,
+                               start_method=method)
+            with open(f, "rb") as fh:
+                rows = pickle.load(fh)
+        for r in rows:
+            link = f"{r['link_mbs']:g}" if r["link_mbs"] else "as is"
+            print(f"{W:>2} {r['mode']:<10} {link:>9} {r['stages']:>6} {r['bytes']:>10} {r['step_ms']:8.1f} "
+                  f"{r['ns_ms']:8.1f} {r['wait_ms']:8.1f}")
+            r["device"] = dev
+        # exposed communication: the critical rank's blocked time; the step-time difference (slowed
+        # link minus link as is) is printed too, but on a loaded, oversubscribed CPU it is mostly noise
+        one, pipe = rows[0]["step_ms"] - rows[2]["step_ms"], rows[1]["step_ms"] - rows[3]["step_ms"]
+        print(f"# W={W}: exposed communication (critical rank's wait) {rows[0]['wait_ms']:.1f} ms one stage, "
+              f"{rows[1]['wait_ms']:.1f} ms pipelined: {100 * (1 - rows[1]['wait_ms'] / rows[0]['wait_ms']):.0f}% "
+              f"hidden; link as is: {rows[2]['wait_ms']:.1f} / {rows[3]['wait_ms']:.1f} ms. Step-time cost of the "
+              f"slowed link: {one:.1f} ms one stage, {pipe:.1f} ms pipelined (noisy); comm-only step "
+              f"{rows[4]['step_ms']:.1f} ms")
+        out += rows
+    if args.csv:
+        write_csv(args.csv, out)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,6 +325,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--overlap", action="store_true",
+                    help="measure exposed communication with and without the pipelined exchange")
+    ap.add_argument("--mats", type=int, default=16, help="--overlap: number of d×d matrices")
+    ap.add_argument("--link-mbs", type=float, default=0.0,
+                    help="--overlap: add (bytes sent)/(this many MB/s) to every all-to-all (0: as is)")
     args = ap.parse_args(argv)
     cfg = dict(dim=args.dim, layers=args.layers, reps=args.reps, ns_dtype=args.ns_dtype)
     import fastortho  # noqa: F401  (imported before fork: workers inherit it)
@@ -203,6 +337,8 @@ def main(argv=None) -> list[dict]:
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     dev = device_string("cpu")
+    if args.overlap:
+        return _overlap_main(args, method, dev)
     print(f"# {dev} | gloo | {len(_shapes(args.dim, args.layers))} matrices, d={args.dim}, "
           f"NS dtype {args.ns_dtype} (torch.optim.Muon: bf16)")
     print(f"{'W':>2} {'strategy':<17} {'B/param':>8} {'payload':>8} {'ideal':>7} {'flags':>7} {'colls':>6} "

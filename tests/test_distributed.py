@@ -104,7 +104,9 @@ def test_pipelined_exchange_bit_identical(w2, w4, world, name):
     kind = "a2a" if "a2a" in name else "owner"
     for d in per_rank:
         for stages, calls in zip(d["stages"], d["collectives"]):
-            assert stages >= 8  # 15 matrices / split blocks: many stages, not one
+            # 19 matrices and split blocks over W owners, about one per owner and stage: W=2 gives 7-10
+            # stages, W=4 gives 4-6 (the busiest owner's count); never one
+            assert stages >= 3
             assert calls[kind] == (2 if kind == "a2a" else 1) * stages  # one exchange per stage and way
 
 

@@ -33,13 +33,15 @@ class CommStats(TypedDict):
     ns_flops: int  # Newton–Schulz flops run by this rank
     ns_calls: int  # batched orthogonalizer calls on this rank
     stages: int  # pipeline stages of the exchanged matrices (see ``DistributedMuonEngine.bucket_numel``)
-    wait_s: float  # seconds this rank blocked waiting for exchanges: the communication NS did not hide
+    # host seconds (CPU/gloo: the time itself; CUDA/NCCL: launches and stream waits only)
+    wait_s: float  # blocked waiting for exchanges: the communication NS did not hide
+    ns_s: float  # in the orthogonalizer
 
 
 class DistributedMuonEngine:
     """Runs :meth:`fastortho.Muon.step` when parameters are DTensors or a process group is given."""
 
-    #: default pipeline stage size (elements of the exchanged matrices per process group); overridden by
+    #: default pipeline stage size (elements of exchanged matrices per owner and process group); overridden by
     #: ``FASTORTHO_DIST_BUCKET_NUMEL``
     BUCKET_NUMEL = 1 << 24
 
@@ -54,8 +56,9 @@ class DistributedMuonEngine:
         self.check_every_step = os.environ.get("FASTORTHO_DIST_CHECK", "0") == "1"
         self._layouts: dict[tuple[int, int], tuple[Any, Layout]] = {}
         self.stats: CommStats | dict = {}
-        #: elements of exchanged matrices per pipeline stage and process group: stage s+1's exchange
-        #: overlaps stage s's NS. ``math.inf``: one stage (no overlap). Must be equal on every rank.
+        #: elements of exchanged matrices each owner orthogonalizes per pipeline stage (per process
+        #: group): stage s+1's exchange overlaps stage s's NS. ``math.inf``: one stage (no overlap).
+        #: Must be equal on every rank.
         self.bucket_numel: float = (bucket_numel if bucket_numel is not None else
                                     int(os.environ.get("FASTORTHO_DIST_BUCKET_NUMEL", self.BUCKET_NUMEL)))
         if not self.bucket_numel >= 1:
@@ -82,7 +85,7 @@ class DistributedMuonEngine:
         """One step over ``param_groups`` with optimizer ``state``; returns the finite masks of the groups
         with ``nonfinite="skip"`` (for the optimizer's count)."""
         self.stats = CommStats(bytes={}, ideal={}, collectives={}, numel={}, ns_flops=0, ns_calls=0, stages=0,
-                               wait_s=0.0)
+                               wait_s=0.0, ns_s=0.0)
         selected = [(gi, [i for i, p in enumerate(g["params"]) if p.grad is not None])
                     for gi, g in enumerate(param_groups)]
         key = tuple((gi, tuple(idx)) for gi, idx in selected)
@@ -185,22 +188,25 @@ class DistributedMuonEngine:
                 for (g, dt), ks_ in by.items()]
 
     def _stages(self, tasks: list[Task]) -> list[list[int]]:
-        """The exchanged tasks (``a2a``, ``owner``) in pipeline stages: per process group, in task order,
-        a new stage once a stage holds ``bucket_numel`` elements (at least one task per stage). Every member
-        of a group sees the same tasks of that group, so it cuts the same stages."""
-        per_group: dict[Any, list[list[int]]] = {}
-        fill: dict[Any, int] = {}
+        """The exchanged tasks (``a2a``, ``owner``) in pipeline stages. Per process group and owner, the
+        owner's tasks in task order are cut into chunks of ``bucket_numel`` elements (at least one task
+        each); stage s holds every owner's s-th chunk, so every rank has NS work in every stage (a stage
+        of one owner's matrices would serialize the ranks' NS). Owners are part of the plan, so every
+        member of a group cuts the same stages."""
+        per_owner: dict[tuple[Any, int], list[list[int]]] = {}
+        fill: dict[tuple[Any, int], int] = {}
         for k, t in enumerate(tasks):
             if t.strategy not in ("a2a", "owner"):
                 continue
-            chunks = per_group.setdefault(t.lay.group, [[]])
-            if chunks[-1] and fill[t.lay.group] + t.numel() > self.bucket_numel:
+            key = (t.lay.group, t.owner)
+            chunks = per_owner.setdefault(key, [[]])
+            if chunks[-1] and fill[key] + t.numel() > self.bucket_numel:
                 chunks.append([])
-                fill[t.lay.group] = 0
+                fill[key] = 0
             chunks[-1].append(k)
-            fill[t.lay.group] = fill.get(t.lay.group, 0) + t.numel()
-        n = max((len(c) for c in per_group.values()), default=0)
-        return [sorted(k for c in per_group.values() if s < len(c) for k in c[s]) for s in range(n)]
+            fill[key] = fill.get(key, 0) + t.numel()
+        n = max((len(c) for c in per_owner.values()), default=0)
+        return [sorted(k for c in per_owner.values() if s < len(c) for k in c[s]) for s in range(n)]
 
     def _wait(self, ex: AllToAll) -> None:
         t0 = time.perf_counter()
@@ -318,6 +324,7 @@ class DistributedMuonEngine:
     def _run_ns(self, items: list[tuple[Task, Tensor, Any]]) -> dict[Any, Tensor]:
         """One batched :func:`~fastortho.optim.functional.orthogonalize` per (config, m, n, dtype, device),
         in task order (as the single-process buckets)."""
+        t0 = time.perf_counter()
         buckets: dict[tuple, list[tuple[Task, Tensor, Any]]] = {}
         for item in items:
             t, x, _ = item
@@ -330,6 +337,7 @@ class DistributedMuonEngine:
             self.stats["ns_flops"] += sum(t.cost for t, _, _ in bucket)
             for (_, _, sink), oo in zip(bucket, torch.split(o, [x.shape[0] for x in xs])):
                 results[sink] = oo
+        self.stats["ns_s"] += time.perf_counter() - t0
         return results
 
     def _gather_inputs(self, k: int, t: Task) -> list[tuple[Task, Tensor, Any]]:
