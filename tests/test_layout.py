@@ -34,14 +34,7 @@ KERNEL_IMPORTS = {
     "fastortho.kernels.aot": "AOT tooling, not a kernel: it traces newton_schulz's launches",
 }
 #: modules allowed to import the package face ``fastortho``, with why
-FACE_IMPORTS = {
-    # the framework adapters are being written now: they should import Muon and muon_param_groups from
-    # fastortho.optim, which fastortho re-exports
-    "fastortho.integrations": "in progress: import from fastortho.optim",
-    "fastortho.integrations.lightning": "in progress: import from fastortho.optim",
-    "fastortho.integrations.timm": "in progress: import from fastortho.optim",
-    "fastortho.integrations.transformers": "in progress: import from fastortho.optim",
-}
+FACE_IMPORTS: dict[str, str] = {}
 
 
 def _stale(kind: str, listed: set[str], found: set[str]) -> None:

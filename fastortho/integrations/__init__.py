@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from fastortho import muon_param_groups
+from fastortho.optim import muon_param_groups
 
 __all__ = ["trainable_param_groups"]
 

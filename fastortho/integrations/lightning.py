@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from fastortho import Muon
+from fastortho.optim import Muon
 
 __all__ = ["configure_optimizers"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fastortho import Muon
+from fastortho.optim import Muon
 
 __all__ = ["register", "param_groups", "timm_muon", "NAME"]
 

@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from fastortho.integrations import _ROUTING, trainable_param_groups
-from fastortho import Muon
+from fastortho.optim import Muon
 
 __all__ = ["muon", "MuonFactory", "trainable_param_groups"]
 
