@@ -1,4 +1,4 @@
-"""Benchmark of the fused Muon step ops (``fastortho.muon_step``) against their memory floor.
+"""Benchmark of the fused Muon step ops (``fastortho.ops``) against their memory floor.
 
 Both ops are pure memory traffic, so the figure of merit is bytes that *must* move per element
 (each operand read or written exactly once) over time:

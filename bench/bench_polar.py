@@ -15,7 +15,7 @@ factor (the full one: directions below a method's rank cut count as error), rank
 values of the output > ½), model FLOPs per matrix, and p20/p50/p80 wall time per call.
 
 FLOP models (m ≤ n, per matrix; a QR of p×q costs 2pq² − ⅔q³ plus the same to form Q):
-* qdwh: ``fastortho.polar_qdwh.qdwh_flops`` (QR of Gᵀ, QR steps on [√c X; I], Cholesky steps,
+* qdwh: ``fastortho.polar.qdwh.qdwh_flops`` (QR of Gᵀ, QR steps on [√c X; I], Cholesky steps,
   NS polish, the final Q₀X) + the m³ check of XᵀX;
 * higham: QR of the n×m tall orientation and forming Q (4nm² − 4/3m³), Q·X (2nm²), per step one
   LU inverse (2m³) or a Newton–Schulz tail step (3m³ with the symmetric Gram), averaged as 2.5m³;
@@ -51,7 +51,7 @@ from common import device_string, timeit, write_csv  # noqa: E402
 
 import fastortho  # noqa: E402
 from fastortho.flops import ns_flops  # noqa: E402
-from fastortho.polar_qdwh import qdwh_flops  # noqa: E402
+from fastortho.polar.qdwh import qdwh_flops  # noqa: E402
 from fastortho.reference import polar_error, polar_svd  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
@@ -137,7 +137,7 @@ def bench(m: int, n: int, kappa: float, reps: int, jaxfns) -> list[dict]:
             k = int(it.max())
             add("higham scaling=fro", dtype, P, k, higham_flops(m, n, k),
                 lambda Gd=Gd: fastortho.polar(Gd, method="higham", scaling="none", max_iter=60))
-        from fastortho.polar_higham import higham_polar
+        from fastortho.polar.higham import higham_polar
 
         P, it = higham_polar(Gd.unsqueeze(0), dtype=dtype, scaling="1inf")
         add("higham scaling=1inf", dtype, P[0], int(it.max()), higham_flops(m, n, int(it.max())),
@@ -169,7 +169,7 @@ def _higham_counts(G: torch.Tensor) -> dict:
     """How one ``polar(G, method="higham")`` call spends its work: LU inverses, Newton–Schulz tail
     steps (Gram products), matrices through the rank check and through the SVD (counted by
     wrapping the calls; batched calls count once per matrix)."""
-    import fastortho.polar_higham as ph
+    from fastortho.polar import higham as ph
 
     n = {"inverses": 0, "tail steps": 0, "checked": 0, "svd": 0}
     real = (torch.linalg.inv_ex, ph.gram, torch.linalg.cholesky_ex, torch.linalg.svd)
@@ -278,7 +278,7 @@ def speed(reps: int, tiny: bool = False, repeat: int = 1) -> list[dict]:
 
 def storage_model(tiny: bool = False) -> list[dict]:
     """Error of Higham's iteration when X is stored in bf16/fp16 (fp32 products) vs fp32 storage."""
-    from fastortho.polar_higham import higham_polar
+    from fastortho.polar.higham import higham_polar
 
     m, n = (16, 40) if tiny else (128, 256)
     rows = []

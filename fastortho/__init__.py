@@ -14,7 +14,7 @@ from .optim import Muon, describe_param_groups, muon_param_groups
 from .ops import HAS_C, HAS_C_CUDA, muon_apply_, muon_momentum_
 from .ops import triton_available as ns_triton_available
 from .newton_schulz import newton_schulz
-from .orthogonalize import polar
+from .polar import polar
 
 from ._version import __version__  # the one version source; pyproject.toml reads it too
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .coefficients import SCHEDULES, get_schedule
 from .ns_torch import scale_input
-from .orthogonalize import newton_schulz
+from .newton_schulz import newton_schulz
 from .reference import polar_error, polar_svd, singular_band
 
 __all__ = ["gaussian", "log_spaced", "ns_bf16_model", "schedule_rows", "format_rows", "main"]

@@ -1,6 +1,6 @@
 """fastortho._C: the fused Muon step ops (CPU twins, CUDA registration, opcheck, hostile lists).
 
-Reference = the pure-torch ``_foreach`` backend of ``fastortho.muon_step``, which is in turn checked
+Reference = the pure-torch ``_foreach`` backend of ``fastortho.ops``, which is in turn checked
 against the peers' own one-line torch formulas (torch.optim.Muon / Moonlight). Exactness claims:
 
 * buffers and NS inputs: bit-identical to the reference for every dtype combination (same roundings

@@ -12,7 +12,7 @@ from torch import nn
 import fastortho.optim.functional as F
 from fastortho.optim import Muon
 from fastortho.optim.qk_clip import QKClip
-from fastortho.orthogonalize import polar
+from fastortho.polar import polar
 
 
 def _params(seed=0, shapes=((12, 8), (12, 8), (6, 10))):

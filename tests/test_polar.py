@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastortho
-from fastortho.polar_qdwh import qdwh_schedule
+from fastortho.polar.qdwh import qdwh_schedule
 from fastortho.reference import polar_error, polar_svd, singular_band
 
 from helpers import log_spectrum, low_rank, with_spectrum

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastortho
-import fastortho.polar_higham as ph
-from fastortho.polar_higham import higham_default_rtol, higham_polar
+from fastortho.polar import higham as ph
+from fastortho.polar.higham import higham_default_rtol, higham_polar
 from fastortho.reference import polar_error, polar_svd
 
 from helpers import log_spectrum, low_rank, with_spectrum

@@ -3,7 +3,7 @@
 * Interpreter: the ``test_interp_*`` tests run only in a child pytest process started with
   ``TRITON_INTERPRET=1`` (the interpreter must be on before the kernels are decorated); the parent
   test ``test_interpreter_subprocess`` starts it. There the CPU tensors take the Triton path of
-  ``fastortho._polar_step`` (the same code that runs on CUDA), so ``polar()`` is checked end to
+  ``fastortho.polar._gpu_step`` (the same code that runs on CUDA), so ``polar()`` is checked end to
   end through the kernels.
 * AOT: ``_polar_update_kernel`` compiled for sm_80 and sm_90 (fp32 and fp64 storage): no spills,
   registers and shared memory within the limits, vectorized global loads on unit-stride operands.
@@ -70,7 +70,7 @@ def test_interp_fused_update_matches_torch(dtype):
 @pytest.mark.parametrize("method", ["qdwh", "higham"])
 def test_interp_polar_through_the_kernels(method):
     import fastortho
-    from fastortho._polar_step import use_triton
+    from fastortho.polar._gpu_step import use_triton
     from fastortho.reference import polar_error
 
     from helpers import log_spectrum, low_rank, with_spectrum
@@ -90,7 +90,7 @@ def test_interp_polar_through_the_kernels(method):
 
 @in_interpreter
 def test_interp_gram_is_symmetric_and_matches_torch():
-    from fastortho._polar_step import gram
+    from fastortho.polar._gpu_step import gram
 
     X = torch.randn(2, 19, 33, generator=torch.Generator().manual_seed(1))
     Y = gram(X, 3.0, identity=True)

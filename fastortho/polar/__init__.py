@@ -1,7 +1,9 @@
-"""Public entry points: ``newton_schulz`` (fast, approximate) and ``polar`` (accurate).
+"""The public :func:`polar`: the polar decomposition G = P·H by QDWH, Higham's Newton, or the SVD.
 
-Both map G = U S Vᵀ of shape (..., m, n) to (an approximation of) its polar factor U Vᵀ,
-batched over the leading dims, and never modify G.
+It maps G = U S Vᵀ of shape (..., m, n) to its polar factor P = U Vᵀ, batched over the leading dims,
+and never modifies G. Methods: :mod:`fastortho.polar.qdwh`, :mod:`fastortho.polar.higham`,
+:func:`fastortho.reference.polar_svd`, and :func:`fastortho.newton_schulz`; the products every
+iteration step needs (Triton on CUDA, torch elsewhere) are in :mod:`fastortho.polar._gpu_step`.
 """
 from __future__ import annotations
 
@@ -11,13 +13,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._input import check_input, normalize_vector, require_finite
-from .newton_schulz import newton_schulz
-from .polar_higham import higham_polar
-from .polar_qdwh import qdwh_polar
-from .reference import default_rtol, polar_svd
+from .._input import check_input, normalize_vector, require_finite
+from ..newton_schulz import newton_schulz
+from ..reference import default_rtol, polar_svd
+from .higham import higham_polar
+from .qdwh import qdwh_polar
 
-__all__ = ["newton_schulz", "polar"]
+__all__ = ["polar"]
 
 #: old spellings of scaling= still accepted, with a DeprecationWarning (docs/decisions.md, table of renames)
 _SCALING_ALIASES = {"fro": "none"}
@@ -59,7 +61,7 @@ def polar(
     r"""Polar decomposition G = P·H: P has orthonormal rows/columns, H = PᵀG is symmetric PSD.
 
     Methods:
-        ``"qdwh"`` (default): QR-based dynamically weighted Halley (``fastortho.polar_qdwh``; the
+        ``"qdwh"`` (default): QR-based dynamically weighted Halley (``fastortho.polar.qdwh``; the
             method of ``jax.scipy.linalg.polar``) on the short side after a QR of G: two QR steps,
             then Cholesky steps, then one Newton–Schulz polish. Error ≈ u·κ (κ = σ_max/σ_min of the
             kept part): float32 keeps σ/σ_max down to ~3e-6 (64×128), where "higham" keeps ~2e-3.
@@ -69,7 +71,7 @@ def polar(
             and an inverse-free Newton–Schulz tail. ``scaling="norm"`` (default) takes Higham's
             Frobenius-norm μ (Higham 1986, "Computing the polar decomposition—with applications");
             ``scaling="none"`` takes μ = 1, the unscaled iteration (the old name ``"fro"`` is a
-            deprecated alias). Rank rule and accuracy: ``fastortho.polar_higham``.
+            deprecated alias). Rank rule and accuracy: ``fastortho.polar.higham``.
         ``"svd"``: exact SVD in float64 (``fastortho.reference.polar_svd``), with the rank cut of
             G's own precision (below).
         ``"newton_schulz"``: delegates to :func:`newton_schulz` with ``ns_kwargs``.
@@ -86,7 +88,7 @@ def polar(
     ``fastortho.reference.default_rtol(m, n, dtype)`` = min(max(m, n)·ε, √ε) with ε of the less
     precise of G's dtype and the working dtype (a rank-r float32 or bfloat16 G carries rounding-noise
     singular values of order ε·σ_max, which a float64 cut would map to 1). "higham" has its own
-    rule (see ``fastortho.polar_higham``).
+    rule (see ``fastortho.polar.higham``).
     NaN/Inf input raises ``ValueError``; a non-finite result raises ``FloatingPointError`` (this
     path is for accuracy, not hot loops: it synchronizes with the device). A meta-device G returns
     meta tensors of the result's shapes and dtypes (shape inference; no values are computed).

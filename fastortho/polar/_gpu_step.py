@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import triton_available
+from ..ops import triton_available
 
 
 def use_triton(X: Tensor) -> bool:
     """True when the Triton kernels should run on X's device."""
     if not triton_available():
         return False
-    from .kernels import interpreter_enabled
+    from ..kernels import interpreter_enabled
 
     return X.is_cuda or (X.device.type == "cpu" and interpreter_enabled())
 
@@ -34,7 +34,7 @@ def gram(X: Tensor, c: float = 1.0, identity: bool = False) -> Tensor:
     B, k, _ = X.shape
     eye = torch.eye(k, dtype=X.dtype, device=X.device).expand(B, k, k)
     if X.dtype == torch.float32 and use_triton(X):
-        from .kernels.newton_schulz_launch import sym_mm
+        from ..kernels.newton_schulz_launch import sym_mm
 
         out = torch.empty(B, k, k, dtype=X.dtype, device=X.device)
         # first_fp32: 3xTF32 dots on the GPU (≈ fp32 accuracy at tensor-core speed) whatever
@@ -50,7 +50,7 @@ def gram(X: Tensor, c: float = 1.0, identity: bool = False) -> Tensor:
 def ns_product(A: Tensor, X: Tensor) -> Tensor:
     """1.5·X − 0.5·A·X for A (B, k, k), X (B, k, L): one Newton–Schulz step when A = XXᵀ."""
     if X.dtype == torch.float32 and use_triton(X):
-        from .kernels.newton_schulz_launch import apply_q
+        from ..kernels.newton_schulz_launch import apply_q
 
         out = torch.empty(X.shape, dtype=X.dtype, device=X.device)
         # 3xTF32 dots (first_fp32) for the same reason as in ``gram``: fp32 accuracy whatever
@@ -62,7 +62,7 @@ def ns_product(A: Tensor, X: Tensor) -> Tensor:
 def fused_update(X: Tensor, Z: Tensor, alpha: Tensor, beta: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """(where(active, αX + βZ, X), ‖X' − X‖_F/‖X'‖_F) with α, β (B,) and active (B,) bool."""
     if use_triton(X):
-        from .kernels.polar import polar_update
+        from ..kernels.polar import polar_update
 
         return polar_update(X, Z, alpha, beta, active)
     tiny = torch.finfo(X.dtype).tiny

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._polar_step import frobenius_start, fused_update, gram, ns_product
+from ._gpu_step import frobenius_start, fused_update, gram, ns_product
 
 __all__ = ["higham_polar", "higham_default_rtol", "lanczos_max", "SWITCH_GRAM"]
 

@@ -1,6 +1,6 @@
 """Batched QDWH polar (QR-based dynamically weighted Halley): the accurate path for ill-conditioned G.
 
-Why not Newton on the Gram matrix: ``polar_higham`` forms XXᵀ, whose condition number is κ², so
+Why not Newton on the Gram matrix: an iteration that forms XXᵀ squares the condition number, so
 float32 resolves only σ/σ_max ≳ 2e-3. QDWH (Nakatsukasa, Bai & Gygi 2010; the method behind
 ``jax.scipy.linalg.polar``) never inverts a Gram matrix while it is ill-conditioned:
 
@@ -35,7 +35,7 @@ float32 resolves only σ/σ_max ≳ 2e-3. QDWH (Nakatsukasa, Bai & Gygi 2010; th
   canonical factor U_rV_rᵀ with the cut at σ ≈ τ·‖G‖_F/√m (float32 64×128 at κ ≥ 1e6: every
   σ ≥ 3e-6·σ_max kept). Exact zeros stay exactly 0; a zero matrix maps to zeros.
 * Backends: XᵀX + I of the Cholesky steps and the fused update X' = αX + βZ (with the per-matrix
-  step norm) go through ``fastortho._polar_step`` (Triton on CUDA, torch elsewhere); QR, Cholesky
+  step norm) go through ``fastortho.polar._gpu_step`` (Triton on CUDA, torch elsewhere); QR, Cholesky
   and the solves are ``torch.linalg`` (cuSOLVER / LAPACK).
 
 Cost (``qdwh_flops``): for a 64×128 float32 G about 8.7 MFLOP (first QR 2.8, one QR step 2.3,
@@ -51,7 +51,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._polar_step import frobenius_start, fused_update, gram
+from ._gpu_step import frobenius_start, fused_update, gram
 
 __all__ = ["qdwh_polar", "qdwh_schedule", "qdwh_flops"]
 
