@@ -135,10 +135,10 @@ def _worker(rank: int, world: int, port: int, outfile: str, cfg: dict) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--world", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--world", type=int, default=4, help="gloo processes")
+    ap.add_argument("--dim", type=int, default=256, help="model width d (matrices d×d, 4d×d, d×4d)")
+    ap.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    ap.add_argument("--reps", type=int, default=7, help="timed steps per variant (alternated)")
     args = ap.parse_args(argv)
     import fastortho  # noqa: F401
     import torch.distributed.tensor  # noqa: F401
