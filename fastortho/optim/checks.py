@@ -167,8 +167,8 @@ def check_extras(*, adamw_betas: Any, qk_clip: Any) -> None:
 
 
 def check_single_process(engine: Any, groups: Sequence[dict[str, Any]]) -> None:
-    """NorMuon and the capturable step run without the distributed engine (it builds its own matrix units,
-    without NorMuon's row moments, and reduces non-finite flags on the host's schedule)."""
+    """NorMuon and the capturable step run without the distributed engine for now: it builds its own matrix
+    units (without NorMuon's row moments) and its AdamW state on the host."""
     if engine is not None and any(g["capturable"] or g.get("variant") == "normuon" for g in groups):
         raise NotImplementedError("variant='normuon' and capturable=True run in a single process for now: the "
                                   "distributed engine does not yet carry NorMuon's row moments or device scalars; "

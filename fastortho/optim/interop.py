@@ -23,7 +23,7 @@ __all__ = ["algorithm_from_flags", "is_peer_state_dict", "adopt_peer_state_dict"
 #: hyperparameters taken from a peer's Muon group / AdamW group (peer key -> fastortho key)
 _MUON_KEYS = {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay", "nesterov": "nesterov"}
 #: torch.optim.Muon's remaining keys mean what fastortho's do
-_TORCH_KEYS = {"ns_coefficients": "ns_coefficients", "eps": "eps", "ns_steps": "ns_steps", "adjust_lr_fn": "adjust_lr_fn"}
+_TORCH_KEYS = {k: k for k in ("ns_coefficients", "eps", "ns_steps", "adjust_lr_fn")}
 _ADAMW_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "adamw_eps"}
 
 

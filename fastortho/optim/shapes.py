@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = [
-    "LR_SCALES", "LR_SCALE_ALIASES", "TORCH_ADJUST_LR_FN", "lr_scale_factor", "resolve_lr_scale", "matrix_shape", "split_blocks",
+    "LR_SCALES", "LR_SCALE_ALIASES", "TORCH_ADJUST_LR_FN", "lr_scale_factor", "resolve_lr_scale", "matrix_shape",
+    "split_blocks",
     "resolve_ns_dtype",
 ]
 
