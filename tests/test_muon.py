@@ -605,7 +605,7 @@ def test_step_has_no_host_sync_on_cuda():
 @pytest.fixture(params=["c", "foreach"])
 def step_path(request, monkeypatch):
     """Run the optimizer's fused momentum/apply on the compiled kernels or on the _foreach fallback."""
-    from fastortho import _C_loader
+    from fastortho.ops import _load as _C_loader
 
     if request.param == "c":
         if "cpu" not in _C_loader.C_DEVICE_TYPES:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
 
-from fastortho import _C_loader
+from fastortho.ops import _load as _C_loader
 from fastortho.optim import Muon
 
 try:
