@@ -376,9 +376,10 @@ class DistributedMuonEngine:
 
 
 def make_engine(param_groups: Sequence[dict[str, Any]], process_group: Any = None, strategy: str = "auto", *,
-                telemetry: bool = False) -> DistributedMuonEngine | None:
+                telemetry: bool = False, bucket_numel: int | None = None) -> DistributedMuonEngine | None:
     """The engine when any parameter is a DTensor or ``process_group`` spans more than one rank; None
-    keeps the single-process step untouched. ``process_group`` may be a 1-D DeviceMesh."""
+    keeps the single-process step untouched. ``process_group`` may be a 1-D DeviceMesh; ``bucket_numel``:
+    see :attr:`DistributedMuonEngine.bucket_numel`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
@@ -392,4 +393,4 @@ def make_engine(param_groups: Sequence[dict[str, Any]], process_group: Any = Non
         return None
     if telemetry:
         warnings.warn("fastortho.Muon: telemetry is not recorded in distributed mode", stacklevel=3)
-    return DistributedMuonEngine(process_group, strategy)
+    return DistributedMuonEngine(process_group, strategy, bucket_numel=bucket_numel)
