@@ -139,16 +139,17 @@ def _sym_mm_kernel(
         y = tl.load(Y + pid_b * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
         out += beta * y.to(tl.float32)
     out = _round(out, OUT_ROUND, SOFT_BF16)
-    # Element (r, c) is stored at (r, c) and (c, r). In a diagonal tile only r ≤ c is kept, so
-    # C is exactly symmetric: Gram-space NS forms Q·Zᵀ and Z·RZᵀ, which equal the products it
-    # needs (Q·Z, Z·RZ) only for exactly symmetric factors; a rounding asymmetry on the diagonal
-    # tiles would otherwise compound from step to step.
-    off_diag = ti != tj
-    upper = off_diag | (rows[:, None] <= cols[None, :])
-    strict = off_diag | (rows[:, None] < cols[None, :])
+    # Off-diagonal tiles store the tile and its transpose; a diagonal tile stores one tile whose
+    # lower triangle is the transpose of its upper one, so C is exactly symmetric (Gram-space NS
+    # forms Q·Zᵀ and Z·RZᵀ, equal to the products it needs only for exactly symmetric factors;
+    # a rounding asymmetry would compound from step to step). Every store is masked by the bounds
+    # only, uniform along the contiguous axis, so the compiler emits 128-bit stores.
     c_base = C + pid_b * sc_b
-    tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask & upper)
-    tl.store(c_base + rows[:, None] * sc_c + cols[None, :] * sc_r, out, mask=mask & strict)
+    if ti != tj:
+        tl.store(c_base + cols[:, None] * sc_r + rows[None, :] * sc_c, tl.trans(out), mask=tl.trans(mask))
+    else:
+        out = tl.where(rows[:, None] <= cols[None, :], out, tl.trans(out))
+    tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask)
 
 
 @triton.jit

@@ -133,10 +133,7 @@ PENDING = {
         (lambda a, sh, k, v: k == "sym", "kernel work pending: the sm_90 symmetric kernel loads with cp.async "
                                          "(LDGSTS), no TMA descriptors (UTMALDG)"),
     ],
-    "wide_stores": [
-        (lambda a, sh, k, v: k == "sym", "kernel work pending: the symmetric kernel's masked mirrored store compiles "
-                                         "to scalar 2-byte STG.E.U16 even on off-diagonal tiles"),
-    ],
+    "wide_stores": [],
     "spills": [],
     "smem": [],
 }
