@@ -191,3 +191,20 @@ def test_qk_clip_kwarg_applies_the_clip_at_the_end_of_step():
         warnings.simplefilter("error")
         opt.step()
     assert calls == [False]
+
+
+def test_normalize_gram_accepted_and_spectral_is_a_deprecated_alias():
+    # newton_schulz renamed normalize="spectral" (it is ‖GGᵀ‖_F^{1/2}, not σ_max) to "gram": Muon takes the
+    # new name and maps the old one with one DeprecationWarning at construction, not one per step.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 16))
+    p.grad = torch.randn(8, 16)
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    Muon([p], lr=0.1, normalize="gram").step()
+    with pytest.warns(DeprecationWarning, match="gram"):
+        opt = Muon([q], lr=0.1, normalize="spectral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.equal(p, q)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastortho.newton_schulz import canonical_normalize
 from fastortho.optim import checks as C
 from fastortho.optim import functional as F
 from fastortho.optim import interop
@@ -87,7 +88,7 @@ class Muon(Optimizer):
         coefficients: a schedule name (``"keller"``, ``"you"``, ``"polar_express"``,
             ``"polar_express_paper"``, ``"cubic"``), a sequence of triples or a
             :class:`fastortho.Schedule`; overrides ``ns_coefficients`` and brings its own safety factor.
-        normalize: ``"fro"`` (‖u‖_F, torch's) or ``"spectral"`` (see :func:`fastortho.newton_schulz`).
+        normalize: ``"fro"`` (‖u‖_F, torch's) or ``"gram"`` (‖uuᵀ‖_F^{1/2} ≥ σ_max; see :func:`fastortho.newton_schulz`).
         lr_scale: ``"original"``, ``"rms_match"``, ``"spectral"`` or ``"none"`` (see above);
             None = from ``adjust_lr_fn``.
         momentum_convention: ``"ema"`` (torch, Keller) or ``"sum"`` (Moonlight, dion). At constant β
@@ -118,10 +119,10 @@ class Muon(Optimizer):
             HSDP) need nothing: their mesh and placements decide. See :mod:`fastortho.optim.distributed`.
         strategy: ``"auto"`` (default), or force ``"local"``, ``"owner"``, ``"a2a"`` or ``"gather"`` for the
             parameters that need communication (also a param-group key). :attr:`comm_stats` reports the
-            bytes each step sends.
+            bytes each step sends. ``dist_bucket_numel``: exchange stage size (elements per owner; 2**24).
         variant: ``"muon"`` or ``"normuon"`` (also a group key); ``beta2``: NorMuon's EMA weight (0.95).
         capturable: device-tensor lr / weight decay / momentum and no host read in ``step()`` (no
-            ``nonfinite="raise"``; single process; ``backend="auto"`` Newton–Schulz runs torch matmuls).
+            ``nonfinite="raise"``; ``backend="auto"`` Newton–Schulz runs torch matmuls).
         qk_clip: an object with an ``apply()`` method (e.g. :class:`fastortho.optim.qk_clip.QKClip`),
             called at the end of every :meth:`step`, under ``no_grad`` (MuonClip).
 
@@ -170,7 +171,7 @@ class Muon(Optimizer):
         zero_init: bool = ADAMW_DEFAULTS["zero_init"],
         telemetry: bool = False,
         process_group: Any = None,
-        strategy: str = "auto",
+        strategy: str = "auto", dist_bucket_numel: float | None = None,
         qk_clip: Any = None,
         variant: str = _D["variant"],
         beta2: float = _D["beta2"],
@@ -187,7 +188,7 @@ class Muon(Optimizer):
         ns_steps = C.resolve_ns_steps(ns_steps, coefficients)
         C.choice("momentum_convention", momentum_convention, ("ema", "sum"))
         C.choice("momentum_placement", momentum_placement, ("before_ortho", "after_ortho"))
-        C.choice("normalize", normalize, ("fro", "spectral"))
+        normalize = canonical_normalize(normalize, stacklevel=2)  # "spectral" (old name) warns once, here
         C.choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         C.choice("backend", backend, C.BACKENDS)
         C.check_ns_dtype(ns_dtype)
@@ -220,7 +221,8 @@ class Muon(Optimizer):
         self._nonfinite_count: Tensor | None = None
         self._qk_clip = qk_clip
         super().__init__(params, defaults)
-        self._dist_engine = make_engine(self.param_groups, process_group, strategy, telemetry=self.telemetry)
+        self._dist_engine = make_engine(self.param_groups, process_group, strategy, telemetry=self.telemetry,
+                                        bucket_numel=dist_bucket_numel)
         C.check_single_process(self._dist_engine, self.param_groups)
         if any(g["capturable"] for g in self.param_groups):  # the skip counter exists before any capture
             self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=self.param_groups[0]["params"][0].device)
