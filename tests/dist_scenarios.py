@@ -132,7 +132,7 @@ VECS = [(5,), (33,)]
 
 
 def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, nan=True, mesh=None,
-               steps=K, bucket_numel=None, **extra):
+               steps=K, bucket_numel=None, group_extra=None, **extra):
     """Distributed vs single-process fastortho.Muon on identical full gradients; returns a result dict."""
     import fastortho
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor, init_device_mesh
@@ -144,24 +144,24 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
     mesh = mesh or init_device_mesh("cpu", (world,))
 
     def groups(ps_m, ps_s, ps_v):
-        return [dict(params=ps_m, algorithm="muon"),
+        return [dict(params=ps_m, algorithm="muon", **(group_extra or {})),
                 dict(params=ps_s, algorithm="muon", split_sizes=(4, 4, 4)),
                 dict(params=ps_v, algorithm="adamw")]
 
     kw = dict(lr=LR, weight_decay=0.1, ns_dtype=ns_dtype, **extra)
+    dkw = {} if bucket_numel is None else dict(dist_bucket_numel=bucket_numel)  # pipelined: NS overlaps exchange
     ref_p = [nn.Parameter(t.clone()) for t in full_m + full_s + full_v]
     nm, ns_ = len(full_m), len(full_s)
     ref = fastortho.Muon(groups(ref_p[:nm], ref_p[nm:nm + ns_], ref_p[nm + ns_:]), **kw)
     if plain:
         dp = [nn.Parameter(t.clone()) for t in full_m + full_s + full_v]
         opt = fastortho.Muon(groups(dp[:nm], dp[nm:nm + ns_], dp[nm + ns_:]), **kw,
-                             process_group=dist.group.WORLD, strategy=strategy)
+                             process_group=dist.group.WORLD, strategy=strategy, **dkw)
     else:
         dp = [nn.Parameter(distribute_tensor(t.clone(), mesh, placement_fn(i, t), src_data_rank=None))
               for i, t in enumerate(full_m + full_s + full_v)]
-        opt = fastortho.Muon(groups(dp[:nm], dp[nm:nm + ns_], dp[nm + ns_:]), **kw, strategy=strategy)
-    if bucket_numel is not None:
-        opt._dist_engine.bucket_numel = bucket_numel  # pipelined: stage s+1's exchange during stage s's NS
+        opt = fastortho.Muon(groups(dp[:nm], dp[nm:nm + ns_], dp[nm + ns_:]), **kw, strategy=strategy, **dkw)
+    assert bucket_numel is None or opt._dist_engine.bucket_numel == bucket_numel
     shapes = [tuple(p.shape) for p in ref_p]
     res = {"bytes": [], "ideal": [], "measured": [], "collectives": [], "stages": []}
     for step in range(steps):
@@ -186,6 +186,13 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
     diffs = [(a.double() - b.double()).abs().max().item() if a.numel() else 0.0
              for a, b in zip(full, [p.detach() for p in ref_p])]
     res["equal"] = all(torch.equal(a, b) for a, b in zip(full, [p.detach() for p in ref_p]))
+    # NorMuon's row moments are replicated: every rank's must be the one process's
+    vs = [(opt.state[a]["normuon_v"], ref.state[b]["normuon_v"]) for a, b in zip(dp, ref_p)
+          if "normuon_v" in ref.state[b]]
+    res["v_count"] = len(vs)
+    res["v_equal"] = all(torch.equal(a, b) for a, b in vs)
+    res["v_max_diff"] = max([(a.double() - b.double()).abs().max().item() for a, b in vs], default=0.0)
+    res["equal"] = res["equal"] and res["v_equal"]
     res["max_diff"] = max(diffs)
     res["nonfinite"] = (opt.nonfinite_count, ref.nonfinite_count)
     res["strategies"] = sorted(opt.comm_stats["numel"])
@@ -272,7 +279,84 @@ def sc_divergent_grads(rank, world):
     return out
 
 
+def _fsdp_rows(i, t):
+    from torch.distributed.tensor import Shard
+
+    # FSDP2's Shard(0) on matrices and flattened kernels; 3-D stacks on their rows (Shard(0) of a stack is
+    # whole matrices per rank, which NorMuon's replicated moments do not support)
+    return [Shard(1)] if t.ndim == 3 else [Shard(0)]
+
+
+def _tp_cols(i, t):
+    from torch.distributed.tensor import Shard
+
+    # a RowwiseParallel-like layout: matrix columns (Shard(1); Shard(2) of a stack), vectors on Shard(0)
+    return [Shard(0)] if t.ndim == 1 else [Shard(2)] if t.ndim == 3 else [Shard(1)]
+
+
+def sc_ident_normuon_fsdp(rank, world):
+    return _ident_run(rank, world, placement_fn=_fsdp_rows, strategy="auto", ns_dtype=None, variant="normuon")
+
+
+def sc_ident_normuon_tp(rank, world):
+    # bf16 NS: the normalized slices travel in float32 (normuon_'s dtype), as one process applies them
+    return _ident_run(rank, world, placement_fn=_tp_cols, strategy="auto", ns_dtype=torch.bfloat16,
+                      variant="normuon", beta2=0.9)
+
+
+def sc_ident_normuon_owner(rank, world):
+    return _ident_run(rank, world, placement_fn=None, strategy="auto", ns_dtype=torch.bfloat16, plain=True,
+                      variant="normuon", bucket_numel=600)
+
+
+def sc_ident_normuon_gather(rank, world):
+    return _ident_run(rank, world, placement_fn=_fsdp_rows, strategy="gather", ns_dtype=None, variant="normuon")
+
+
+def sc_ident_capturable(rank, world):
+    # device-scalar lr/momentum/weight decay and AdamW step counts (on the CPU here), every strategy of
+    # _cycle_shard (a2a rows/columns, stack-sharded local)
+    return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="auto", ns_dtype=None, capturable=True)
+
+
+def sc_ident_fan_in_first(rank, world):
+    # (fan_in, fan_out) storage: s(n, m) under an asymmetric rule, on a2a (rows and columns) and local
+    return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="auto", ns_dtype=None, lr_scale="spectral",
+                      group_extra=dict(fan_in_first=True))
+
+
+def sc_normuon_unsupported(rank, world):
+    """NorMuon on a stack sharded on its stack dim, and with after_ortho momentum: clear errors."""
+    import fastortho
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    p = nn.Parameter(distribute_tensor(torch.randn(2 * world, 4, 6), mesh, [Shard(0)], src_data_rank=None))
+    opt = fastortho.Muon([p], lr=LR, variant="normuon")
+    p.grad = distribute_tensor(torch.randn(p.shape), mesh, [Shard(0)], src_data_rank=None)
+    try:
+        opt.step()
+        out["stack"] = "no error"
+    except NotImplementedError as e:
+        out["stack"] = str(e)
+    try:
+        fastortho.Muon([p], lr=LR, variant="normuon", momentum_placement="after_ortho")
+        out["after_ortho"] = "no error"
+    except NotImplementedError as e:
+        out["after_ortho"] = str(e)
+    out["ok"] = "stack dim" in out["stack"] and "after_ortho" in out["after_ortho"]
+    return out
+
+
 SCENARIOS = {
+    "ident_normuon_fsdp": sc_ident_normuon_fsdp,
+    "ident_normuon_tp": sc_ident_normuon_tp,
+    "ident_normuon_owner": sc_ident_normuon_owner,
+    "ident_normuon_gather": sc_ident_normuon_gather,
+    "ident_capturable": sc_ident_capturable,
+    "ident_fan_in_first": sc_ident_fan_in_first,
+    "normuon_unsupported": sc_normuon_unsupported,
     "divergent_grads": sc_divergent_grads,
     "ident_after_ortho": sc_ident_after_ortho,
     "ident_a2a": sc_ident_a2a,

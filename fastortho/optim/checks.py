@@ -167,9 +167,15 @@ def check_extras(*, adamw_betas: Any, qk_clip: Any) -> None:
 
 
 def check_single_process(engine: Any, groups: Sequence[dict[str, Any]]) -> None:
-    """NorMuon and the capturable step run without the distributed engine for now: it builds its own matrix
-    units (without NorMuon's row moments) and its AdamW state on the host."""
-    if engine is not None and any(g["capturable"] or g.get("variant") == "normuon" for g in groups):
-        raise NotImplementedError("variant='normuon' and capturable=True run in a single process for now: the "
-                                  "distributed engine does not yet carry NorMuon's row moments or device scalars; "
-                                  "use variant='muon', capturable=False with DTensor parameters or a process_group")
+    """What the distributed engine cannot run. NorMuon normalizes the whole orthogonalized matrix where it
+    was orthogonalized (the owner), before its slices leave; with ``momentum_placement="after_ortho"`` the
+    normalization acts on the momentum of O, whose buffer is sharded across ranks, so no rank holds it
+    whole. (Stacks sharded on their stack dim raise at the first step: see the distributed plan.)"""
+    if engine is None:
+        return
+    for g in groups:
+        if g.get("variant") == "normuon" and g.get("momentum_placement") == "after_ortho":
+            raise NotImplementedError(
+                "variant='normuon' with momentum_placement='after_ortho' runs in a single process only: the "
+                "row normalization would act on the momentum of O, which the distributed step keeps sharded; "
+                "use momentum_placement='before_ortho' (the default) with DTensor parameters or a process_group")

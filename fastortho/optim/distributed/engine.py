@@ -19,6 +19,7 @@ from fastortho.optim.distributed.exchange import AllToAll, all_reduce_min, gathe
 from fastortho.optim.distributed.plan import (
     STRATEGIES, Layout, Task, assign_owners, is_dtensor, local, param_layout, plan_units,
 )
+from fastortho.optim.distributed.rowmoments import ideal_bytes, normalize_results, result_dtype, send_v, take_v
 
 __all__ = ["CommStats", "DistributedMuonEngine", "make_engine"]
 
@@ -101,7 +102,7 @@ class DistributedMuonEngine:
             if not idx:
                 continue
             params = [group["params"][i] for i in idx]
-            states = [F.init_state(state[p], p, group["algorithm"]) for p in params]
+            states = [F.init_state(state[p], p, group["algorithm"], group) for p in params]
             if group["algorithm"] == "adamw":
                 F.adamw_phase([local(p) for p in params], [local(p.grad) for p in params],
                               [{k: local(v) for k, v in s.items()} for s in states], **F.adamw_args(group))
@@ -115,7 +116,8 @@ class DistributedMuonEngine:
                 names=[f"{gi}.{i}" for i in idx], reduce_finite=functools.partial(self._global_finite, lays=lays))
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)
-            g_units, g_tasks = plan_units(gi, idx, params, lays, work.work, bufs, us, group)
+            g_units, g_tasks = plan_units(gi, idx, params, lays, work.work, bufs, us, group,
+                                          [s.get("normuon_v") for s in states])
             muon_groups.append((group, g_units, work))
             units += g_units
             tasks += g_tasks
@@ -129,7 +131,8 @@ class DistributedMuonEngine:
             self._orthogonalize(tasks, units)
         self._plan_key = key
         for group, g_units, work in muon_groups:
-            finite = F.apply_phase(g_units, **F.apply_args(group))
+            # NorMuon ran where the whole O was (see .rowmoments)
+            finite = F.apply_phase(g_units, **dict(F.apply_args(group), variant="muon"))
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)
             work.__exit__()
@@ -177,13 +180,15 @@ class DistributedMuonEngine:
 
     # -- phase 2 ---------------------------------------------------------------------------------
     def _batches(self, tasks: list[Task], units: list[F.MatrixUnit], strategy: str,
-                 ks: Sequence[int]) -> list[tuple[list[int], AllToAll]]:
-        """Task indices ``ks`` of ``strategy`` per (process group, dtype), each with its (unstarted) exchange."""
+                 ks: Sequence[int], back: bool = False) -> list[tuple[list[int], AllToAll]]:
+        """Task indices ``ks`` of ``strategy`` per (process group, dtype), each with its (unstarted) exchange
+        (``back``: of the results, in :func:`.rowmoments.result_dtype`)."""
         by: dict[tuple, list[int]] = {}
         for k in ks:
             t = tasks[k]
             if t.strategy == strategy:
-                by.setdefault((t.lay.group, units[k].ns_input.dtype), []).append(k)
+                dt = result_dtype(t, units[k]) if back else units[k].ns_input.dtype
+                by.setdefault((t.lay.group, dt), []).append(k)
         return [(ks_, AllToAll(g, tasks[ks_[0]].lay.world, tasks[ks_[0]].lay.rank, units[ks_[0]].ns_input, dt))
                 for (g, dt), ks_ in by.items()]
 
@@ -246,7 +251,7 @@ class DistributedMuonEngine:
             back_prev, res_prev, fwd = back, res, nxt
         if back_prev:
             self._finish_backward(tasks, units, back_prev, res_prev)
-        self._ideal(tasks, units)
+        st["ideal"] = ideal_bytes(tasks, units)
 
     def _start_forward(self, tasks: list[Task], units: list[F.MatrixUnit],
                        ks: Sequence[int]) -> list[tuple[list[int], AllToAll]]:
@@ -283,8 +288,9 @@ class DistributedMuonEngine:
     def _start_backward(self, tasks: list[Task], units: list[F.MatrixUnit], ks: Sequence[int],
                         results: dict[Any, Tensor]) -> list[tuple[list[int], AllToAll]]:
         """Send a2a slices of O back to their ranks and owner results to everyone (asynchronous)."""
-        backward = self._batches(tasks, units, "a2a", ks) + self._batches(tasks, units, "owner", ks)
+        backward = self._batches(tasks, units, "a2a", ks, True) + self._batches(tasks, units, "owner", ks, True)
         for ks_, ex in backward:
+            vbytes = 0
             for k in ks_:
                 t, me = tasks[k], ex.rank
                 if t.strategy == "owner":
@@ -292,8 +298,10 @@ class DistributedMuonEngine:
                         for r in range(ex.world):
                             if r != me:
                                 ex.send(r, results[k].to(ex.dtype))
+                        vbytes += send_v(ex, t)
                     else:
                         ex.expect(t.owner, t.numel())
+                        take_v(ex, t, receive=False)
                 elif t.owner == me:
                     o = results[k].to(ex.dtype)
                     for r in range(ex.world):
@@ -302,9 +310,14 @@ class DistributedMuonEngine:
                             units[k].out = o.narrow(t.lay.axis, s0, ln).contiguous()
                         elif ln:
                             ex.send(r, o.narrow(t.lay.axis, s0, ln))
-                elif t.pieces[me][1]:
-                    ex.expect(t.owner, t.piece_numel(me))
-            self._count(tasks[ks_[0]].strategy, ex.start())
+                    vbytes += send_v(ex, t)
+                else:
+                    if t.pieces[me][1]:
+                        ex.expect(t.owner, t.piece_numel(me))
+                    take_v(ex, t, receive=False)
+            self._count(tasks[ks_[0]].strategy, ex.start() - vbytes)
+            if vbytes:
+                self._count("normuon_v", vbytes, 0)
         return backward
 
     def _finish_backward(self, tasks: list[Task], units: list[F.MatrixUnit],
@@ -316,10 +329,12 @@ class DistributedMuonEngine:
                 if t.owner == ex.rank:
                     if t.strategy == "owner":
                         u.out = results[k]
-                elif t.strategy == "a2a" and not t.piece_numel(ex.rank):
+                    continue
+                if t.strategy == "a2a" and not t.piece_numel(ex.rank):
                     u.out = u.ns_input.new_empty(u.ns_input.shape, dtype=ex.dtype)
                 else:
                     u.out = ex.take(t.owner, tuple(u.ns_input.shape))
+                take_v(ex, t, receive=True)
 
     def _run_ns(self, items: list[tuple[Task, Tensor, Any]]) -> dict[Any, Tensor]:
         """One batched :func:`~fastortho.optim.functional.orthogonalize` per (config, m, n, dtype, device),
@@ -337,6 +352,7 @@ class DistributedMuonEngine:
             self.stats["ns_flops"] += sum(t.cost for t, _, _ in bucket)
             for (_, _, sink), oo in zip(bucket, torch.split(o, [x.shape[0] for x in xs])):
                 results[sink] = oo
+        normalize_results(items, results)
         self.stats["ns_s"] += time.perf_counter() - t0
         return results
 
@@ -355,24 +371,6 @@ class DistributedMuonEngine:
     def _gather_output(self, t: Task, blocks: list[Tensor]) -> Tensor:
         o = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         return scatter_local(o.reshape(t.param.shape), t.lay.mesh, t.lay.placements)
-
-    def _ideal(self, tasks: list[Task], units: list[F.MatrixUnit]) -> None:
-        """Analytic bytes for this rank: a2a sends its off-owner shards of u and, as owner, the other
-        ranks' slices of O; owner sends its results to W−1 ranks; gather receives (W−1)/W of u."""
-        ideal: dict[str, int] = {}
-        for t, u in zip(tasks, units):
-            W, me = t.lay.world, t.lay.rank
-            if t.strategy == "a2a":
-                v = (t.piece_numel(me) * u.ns_input.element_size() if t.owner != me
-                     else (t.numel() - t.piece_numel(me)) * u.out.element_size())
-            elif t.strategy == "owner":
-                v = t.numel() * u.out.element_size() * (W - 1) if t.owner == me else 0
-            elif t.strategy == "gather":
-                v = t.numel() * u.ns_input.element_size() * (W - 1) // W
-            else:
-                v = 0
-            ideal[t.strategy] = ideal.get(t.strategy, 0) + v
-        self.stats["ideal"] = ideal
 
 
 def make_engine(param_groups: Sequence[dict[str, Any]], process_group: Any = None, strategy: str = "auto", *,

@@ -174,6 +174,10 @@ class Task:
     param: Tensor | None = None
     u_local: Tensor | None = None
     split: tuple[int, ...] | None = None
+    # NorMuon: the (B, rows) second moment of the whole unit (every row, whoever holds which shard) and
+    # its EMA weight; the owner updates it and sends it to the other ranks of the group
+    v: Tensor | None = None
+    beta2: Any = None
 
     @property
     def strategy(self) -> str:
@@ -195,37 +199,51 @@ class Task:
 def plan_units(
     gi: int, idx: Sequence[int], params: Sequence[Tensor], lays: Sequence[Layout], work: Sequence[Tensor],
     bufs: Sequence[Tensor], us: Sequence[Tensor], group: dict[str, Any],
+    vs: Sequence[Tensor | None] | None = None,
 ) -> tuple[list[F.MatrixUnit], list[Task]]:
     """The matrix units of one group's local shards (``work``, ``bufs``, ``us``) and their tasks.
 
-    Shapes and scales come from the *global* parameter; an ``a2a`` unit with rows sharded is this
-    rank's rows of the block (possibly empty); a ``gather`` unit is the whole local shard (its blocks are
-    split after the gather)."""
+    Shapes and scales come from the *global* parameter (``fan_in_first``: a ``(fan_in, fan_out)``
+    weight, scale :math:`s(n, m)`, as :func:`~fastortho.optim.functional.matrix_units`); an ``a2a`` unit
+    with rows sharded is this rank's rows of the block (possibly empty); a ``gather`` unit is the whole
+    local shard (its blocks are split after the gather). ``vs``: NorMuon's replicated ``(m,)``/``(B, m)``
+    row moments per parameter, attached to the tasks (the unit's rows in full)."""
     rule = F.resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"])
+    fan_in_first = bool(group.get("fan_in_first"))
+
+    def scale_of(rows: int, cols: int) -> float:
+        return F.lr_scale_factor(cols, rows, rule) if fan_in_first else F.lr_scale_factor(rows, cols, rule)
+
     cfg = F.OrthoConfig.from_group(group)
     steps = cfg.steps or 5
     split = group["split_sizes"]
     units: list[F.MatrixUnit] = []
     tasks: list[Task] = []
-    for i, p, lay, pw, bw, uw in zip(idx, params, lays, work, bufs, us):
+    for i, p, lay, pw, bw, uw, v in zip(idx, params, lays, work, bufs, us, vs or [None] * len(idx)):
         bsz, m, n = F.matrix_shape(p.shape, group["flatten"])  # global shape (DTensor.shape)
         name = f"{gi}.{i}"
+        v = None if v is None else v.view(bsz, m)
         if lay.strategy == "gather":
-            scales = {F.lr_scale_factor(s, n, rule) for s in (split or [m])}
+            scales = {scale_of(s, n) for s in (split or [m])}
             if len(scales) > 1:
                 raise NotImplementedError("split_sizes with unequal blocks on a parameter that needs the "
                                           "'gather' strategy is not supported")
             units.append(F.MatrixUnit(param=pw, buf=bw, ns_input=uw, scale=scales.pop(), group_index=gi, name=name))
             tasks.append(Task(gi, i, lay, (bsz, m, n), cfg, ns_flops(bsz, m, n, steps), param=p, u_local=uw,
-                              split=tuple(split) if split else None))
+                              split=tuple(split) if split else None, v=v, beta2=group.get("beta2")))
             continue
         views = [t.view(*F.matrix_shape(pw.shape, group["flatten"])) for t in (pw, bw, uw)]
         # local and a2a work on this rank's own stack (a stack dim sharded over an expert-parallel mesh
         # dim holds only this rank's matrices): their batch, and their flops, are the local ones
         lb = views[0].shape[0]
+        if v is not None and lb != bsz:
+            raise NotImplementedError(
+                f"variant='normuon' on a {tuple(p.shape)} stack sharded on its stack dim ({lay.placements}): each "
+                "rank would update only its matrices' row moments of the replicated state 'normuon_v'; use "
+                "variant='muon' for this group, or shard the stack on a matrix dim")
         for kb, (r0, r1) in enumerate(F.split_blocks(m, bsz, split, p.shape)):
-            t = Task(gi, i, lay, (lb, r1 - r0, n), cfg, ns_flops(lb, r1 - r0, n, steps))
-            vb = [v.narrow(1, r0, r1 - r0) for v in views] if split else views
+            t = Task(gi, i, lay, (lb, r1 - r0, n), cfg, ns_flops(lb, r1 - r0, n, steps),
+                     v=None if v is None else v.narrow(1, r0, r1 - r0), beta2=group.get("beta2"))
             if lay.strategy == "a2a" and lay.axis == 1:
                 # rows sharded: intersect each rank's rows with the block's rows ((0, 0): no overlap)
                 for s0, ln in lay.extents:
@@ -233,10 +251,12 @@ def plan_units(
                     t.pieces.append((a - r0, b - a) if b > a else (0, 0))
                 a, ln = t.pieces[lay.rank]
                 vb = [v.narrow(1, a + r0 - lay.extents[lay.rank][0] if ln else 0, ln) for v in views]
-            elif lay.strategy == "a2a":
-                t.pieces = list(lay.extents)
+            else:
+                # the block's rows are all here (a local row range would not be: see the branch above)
+                vb = [v.narrow(1, r0, r1 - r0) for v in views] if split else views
+                t.pieces = list(lay.extents) if lay.strategy == "a2a" else []
             units.append(F.MatrixUnit(param=vb[0], buf=vb[1], ns_input=vb[2], group_index=gi,
-                                      scale=F.lr_scale_factor(r1 - r0, n, rule),
+                                      scale=scale_of(r1 - r0, n),
                                       name=f"{name}[{kb}]" if split else name))
             tasks.append(t)
     return units, tasks
