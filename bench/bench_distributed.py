@@ -319,12 +319,14 @@ def _free_port() -> int:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--world", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--csv", default=None)
+    ap.add_argument("--world", type=int, nargs="+", default=[2, 4],
+                    help="world sizes to spawn on gloo, one run each (default: 2 4)")
+    ap.add_argument("--dim", type=int, default=128, help="model width d (matrices d×d, 4d×d, d×4d; --overlap: d×d)")
+    ap.add_argument("--layers", type=int, default=2, help="transformer layers of the benchmark model")
+    ap.add_argument("--reps", type=int, default=5, help="timed optimizer steps per case (median reported)")
+    ap.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="Newton–Schulz compute dtype (also the exchange dtype)")
+    ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     ap.add_argument("--overlap", action="store_true",
                     help="measure exposed communication with and without the pipelined exchange")
     ap.add_argument("--mats", type=int, default=16, help="--overlap: number of d×d matrices")

@@ -637,23 +637,31 @@ HW_FLAGS = ("ns_tflops", "nvlink_gbs", "ib_gbs", "link_eff", "lat_nvlink_us", "l
             "hbm_tbs", "gpus_per_node", "nbytes")
 
 
+HW_HELP = dict(ns_tflops="Newton–Schulz rate per GPU, TF/s", nvlink_gbs="NVLink GB/s per direction per GPU",
+               ib_gbs="InfiniBand GB/s per GPU", link_eff="efficiency factor of both links",
+               lat_nvlink_us="NVLink latency, µs", lat_ib_us="InfiniBand latency, µs",
+               lat_peer_us="per-peer latency of an all-to-all, µs", hbm_tbs="HBM TB/s",
+               gpus_per_node="GPUs per node (NVLink domain)", nbytes="bytes per element of the NS dtype")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(PRESETS), help="one model (default: all)")
     ap.add_argument("--world", type=int, help="world size, 8..1024 (default: 8, 64, 256, 1024)")
     ap.add_argument("--layout", help="a custom layout name; with --fsdp/--replicate/--tp/--ep")
-    ap.add_argument("--replicate", type=int, default=1)
-    ap.add_argument("--fsdp", type=int, default=1)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--replicate", type=int, default=1, help="--layout: HSDP replicas (data-parallel copies)")
+    ap.add_argument("--fsdp", type=int, default=1, help="--layout: FSDP shard group size")
+    ap.add_argument("--tp", type=int, default=1, help="--layout: tensor-parallel group size")
+    ap.add_argument("--ep", type=int, default=1, help="--layout: expert-parallel group size (MoE)")
     ap.add_argument("--tokens-per-gpu", type=int, default=16384, help="tokens per GPU per optimizer step")
     ap.add_argument("--mfu", type=float, default=0.4, help="model flops utilization of forward+backward")
     hwd = Hardware()
     for f in HW_FLAGS:
-        ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(hwd, f)), default=getattr(hwd, f))
+        ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(hwd, f)), default=getattr(hwd, f),
+                        help=f"hardware: {HW_HELP[f]} (default: {getattr(hwd, f)})")
     ap.add_argument("--png", help="plot path (default: overhead.png in a new temp dir)")
-    ap.add_argument("--no-png", action="store_true")
+    ap.add_argument("--no-png", action="store_true", help="do not draw the plot")
     a = ap.parse_args(argv)
     hw = Hardware(**{f: getattr(a, f) for f in HW_FLAGS})
     if a.world is not None and not 1 <= a.world <= 1 << 16:

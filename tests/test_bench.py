@@ -54,7 +54,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CLI_FILES = [ROOT / "fastortho" / "bench.py", *(ROOT / "bench" / f for f in (
     "bench_newton_schulz.py", "bench_optimizer.py", "bench_schedules.py", "bench_muon_step.py",
-    "bench_polar.py")),
+    "bench_polar.py", "bench_distributed.py", "simulate_distributed.py")),
     *sorted((ROOT / "examples").glob("*.py"))]
 
 
