@@ -52,6 +52,7 @@ class DistributedMuonEngine:
         self._plan_key: Any = None
         self._checked = False
         self._owners: list[int] = []
+        self._index: dict[tuple, Tensor] = {}
         #: compare the set of stepped parameters across ranks at every step (one ``all_gather_object``
         #: per group); default: only at the first step. ``FASTORTHO_DIST_CHECK=1`` turns it on.
         self.check_every_step = os.environ.get("FASTORTHO_DIST_CHECK", "0") == "1"
@@ -149,10 +150,14 @@ class DistributedMuonEngine:
             return finite
         finite = finite.clone()
         for groups, ids in by_groups.items():
-            f = finite[ids].to(torch.int32)
+            # device index tensors made once (at a warm-up step, not inside a CUDA-graph capture)
+            idx = self._index.get((tuple(ids), finite.device))
+            if idx is None:
+                idx = self._index[(tuple(ids), finite.device)] = torch.tensor(ids, device=finite.device)
+            f = finite.index_select(0, idx).to(torch.int32)
             for g in groups:
                 self._count("flags", all_reduce_min(f, g))
-            finite[ids] = f.bool()
+            finite.index_copy_(0, idx, f.bool())
         return finite
 
     def _check_same_params(self, param_groups: Sequence[dict], selected: list[tuple[int, list[int]]]) -> None:
