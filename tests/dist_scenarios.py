@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 import time
@@ -648,7 +649,54 @@ def sc_dcp(rank, world):
     return dict(ok=equal and same_keys, equal=equal, same_keys=same_keys)
 
 
+def sc_dcp_normuon(rank, world):
+    """NorMuon's replicated row moments (plain tensors beside DTensor momenta) through a sharded DCP
+    save/load under FSDP2: the loaded ``normuon_v`` and the next step equal the uninterrupted run's."""
+    import fastortho
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 33, bias=False), nn.Linear(33, 8, bias=False))
+        fully_shard(m, mesh=mesh)
+        return m, fastortho.Muon(m.parameters(), lr=LR, variant="normuon")
+
+    def step(m, opt, k):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(k))
+        m(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    m, opt = build()
+    for k in range(2):
+        step(m, opt, k)
+    path = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(path)
+    dcp.save({"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}, checkpoint_id=path[0])
+    m2, opt2 = build()
+    st = {"model": get_model_state_dict(m2), "optim": get_optimizer_state_dict(m2, opt2)}
+    dcp.load(st, checkpoint_id=path[0])
+    set_model_state_dict(m2, st["model"])
+    set_optimizer_state_dict(m2, opt2, st["optim"])
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path[0], ignore_errors=True)
+    v_equal = all(torch.equal(opt.state[a]["normuon_v"], opt2.state[b]["normuon_v"])
+                  for a, b in zip(m.parameters(), m2.parameters()))
+    step(m, opt, 2)
+    step(m2, opt2, 2)
+    equal = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(m.parameters(), m2.parameters()))
+    return dict(ok=v_equal and equal, v_equal=v_equal, equal=equal)
+
+
 SCENARIOS.update({
+    "dcp_normuon": sc_dcp_normuon,
     "bytes_even": sc_bytes_even,
     "e2e_fsdp": sc_e2e_fsdp,
     "e2e_ddp": sc_e2e_ddp,

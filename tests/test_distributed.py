@@ -44,7 +44,8 @@ IDENT = ["ident_a2a", "ident_a2a_bf16", "ident_gather", "ident_owner", "ident_lo
 PIPE = ["ident_a2a_bf16_pipe", "ident_owner_pipe"]
 NORMUON = ["ident_normuon_fsdp", "ident_normuon_tp", "ident_normuon_owner", "ident_normuon_gather"]
 W2 = IDENT + PIPE + NORMUON + ["ident_after_ortho", "ident_capturable", "ident_fan_in_first", "normuon_unsupported",
-                               "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp", "divergent_grads"]
+                               "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp", "dcp_normuon",
+                               "divergent_grads"]
 W4 = ["ident_a2a_bf16", "ident_gather", "ident_owner", *PIPE, "ident_normuon_fsdp", "bytes_even", "e2e_fsdp",
       "e2e_hsdp", "e2e_fsdp_tp"]
 
@@ -110,6 +111,12 @@ def test_normuon_bit_identical_w4(w4):
     per_rank = _get(w4, "ident_normuon_fsdp")
     _check_ident(per_rank, 4)
     assert all(d["v_count"] == 15 and d["v_equal"] for d in per_rank)
+
+
+def test_normuon_dcp_round_trip_w2(w2):
+    """Sharded DCP save/load under FSDP2 keeps NorMuon's replicated moments and the next step exact."""
+    for d in _get(w2, "dcp_normuon"):
+        assert d["v_equal"] and d["equal"], d
 
 
 def test_normuon_unsupported_layouts_raise(w2):
