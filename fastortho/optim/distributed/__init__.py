@@ -62,6 +62,9 @@ Decisions (and why):
   global shapes and param-group order.
 * Non-finite flags are all-reduced. That is the only way a NaN in one shard can skip the whole matrix
   on every rank.
+* NorMuon (:mod:`.rowmoments`) normalizes the whole :math:`O` where it was orthogonalized and keeps
+  the row moments replicated (the single-process state on every rank); the owner sends them with the
+  slices.
 * The plan check runs at the first step only. A check triggered by a local change would be a
   collective that only some ranks join.
 """
