@@ -10,8 +10,9 @@ A Muon step on a list of matrix parameters runs in three phases:
    parameter as *matrix units* (a 2-D parameter, a flattened conv kernel, a row block of a split
    parameter, or the matrices of a stacked 3-D parameter) of shape ``(B, m, n)``;
 2. **orthogonalize** (:func:`orthogonalize_units`, across groups): units of equal ``(m, n, dtype,
-   device)`` and equal :class:`OrthoConfig` are concatenated and orthogonalized in one batched call,
-   :math:`O \approx U V^\top`;
+   device)`` and equal :class:`OrthoConfig` (for the polar methods this includes the dtype the
+   parameter and momentum are stored in, :meth:`OrthoConfig.for_data`) are concatenated and
+   orthogonalized in one batched call, :math:`O \approx U V^\top`;
 3. **apply** (:func:`apply_phase`, per group, fused, :func:`fastortho.ops.muon_apply_`):
    :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\, s(m, n)\, O` with the learning-rate scale
    :math:`s` of :func:`lr_scale_factor`, computed from the matrix shape *after* flattening/splitting.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from fastortho.optim.shapes import (
     LR_SCALES, TORCH_ADJUST_LR_FN, lr_scale_factor, matrix_shape, resolve_lr_scale, resolve_ns_dtype, split_blocks,
 )
 from fastortho.polar import polar
+from fastortho.reference import default_rtol
 
 __all__ = [
     "LR_SCALES", "TORCH_ADJUST_LR_FN", "lr_scale_factor", "resolve_lr_scale", "matrix_shape",
@@ -50,6 +52,14 @@ __all__ = [
     "momentum_phase", "split_blocks", "matrix_units", "orthogonalize_units", "apply_phase", "adamw_phase",
     "momentum_args", "unit_args", "apply_args", "adamw_args", "telemetry_records", "contiguous_params", "muon",
 ]
+
+_POLAR_METHODS = ("svd", "qdwh", "higham")
+
+
+def _coarsest(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype with the largest machine epsilon (float64's ε for non-floating dtypes)."""
+    return max(dtypes, key=lambda d: torch.finfo(d if d.is_floating_point else torch.float64).eps)
+
 
 #: A user-supplied orthogonalizer: maps a ``(B, m, n)`` stack to a tensor of the same shape.
 Orthogonalizer = Callable[[Tensor], Tensor]
@@ -65,6 +75,22 @@ class OrthoConfig:
     eps: float = 1e-7
     dtype: torch.dtype | None = None
     backend: str = "auto"
+    # The coarsest dtype the matrix was stored in before it reached the orthogonalizer (parameter,
+    # momentum); None: the input's own dtype. Only the polar methods read it (their rank cut).
+    data_dtype: torch.dtype | None = None
+
+    def for_data(self, *tensors: Tensor) -> "OrthoConfig":
+        """This config for matrices built from ``tensors`` (a parameter and its momentum buffer).
+
+        The polar methods ("svd", "qdwh", "higham") cut singular values at the precision of the data
+        (:func:`fastortho.reference.default_rtol`): a bfloat16 parameter's momentum handed over as a
+        float32 copy still carries bfloat16 rounding noise (σ ≈ 0.1·ε_bf16·σ_max), which a float32 cut
+        would map to full unit directions. Newton–Schulz and callables do not read it, so their configs
+        are returned unchanged (units of different storage dtypes keep sharing one batched call).
+        """
+        if self.orthogonalizer not in _POLAR_METHODS or not tensors:
+            return self
+        return replace(self, data_dtype=_coarsest(*(t.dtype for t in tensors)))
 
     @staticmethod
     def from_group(group: dict[str, Any]) -> "OrthoConfig":
@@ -90,8 +116,12 @@ def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
 
     ``"newton_schulz"`` runs :func:`fastortho.newton_schulz` (quintic steps of ``cfg.coefficients``,
     input scaled by :math:`\max(\text{safety}\cdot\|X\|_F, \varepsilon)`); ``"qdwh"``, ``"higham"``
-    and ``"svd"`` run that method of :func:`fastortho.polar`. A callable is called on ``X`` as is and
-    its result used as returned (same shape required).
+    and ``"svd"`` run that method of :func:`fastortho.polar` with the rank cut
+    ``rtol = default_rtol(m, n, d)`` (:math:`\sigma \le \text{rtol}\cdot\sigma_{\max}` maps to 0),
+    :math:`d` the coarsest of ``cfg.data_dtype``, ``X.dtype`` and the dtypes the method computes in
+    (``cfg.dtype``, then float32 or float64, for "qdwh"/"higham"; float64 for "svd"): the cut
+    follows the precision the matrix was stored in, not that of the copy handed over. A callable is
+    called on ``X`` as is and its result used as returned (same shape required).
     """
     fn = cfg.orthogonalizer
     if callable(fn):
@@ -105,10 +135,14 @@ def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
         coeffs = list(cfg.coefficients) if isinstance(cfg.coefficients, tuple) else cfg.coefficients
         return newton_schulz(X, cfg.steps, coeffs, normalize=cfg.normalize, eps=cfg.eps, dtype=dtype,
                              backend=cfg.backend)
-    if fn in ("qdwh", "higham"):
-        return polar(X.to(dtype), method=fn).to(dtype)
-    if fn == "svd":
-        return polar(X, method="svd").to(dtype)
+    if fn in _POLAR_METHODS:
+        m, n = X.shape[-2:]
+        stored = (X.dtype,) if cfg.data_dtype is None else (X.dtype, cfg.data_dtype)
+        if fn == "svd":  # float64 SVD of X as given
+            return polar(X, method="svd", rtol=default_rtol(m, n, _coarsest(*stored))).to(dtype)
+        # polar's working dtype for an input of this dtype: float64 stays, everything else float32
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        return polar(X.to(dtype), method=fn, rtol=default_rtol(m, n, _coarsest(*stored, dtype, work))).to(dtype)
     raise ValueError(f"orthogonalizer must be one of {list(ORTHOGONALIZERS)} or a callable, got {fn!r}")
 
 
@@ -222,11 +256,13 @@ def matrix_units(
 
 def orthogonalize_units(units: Sequence[MatrixUnit], configs: Sequence[OrthoConfig | None]) -> None:
     """Phase 2: bucket units by (config, m, n, dtype, device) in order of appearance, one
-    :func:`orthogonalize` call per bucket; ``configs[g]`` is group ``g``'s config. Fills ``unit.out``."""
+    :func:`orthogonalize` call per bucket; ``configs[g]`` is group ``g``'s config, specialised per unit
+    to the dtype of its parameter and momentum (:meth:`OrthoConfig.for_data`). Fills ``unit.out``."""
     buckets: dict[tuple, list[MatrixUnit]] = {}
     for u in units:
         x = u.ns_input
-        buckets.setdefault((configs[u.group_index], x.shape[-2], x.shape[-1], x.dtype, x.device), []).append(u)
+        cfg = configs[u.group_index].for_data(u.param, u.buf)
+        buckets.setdefault((cfg, x.shape[-2], x.shape[-1], x.dtype, x.device), []).append(u)
     for (cfg, *_), bucket in buckets.items():
         stacked = bucket[0].ns_input if len(bucket) == 1 else torch.cat([u.ns_input for u in bucket])
         # tall inputs come back as transposed views; the fused apply walks memory linearly
