@@ -24,8 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import fastortho
-
-KELLER = (3.4445, -4.7750, 2.0315)
+from fastortho.coefficients import KELLER
 
 
 def batch_grad(Delta: torch.Tensor, B: int, gen: torch.Generator) -> torch.Tensor:
@@ -54,7 +53,7 @@ def update(G: torch.Tensor, rule: str) -> torch.Tensor:
         A = X @ X.mT
         a, b, c = KELLER
         return a * X + (b * A + c * A @ A) @ X
-    if rule.startswith("ns"):  # "ns1-fro", "ns5-spectral", ...
+    if rule.startswith("ns"):  # "ns1-fro", "ns5-gram", ...
         steps, norm = rule[2:].split("-")
         return fastortho.newton_schulz(G, steps=int(steps), coefficients=[KELLER], normalize=norm)
     if rule == "svd":
@@ -171,7 +170,7 @@ def part_c(quick: bool) -> tuple[str, dict]:
     Ns_cos = [16, 32, 64, 128, 256] if quick else [16, 32, 64, 128, 256, 512]  # update shape at init only
     T, runs = (80 if quick else 120), 2
     lrs = torch.logspace(-3.0, 0.0, 8)
-    rules = ["nsgd", "ns1-fro", "ns1-spectral", "ns1-op", "ns5-fro", "ns5-spectral", "svd"]
+    rules = ["nsgd", "ns1-fro", "ns1-gram", "ns1-op", "ns5-fro", "ns5-gram", "svd"]
     res: dict = {}
     spread: dict = {}
     cos = torch.nn.functional.cosine_similarity
@@ -239,8 +238,8 @@ def main() -> None:
            else "and is not consistently further from G than the Frobenius one")
     risks = {r: v for (r, N), v in res_c.items() if N == big}
     winner = min(risks, key=risks.get)
-    one = [risks[r] for r in ("nsgd", "ns1-fro", "ns1-spectral", "ns1-op")]
-    full = [risks[r] for r in ("ns5-fro", "ns5-spectral", "svd")]
+    one = [risks[r] for r in ("nsgd", "ns1-fro", "ns1-gram", "ns1-op")]
+    full = [risks[r] for r in ("ns5-fro", "ns5-gram", "svd")]
     VERDICT = (f"Verdict: the Frobenius one-step cosine {trend}; the σ_max-normalized step's cosine "
                f"{'falls' if c_op[-1] < c_op[0] else 'does not fall'} with N {gap}. On the loss at N = {big} "
                f"(2 runs per lr, spread not measured) the best rule is {winner}; normalized SGD and the one-step "
@@ -270,11 +269,11 @@ the gap is smaller.
 C: at init, cos(update, G) for one Frobenius-normalized NS step is {spread_c[('ns1-fro', n0)][1]:.2f} at
 N = {n0} and {spread_c[('ns1-fro', bigc)][1]:.2f} at N = {bigc} (1 would be normalized SGD); with σ_max
 normalization (the notes' p = ∞) it is {spread_c[('ns1-op', n0)][1]:.2f} → {spread_c[('ns1-op', bigc)][1]:.2f}, with
-fastortho's "spectral" (the Gram bound ‖GGᵀ‖_F^½ ≥ σ_max) {spread_c[('ns1-spectral', n0)][1]:.2f} →
-{spread_c[('ns1-spectral', bigc)][1]:.2f}; five steps bring either normalization to cos(·, msign) ≥
-{min(spread_c[('ns5-fro', bigc)][0], spread_c[('ns5-spectral', bigc)][0]):.2f}. Best final risk / R₀ at N = {big}:
+fastortho's "gram" (the Gram bound ‖GGᵀ‖_F^½ ≥ σ_max) {spread_c[('ns1-gram', n0)][1]:.2f} →
+{spread_c[('ns1-gram', bigc)][1]:.2f}; five steps bring either normalization to cos(·, msign) ≥
+{min(spread_c[('ns5-fro', bigc)][0], spread_c[('ns5-gram', bigc)][0]):.2f}. Best final risk / R₀ at N = {big}:
 normalized SGD {res_c[('nsgd', big)]:.3g}, NS1-fro {res_c[('ns1-fro', big)]:.3g}, NS1-op {res_c[('ns1-op', big)]:.3g},
-NS5-fro {res_c[('ns5-fro', big)]:.3g}, NS5-spectral {res_c[('ns5-spectral', big)]:.3g}, exact msign {res_c[('svd', big)]:.3g}.
+NS5-fro {res_c[('ns5-fro', big)]:.3g}, NS5-gram {res_c[('ns5-gram', big)]:.3g}, exact msign {res_c[('svd', big)]:.3g}.
 {VERDICT}
 
 ![recursions](figures/linreg_recursions.png)

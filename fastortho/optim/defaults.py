@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastortho.coefficients import SCHEDULES
+from fastortho.coefficients import KELLER
 
 __all__ = [
     "KELLER",
@@ -25,8 +25,7 @@ __all__ = [
     "enforce_nonfinite",
 ]
 
-#: Keller Jordan's Newton–Schulz triple (a, b, c), torch.optim.Muon's ``ns_coefficients``.
-KELLER: tuple[float, float, float] = tuple(SCHEDULES["keller"].coefficients[0])  # type: ignore[assignment]
+# KELLER (re-exported): Keller Jordan's Newton–Schulz triple (a, b, c), torch.optim.Muon's ``ns_coefficients``.
 #: torch.optim.Muon's step count for ``ns_coefficients``.
 TORCH_NS_STEPS = 5
 
