@@ -29,6 +29,14 @@ Where each list comes from (values checked in ``tests/test_coefficients.py``):
   the last row the fixed point (15/8, −10/8, 3/8); input scaled by 1.01·‖G‖_F.
 * ``"cubic"``: p(σ) = 1.5σ − 0.5σ³ every step, the classical Newton–Schulz iteration;
   convergent for σ ∈ (0, √3), hence slow from small σ. Safety 1.
+* ``"aol"``: the 4-step schedule of Boissin, Massena, Mamalet, Serrurier, "Turbo-Muon: Accelerating
+  Orthogonality-Based Optimization with Pre-Conditioning" (arXiv 2512.04632) as its reference
+  implementation (thib-s/flash-newton-schulz) runs it: the last four rows of ``"you"``, applied to an
+  input *preconditioned* by AOL (almost-orthogonal Lipschitz) row scaling instead of divided by a norm: with A = GGᵀ and d_i = (Σ_j |A_ij|)^{-1/2},
+  X₀ = diag(d)·G, whose σ_max ≤ 1: σ_max(X₀)² = ‖DAD‖₂ and, by the Schur test with weights 1/d,
+  ‖DAD‖₂ ≤ max_i Σ_j d_i|A_ij|d_j·(d_i/d_j) = max_i d_i² Σ_j |A_ij| = 1 (Prach & Lampert, "Almost-Orthogonal
+  Layers for Efficient General-Purpose Lipschitz Networks"). The schedule says so with
+  ``precondition="aol"``; run after a norm scaling instead it is a different iteration. Safety 1.
 
 ``keller`` and ``cubic`` list their constant triple 5 times (the step count of Keller Jordan's Muon).
 
@@ -62,15 +70,20 @@ Triple = tuple[float, float, float]
 __all__ = [
     "FIXED_POINT",
     "KELLER",
+    "PRECONDITIONERS",
     "Schedule",
     "SCHEDULES",
     "get_schedule",
+    "schedule_precondition",
     "optimal_quintic",
     "polar_express_schedule",
     "composed_band",
     "is_convergent_row",
 ]
 
+
+#: Schedule.precondition values: None (norm scaling) or "aol" (AOL row rescaling)
+PRECONDITIONERS: tuple[str | None, ...] = (None, "aol")
 
 FIXED_POINT: Triple = (15 / 8, -10 / 8, 3 / 8)
 """p(σ) = (15σ − 10σ³ + 3σ⁵)/8: p(1) = 1, p′(1) = p″(1) = 0, the tail of non-convergent schedules."""
@@ -112,6 +125,9 @@ class Schedule:
         generator: ``(lower, cushion)`` when the rows are
             ``polar_express_schedule(len(coefficients), lower, safety=safety, cushion=cushion)``;
             more steps then regenerate the schedule for that count. None for fixed lists.
+        precondition: how X₀ is formed from G. None: X₀ = G / (safety·ν(G)), ν the ``normalize``
+            bound. ``"aol"``: X₀ = diag(d)·G with d_i = (Σ_j |(GGᵀ)_ij|)^{-1/2} (AOL rescaling, σ_max(X₀)
+            ≤ 1, the ``normalize`` argument is then not used), the Gram matrix reused by step 1.
     """
 
     name: str
@@ -119,6 +135,7 @@ class Schedule:
     safety: float = 1.0
     source: str = ""
     generator: tuple[float, float] | None = None
+    precondition: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.coefficients) == 0:
@@ -130,6 +147,8 @@ class Schedule:
             raise ValueError(f"safety must be a positive finite number, got {self.safety}")
         if self.generator is not None and len(self.generator) != 2:
             raise ValueError(f"generator must be (lower, cushion) or None, got {self.generator!r}")
+        if self.precondition not in PRECONDITIONERS:
+            raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {self.precondition!r}")
 
     @property
     def steps(self) -> int:
@@ -277,6 +296,14 @@ _PE_PAPER_RAW: tuple[Triple, ...] = (
 )
 
 
+# Turbo-Muon (arXiv 2512.04632): the 4 steps its reference implementation (thib-s/flash-newton-schulz,
+# ``NS_ours``) runs after AOL preconditioning, the last four rows of You's list. None fixes 1 with zero
+# slope, so more steps continue with the quintic fixed point. Not the 4-row list some peers ship as "aol"
+# (first row (4.0098, -7.0585, 2.4635)): its composition maps σ ∈ (0.88, 1] to ≈ -1, i.e. it flips the
+# sign of every direction AOL scales to near 1 (a rank-1 G reaches σ = 1 exactly).
+_AOL: tuple[Triple, ...] = _YOU[1:]
+
+
 def _with_safety(rows: Sequence[Triple], f: float) -> tuple[Triple, ...]:
     """Rows 1..k−1 divided by f (a/f, b/f³, c/f⁵), the last row exempt (the paper's convention)."""
     return tuple((a / f, b / f**3, c / f**5) for a, b, c in rows[:-1]) + (tuple(rows[-1]),)
@@ -295,7 +322,21 @@ SCHEDULES: dict[str, Schedule] = {
         "Amsel et al. arXiv 2505.16932, 8 steps, rows 1-7 / 1.01, input / (1.01 ||G||_F)",
     ),
     "cubic": Schedule("cubic", ((1.5, -0.5, 0.0),) * 5, 1.0, "classical cubic Newton-Schulz"),
+    "aol": Schedule(
+        "aol", _AOL, 1.0, "Boissin et al., Turbo-Muon, arXiv 2512.04632: 4 steps after AOL preconditioning",
+        precondition="aol",
+    ),
 }
+
+
+def schedule_precondition(coefficients: str | Schedule | Sequence[Sequence[float]]) -> str | None:
+    """The :attr:`Schedule.precondition` of a schedule spec (None for unknown names and plain triples:
+    :func:`get_schedule` reports those)."""
+    if isinstance(coefficients, Schedule):
+        return coefficients.precondition
+    if isinstance(coefficients, str) and coefficients in SCHEDULES:
+        return SCHEDULES[coefficients].precondition
+    return None
 
 
 def get_schedule(

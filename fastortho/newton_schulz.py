@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._input import FLOATS, check_input, normalize_vector, require_finite
-from .coefficients import Schedule, get_schedule
+from .coefficients import Schedule, get_schedule, schedule_precondition
 from .ns_torch import newton_schulz_torch
 from .ops import newton_schulz_triton, triton_available
 
@@ -39,9 +39,16 @@ def canonical_normalize(normalize: str, *, stacklevel: int = 2) -> str:
     return normalize
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, precondition: str | None = None) -> str:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if precondition is not None:
+        # The Triton kernels scale X₀ by one number per matrix; the AOL row scaling is not in them yet.
+        if backend == "triton":
+            raise ValueError(f"coefficients={precondition!r} (AOL preconditioning) runs on the torch backend only: "
+                             "the Triton kernels do not apply the per-row AOL scaling yet; pass backend='torch' "
+                             "or 'auto', or a norm-scaled schedule such as coefficients='polar_express'")
+        return "torch"
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     return backend
@@ -81,6 +88,11 @@ def newton_schulz(
         coefficients: a name in ``fastortho.SCHEDULES`` ("keller", "you", "polar_express",
             "polar_express_paper", "cubic"), a :class:`Schedule` (e.g. from
             ``polar_express_schedule``), or a sequence of (a, b, c) triples (safety 1).
+            ``"aol"`` is Turbo-Muon's 4-step list (Boissin et al., arXiv 2512.04632), run after AOL
+            preconditioning instead of a norm scaling: with A = GGᵀ, X₀ = diag(d)·G with
+            d_i = (Σ_j |A_ij|)^{-1/2} (σ_max(X₀) ≤ 1), and step 1 reuses D·A·D, so 4 steps cost 4
+            steps of matmuls plus O(m² + mn) elementwise work; ``normalize`` is then not used. It runs
+            on the torch backend: ``backend="auto"`` routes it there on CUDA too, ``"triton"`` raises.
         normalize: ν(G) = ‖G‖_F (``"fro"``) or ‖GGᵀ‖_F^{1/2} = (Σσ⁴)^{1/4} (``"gram"``; the old
             name ``"spectral"`` is a deprecated alias): both bound σ_max from above, the Gram bound
             tighter (by up to rank^{1/4}), and free because the first step needs GGᵀ anyway. A
@@ -123,6 +135,7 @@ def newton_schulz(
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     coeffs, safety = get_schedule(coefficients, steps)
+    precondition = schedule_precondition(coefficients)
     if dtype is None:
         dtype = torch.bfloat16 if G.device.type == "cuda" else torch.float32
     if dtype not in FLOATS:
@@ -131,7 +144,7 @@ def newton_schulz(
         return torch.empty(G.shape, dtype=out_dtype, device=G.device)
     lead, (m, n) = G.shape[:-2], G.shape[-2:]
     G3 = G.reshape(-1, m, n)  # a view whenever the leading dims allow it
-    be = _resolve_backend(backend, G.device)
+    be = _resolve_backend(backend, G.device, precondition)
     if fp32_first_gram and be != "triton":
         raise ValueError("fp32_first_gram=True needs backend='triton' (CUDA, or CPU under TRITON_INTERPRET=1); "
                          f"this call runs the {be!r} backend, whose first Gram product reads X₀ rounded to "
@@ -143,7 +156,7 @@ def newton_schulz(
         )
     else:
         X = newton_schulz_torch(
-            G3, coeffs, safety=safety, normalize=normalize, eps=eps, compute_dtype=dtype,
+            G3, coeffs, safety=safety, normalize=precondition or normalize, eps=eps, compute_dtype=dtype,
             out_dtype=out_dtype, gram=gram,
         )
     return X.reshape(*lead, m, n)

@@ -32,6 +32,8 @@ def scale_input(
 
     ν = ‖G‖_F for ``"fro"``; ν = ‖GGᵀ‖_F^{1/2} ≥ σ_max (tighter than ‖G‖_F by up to rank^{1/4}) for ``"gram"``,
     which needs the Gram matrix GGᵀ: it is returned scaled (= X₀X₀ᵀ) so the first step reuses it.
+    ``"aol"`` (the schedules with ``precondition="aol"``) replaces the division by a norm with the
+    row scaling of :func:`aol_precondition` (``safety`` unused), its Gram matrix returned likewise.
     The normalization contract shared with the Triton backend: norms are taken of G·p, p the power
     of two with max|G·p| in [1, 2) (:func:`pow2_prescale`, exact), so squares neither overflow
     (|G| ~ 1e20 in fp32) nor underflow (|G| ~ 1e-25); with d = safety·ν(G·p),
@@ -41,6 +43,8 @@ def scale_input(
     Gw = G.to(wdtype)
     p = pow2_prescale(Gw)
     Gn = Gw * p  # exact
+    if normalize == "aol":
+        return aol_precondition(Gn, p, eps=eps)
     A = None
     if normalize == "fro":
         nu_n = torch.linalg.vector_norm(Gn, dim=(-2, -1), keepdim=True)
@@ -54,6 +58,29 @@ def scale_input(
     if A is not None:
         A = A / (d * d)
     return X, A
+
+
+def aol_precondition(Gn: Tensor, p: Tensor, *, eps: float) -> tuple[Tensor, Tensor]:
+    """AOL rescaling of Gn = G·p (B, m, n), m ≤ n, p the exact power-of-two prescale of
+    :func:`pow2_prescale`: X₀ = D·Gn and X₀X₀ᵀ = D·A·D, with A = Gn Gnᵀ and D = diag(1/s),
+    s_i = max(√(Σ_j |A_ij|), eps·p).
+
+    σ_max(X₀) ≤ 1 (Schur test on DAD with weights s: max_i Σ_j |A_ij| / s_i² ≤ 1; Prach & Lampert,
+    "Almost-Orthogonal Layers for Efficient General-Purpose Lipschitz Networks"), and rows of very
+    different norms come out nearly equal, which starts the small singular values higher than a norm
+    scaling does when the rows differ (Boissin et al., "Turbo-Muon", arXiv 2512.04632). The Gram matrix
+    is the one the first Newton–Schulz step needs anyway, so the rescale costs O(m² + mn) elementwise
+    work and no matmul. The floor is the norm path's: a row whose √(Σ_j |(GGᵀ)_ij|) < eps in G's units
+    is divided by eps (flooring only lowers 1/s_i, so the bound holds; a zero matrix gives zeros);
+    eps·p is kept ≥ the dtype's smallest normal so a zero row never meets 0·∞. The result does not
+    depend on p (up to the floor): G·2^k gives the bits of G. NaN/Inf propagate within their matrix.
+    """
+    A = Gn @ Gn.mT
+    s = A.abs().sum(dim=-1, keepdim=True).sqrt()   # (B, m, 1)
+    lim = (eps * p).clamp_min(torch.finfo(Gn.dtype).tiny)
+    s = torch.where(s < lim, lim, s)                # written so that NaN survives
+    d = 1.0 / s
+    return Gn * d, A * d * d.mT
 
 
 GRAM_MIN_SHORT = 256  # as in the Triton backend: below it, per-op overhead outweighs the flops saved

@@ -25,7 +25,7 @@ def predicted_error(G: torch.Tensor, name: str, steps=None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("name", sorted(n for n, s in SCHEDULES.items() if s.precondition is None))
 def test_float64_matches_the_polynomial_prediction(shape, name):
     G = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     X = fastortho.newton_schulz(G, coefficients=name, dtype=torch.float64)
@@ -302,7 +302,7 @@ TOL_EPS_TORCH = {torch.float64: 256.0, torch.float32: 256.0, torch.bfloat16: 32.
     layout=st.sampled_from(["contiguous", "transposed", "strided"]),
     log_scale=st.floats(-30, 30),
     cdt=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
-    name=st.sampled_from(sorted(SCHEDULES)),
+    name=st.sampled_from(sorted(n for n, s in SCHEDULES.items() if s.precondition is None)),
     steps=st.sampled_from([None, 2, 3]),
     normalize=st.sampled_from(["fro", "gram"]),
     seed=st.integers(0, 2**16),
