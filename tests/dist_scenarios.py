@@ -6,6 +6,7 @@ The spawn is the expensive part (seconds per process on a busy CPU), so nothing 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -133,7 +134,7 @@ VECS = [(5,), (33,)]
 
 
 def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, nan=True, mesh=None,
-               steps=K, bucket_numel=None, group_extra=None, **extra):
+               steps=K, bucket_numel=None, group_extra=None, no_host_reads=False, **extra):
     """Distributed vs single-process fastortho.Muon on identical full gradients; returns a result dict."""
     import fastortho
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor, init_device_mesh
@@ -175,7 +176,8 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
         for p, g, i in zip(dp, gs, range(len(gs))):
             p.grad = g.clone() if plain else distribute_tensor(g.clone(), p.device_mesh, p.placements,
                                                                src_data_rank=None)
-        with A2ACounter() as c:
+        # after the first (warm-up) step, a capturable step must not read a tensor on the host
+        with A2ACounter() as c, (_no_host_reads() if no_host_reads and step else contextlib.nullcontext()):
             opt.step()
         st = opt.comm_stats
         res["bytes"].append(dict(st["bytes"]))
@@ -201,6 +203,28 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
     res["state_keys"] = sorted((k, tuple(sorted(v))) for k, v in sd["state"].items())
     res["ok"] = res["equal"] and res["nonfinite"][0] == res["nonfinite"][1] == int(nan)
     return res
+
+
+_READS = ("item", "__bool__", "tolist", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Every host read of a tensor's value raises (as tests/test_capturable.py's guard)."""
+    saved = {k: getattr(torch.Tensor, k) for k in _READS}
+
+    def refuse(name):
+        def f(self, *a, **k):
+            raise AssertionError(f"host read Tensor.{name} inside step()")
+        return f
+
+    for k in _READS:
+        setattr(torch.Tensor, k, refuse(k))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(torch.Tensor, k, v)
 
 
 def _cycle_shard(i, t):
@@ -317,7 +341,39 @@ def sc_ident_normuon_gather(rank, world):
 def sc_ident_capturable(rank, world):
     # device-scalar lr/momentum/weight decay and AdamW step counts (on the CPU here), every strategy of
     # _cycle_shard (a2a rows/columns, stack-sharded local)
-    return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="auto", ns_dtype=None, capturable=True)
+    return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="auto", ns_dtype=None, capturable=True,
+                      no_host_reads=True)
+
+
+def sc_ident_capturable_normuon(rank, world):
+    # NorMuon's moments sent by the owners, and the gather strategy (DTensor full_tensor / distribute_tensor)
+    return _ident_run(rank, world, placement_fn=_fsdp_rows, strategy="auto", ns_dtype=None, capturable=True,
+                      variant="normuon", no_host_reads=True)
+
+
+def sc_ident_capturable_gather(rank, world):
+    return _ident_run(rank, world, placement_fn=_fsdp_rows, strategy="gather", ns_dtype=None, capturable=True,
+                      no_host_reads=True)
+
+
+def sc_host_read_guard(rank, world):
+    """The guard sees a host read inside the engine's step: a non-capturable CPU tensor lr is read with
+    ``item()`` (so the capturable scenarios' silence means something)."""
+    import fastortho
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    p = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)], src_data_rank=None))
+    opt = fastortho.Muon([p], lr=torch.tensor(LR))
+    p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)], src_data_rank=None)
+    opt.step()
+    try:
+        with _no_host_reads():
+            opt.step()
+        out = "no error"
+    except AssertionError as e:
+        out = str(e)
+    return dict(ok="host read" in out, caught=out)
 
 
 def sc_ident_fan_in_first(rank, world):
@@ -356,7 +412,10 @@ SCENARIOS = {
     "ident_normuon_owner": sc_ident_normuon_owner,
     "ident_normuon_gather": sc_ident_normuon_gather,
     "ident_capturable": sc_ident_capturable,
+    "ident_capturable_normuon": sc_ident_capturable_normuon,
+    "ident_capturable_gather": sc_ident_capturable_gather,
     "ident_fan_in_first": sc_ident_fan_in_first,
+    "host_read_guard": sc_host_read_guard,
     "normuon_unsupported": sc_normuon_unsupported,
     "divergent_grads": sc_divergent_grads,
     "ident_after_ortho": sc_ident_after_ortho,

@@ -43,9 +43,10 @@ E2E_ATOL = 2e-6
 IDENT = ["ident_a2a", "ident_a2a_bf16", "ident_gather", "ident_owner", "ident_local"]
 PIPE = ["ident_a2a_bf16_pipe", "ident_owner_pipe"]
 NORMUON = ["ident_normuon_fsdp", "ident_normuon_tp", "ident_normuon_owner", "ident_normuon_gather"]
-W2 = IDENT + PIPE + NORMUON + ["ident_after_ortho", "ident_capturable", "ident_fan_in_first", "normuon_unsupported",
-                               "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp", "dcp_normuon",
-                               "divergent_grads"]
+CAPT = ["ident_capturable", "ident_capturable_normuon", "ident_capturable_gather"]
+W2 = IDENT + PIPE + NORMUON + CAPT + ["ident_after_ortho", "host_read_guard", "ident_fan_in_first",
+                                      "normuon_unsupported", "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp",
+                                      "dcp_normuon", "divergent_grads"]
 W4 = ["ident_a2a_bf16", "ident_gather", "ident_owner", *PIPE, "ident_normuon_fsdp", "bytes_even", "e2e_fsdp",
       "e2e_hsdp", "e2e_fsdp_tp"]
 
@@ -126,12 +127,22 @@ def test_normuon_unsupported_layouts_raise(w2):
         assert "momentum_placement='before_ortho'" in d["after_ortho"], d["after_ortho"]
 
 
-def test_capturable_bit_identical_w2(w2):
+@pytest.mark.parametrize("name", CAPT)
+def test_capturable_bit_identical_w2(w2, name):
     """capturable=True (device-scalar lr/momentum/weight decay, AdamW step counts on the parameters'
-    device) through the engine: ``torch.equal`` to capturable single-process Muon, NaN skip included."""
-    per_rank = _get(w2, "ident_capturable")
+    device) through the engine: ``torch.equal`` to capturable single-process Muon, NaN skip included,
+    and steps 2-3 run with every host read of a tensor (item, __bool__, tolist, __float__, __int__)
+    raising: a2a + stack-sharded local, NorMuon on a2a (moments sent), gather."""
+    per_rank = _get(w2, name)
     _check_ident(per_rank, 2)
-    assert per_rank[0]["strategies"] == ["a2a", "local"]
+    want = {"ident_capturable": ["a2a", "local"], "ident_capturable_normuon": ["a2a"],
+            "ident_capturable_gather": ["gather"]}[name]
+    assert per_rank[0]["strategies"] == want
+
+
+def test_host_read_guard_sees_engine_reads(w2):
+    for d in _get(w2, "host_read_guard"):
+        assert "host read" in d["caught"], d["caught"]
 
 
 def test_fan_in_first_w2(w2):
