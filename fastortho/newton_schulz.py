@@ -82,11 +82,11 @@ def newton_schulz(
         G: (..., m, n) float tensor; leading dims are a batch. A 1-D g returns g/‖g‖ exactly (the
             rank-1 polar factor). Empty dims give an empty result.
         steps: number of steps; None uses the schedule's native length (5 for "keller"/"cubic"/
-            "polar_express"/"you", 8 for "polar_express_paper"); more steps never hurt: Polar
+            "polar_express"/"you", 8 for "polar_express_paper", 4 for "aol"); more steps never hurt: Polar
             Express is regenerated for that count, other lists continue with a convergent tail
             (``Schedule.rows``).
         coefficients: a name in ``fastortho.SCHEDULES`` ("keller", "you", "polar_express",
-            "polar_express_paper", "cubic"), a :class:`Schedule` (e.g. from
+            "polar_express_paper", "cubic", "aol"), a :class:`Schedule` (e.g. from
             ``polar_express_schedule``), or a sequence of (a, b, c) triples (safety 1).
             ``"aol"`` is Turbo-Muon's 4-step list (Boissin et al., arXiv 2512.04632), run after AOL
             preconditioning instead of a norm scaling: with A = GGᵀ, X₀ = diag(d)·G with
