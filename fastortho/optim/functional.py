@@ -25,21 +25,19 @@ defaults (as ``torch.optim``'s functional API); :func:`momentum_args`, :func:`un
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fastortho.coefficients import Schedule
 from fastortho.newton_schulz import newton_schulz
 from fastortho.ops import muon_apply_, muon_momentum_
 from fastortho.optim.adamw import adamw_step_
+from fastortho.optim.ortho import POLAR_METHODS, OrthoConfig, Orthogonalizer, coarsest_dtype
 from fastortho.optim.variants import momentum_tensor_, normuon_, normuon_state
-from fastortho.optim.defaults import (
-    KELLER, MUON_DEFAULTS, ORTHOGONALIZER_ALIASES, ORTHOGONALIZERS, TORCH_NS_STEPS, enforce_nonfinite,
-)
+from fastortho.optim.defaults import KELLER, MUON_DEFAULTS, ORTHOGONALIZERS, enforce_nonfinite
 from fastortho.optim.shapes import (
     LR_SCALES, TORCH_ADJUST_LR_FN, lr_scale_factor, matrix_shape, resolve_lr_scale, resolve_ns_dtype, split_blocks,
 )
@@ -52,64 +50,6 @@ __all__ = [
     "momentum_phase", "split_blocks", "matrix_units", "orthogonalize_units", "apply_phase", "adamw_phase",
     "momentum_args", "unit_args", "apply_args", "adamw_args", "telemetry_records", "contiguous_params", "muon",
 ]
-
-_POLAR_METHODS = ("svd", "qdwh", "higham")
-
-
-def _coarsest(*dtypes: torch.dtype) -> torch.dtype:
-    """The floating dtype with the largest machine epsilon (float64's ε for non-floating dtypes)."""
-    return max(dtypes, key=lambda d: torch.finfo(d if d.is_floating_point else torch.float64).eps)
-
-
-#: A user-supplied orthogonalizer: maps a ``(B, m, n)`` stack to a tensor of the same shape.
-Orthogonalizer = Callable[[Tensor], Tensor]
-
-@dataclass(frozen=True)
-class OrthoConfig:
-    """Everything that decides the orthogonalizer's output; units with equal configs share a batched call."""
-
-    orthogonalizer: str | Orthogonalizer = "newton_schulz"
-    coefficients: Hashable = None  # a schedule name, a tuple of (a, b, c) triples or a Schedule
-    steps: int | None = TORCH_NS_STEPS
-    normalize: str = "fro"
-    eps: float = 1e-7
-    dtype: torch.dtype | None = None
-    backend: str = "auto"
-    # The coarsest dtype the matrix was stored in before it reached the orthogonalizer (parameter,
-    # momentum); None: the input's own dtype. Only the polar methods read it (their rank cut).
-    data_dtype: torch.dtype | None = None
-
-    def for_data(self, *tensors: Tensor) -> "OrthoConfig":
-        """This config for matrices built from ``tensors`` (a parameter and its momentum buffer).
-
-        The polar methods ("svd", "qdwh", "higham") cut singular values at the precision of the data
-        (:func:`fastortho.reference.default_rtol`): a bfloat16 parameter's momentum handed over as a
-        float32 copy still carries bfloat16 rounding noise (σ ≈ 0.1·ε_bf16·σ_max), which a float32 cut
-        would map to full unit directions. Newton–Schulz and callables do not read it, so their configs
-        are returned unchanged (units of different storage dtypes keep sharing one batched call).
-        """
-        if self.orthogonalizer not in _POLAR_METHODS or not tensors:
-            return self
-        return replace(self, data_dtype=_coarsest(*(t.dtype for t in tensors)))
-
-    @staticmethod
-    def from_group(group: dict[str, Any]) -> "OrthoConfig":
-        """The config of a param group (``coefficients=None``: torch's one triple, ``ns_steps`` times)."""
-        coeffs, steps = group.get("coefficients"), group.get("ns_steps")
-        if coeffs is None:
-            steps = TORCH_NS_STEPS if steps is None else int(steps)
-            coeffs = (tuple(float(c) for c in group["ns_coefficients"]),) * steps
-        elif not isinstance(coeffs, (str, Schedule)):
-            coeffs = tuple(tuple(float(c) for c in t) for t in coeffs)  # hashable, for bucketing
-        orth = group["orthogonalizer"]
-        return OrthoConfig(
-            orthogonalizer=ORTHOGONALIZER_ALIASES.get(orth, orth) if isinstance(orth, str) else orth,
-            coefficients=coeffs, steps=steps, normalize=group["normalize"], eps=float(group["eps"]),
-            dtype=group["ns_dtype"],
-            # capturable: fixed kernels (cuBLAS matmuls), no autotuning launch that could run inside a capture
-            backend="torch" if group.get("capturable") and group["backend"] == "auto" else group["backend"],
-        )
-
 
 def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
     r"""Orthogonalize a ``(B, m, n)`` stack, :math:`X_b \mapsto O_b \approx U_b V_b^\top`, in ``cfg.dtype``.
@@ -135,14 +75,14 @@ def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
         coeffs = list(cfg.coefficients) if isinstance(cfg.coefficients, tuple) else cfg.coefficients
         return newton_schulz(X, cfg.steps, coeffs, normalize=cfg.normalize, eps=cfg.eps, dtype=dtype,
                              backend=cfg.backend)
-    if fn in _POLAR_METHODS:
+    if fn in POLAR_METHODS:
         m, n = X.shape[-2:]
         stored = (X.dtype,) if cfg.data_dtype is None else (X.dtype, cfg.data_dtype)
         if fn == "svd":  # float64 SVD of X as given
-            return polar(X, method="svd", rtol=default_rtol(m, n, _coarsest(*stored))).to(dtype)
+            return polar(X, method="svd", rtol=default_rtol(m, n, coarsest_dtype(*stored))).to(dtype)
         # polar's working dtype for an input of this dtype: float64 stays, everything else float32
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        return polar(X.to(dtype), method=fn, rtol=default_rtol(m, n, _coarsest(*stored, dtype, work))).to(dtype)
+        return polar(X.to(dtype), method=fn, rtol=default_rtol(m, n, coarsest_dtype(*stored, dtype, work))).to(dtype)
     raise ValueError(f"orthogonalizer must be one of {list(ORTHOGONALIZERS)} or a callable, got {fn!r}")
 
 
