@@ -134,7 +134,7 @@ VECS = [(5,), (33,)]
 
 
 def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, nan=True, mesh=None,
-               steps=K, bucket_numel=None, group_extra=None, no_host_reads=False, **extra):
+               steps=K, bucket_numel=None, group_extra=None, no_host_reads=False, param_dtype=None, **extra):
     """Distributed vs single-process fastortho.Muon on identical full gradients; returns a result dict."""
     import fastortho
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor, init_device_mesh
@@ -143,6 +143,8 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
     full_m = [0.1 * torch.randn(s) for s in MATS]
     full_s = [0.1 * torch.randn(s) for s in SPLIT]
     full_v = [0.1 * torch.randn(s) for s in VECS]
+    if param_dtype is not None:
+        full_m, full_s, full_v = ([t.to(param_dtype) for t in ts] for ts in (full_m, full_s, full_v))
     mesh = mesh or init_device_mesh("cpu", (world,))
 
     def groups(ps_m, ps_s, ps_v):
@@ -168,6 +170,8 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
     res = {"bytes": [], "ideal": [], "measured": [], "collectives": [], "stages": []}
     for step in range(steps):
         gs = _grads(shapes, step)
+        if param_dtype is not None:  # rank-1 matrices: the storage dtype's rounding is all the rest
+            gs = [(g[..., :, :1] * g[..., :1, :] if g.ndim >= 2 else g).to(param_dtype) for g in gs]
         if nan and step == 1:
             gs[0][0, 0] = float("nan")  # row 0: on rank 0 under Shard(0); the whole matrix is skipped
         for p, g in zip(ref_p, gs):
@@ -257,6 +261,13 @@ def sc_ident_a2a_bf16_pipe(rank, world):
 def sc_ident_owner_pipe(rank, world):
     return _ident_run(rank, world, placement_fn=None, strategy="auto", ns_dtype=torch.bfloat16, plain=True,
                       bucket_numel=600)
+
+
+def sc_ident_svd_bf16(rank, world):
+    # bf16 parameters with an SVD orthogonalizer: the rank cut follows bf16 (the storage dtype) on the
+    # owner as in one process; with the fp32 cut the engine kept directions one process drops
+    return _ident_run(rank, world, placement_fn=_cycle_shard, strategy="auto", ns_dtype=None,
+                      param_dtype=torch.bfloat16, orthogonalizer="svd")
 
 
 def sc_ident_gather(rank, world):
@@ -420,6 +431,7 @@ SCENARIOS = {
     "divergent_grads": sc_divergent_grads,
     "ident_after_ortho": sc_ident_after_ortho,
     "ident_a2a": sc_ident_a2a,
+    "ident_svd_bf16": sc_ident_svd_bf16,
     "ident_a2a_bf16": sc_ident_a2a_bf16,
     "ident_a2a_bf16_pipe": sc_ident_a2a_bf16_pipe,
     "ident_owner_pipe": sc_ident_owner_pipe,

@@ -222,6 +222,7 @@ def plan_units(
     for i, p, lay, pw, bw, uw, v in zip(idx, params, lays, work, bufs, us, vs or [None] * len(idx)):
         bsz, m, n = F.matrix_shape(p.shape, group["flatten"])  # global shape (DTensor.shape)
         name = f"{gi}.{i}"
+        pcfg = cfg.for_data(pw, bw)  # polar methods cut at the storage dtype's precision, as one process
         v = None if v is None else v.view(bsz, m)
         if lay.strategy == "gather":
             scales = {scale_of(s, n) for s in (split or [m])}
@@ -229,7 +230,7 @@ def plan_units(
                 raise NotImplementedError("split_sizes with unequal blocks on a parameter that needs the "
                                           "'gather' strategy is not supported")
             units.append(F.MatrixUnit(param=pw, buf=bw, ns_input=uw, scale=scales.pop(), group_index=gi, name=name))
-            tasks.append(Task(gi, i, lay, (bsz, m, n), cfg, ns_flops(bsz, m, n, steps), param=p, u_local=uw,
+            tasks.append(Task(gi, i, lay, (bsz, m, n), pcfg, ns_flops(bsz, m, n, steps), param=p, u_local=uw,
                               split=tuple(split) if split else None, v=v, beta2=group.get("beta2")))
             continue
         views = [t.view(*F.matrix_shape(pw.shape, group["flatten"])) for t in (pw, bw, uw)]
@@ -242,7 +243,7 @@ def plan_units(
                 "rank would update only its matrices' row moments of the replicated state 'normuon_v'; use "
                 "variant='muon' for this group, or shard the stack on a matrix dim")
         for kb, (r0, r1) in enumerate(F.split_blocks(m, bsz, split, p.shape)):
-            t = Task(gi, i, lay, (lb, r1 - r0, n), cfg, ns_flops(lb, r1 - r0, n, steps),
+            t = Task(gi, i, lay, (lb, r1 - r0, n), pcfg, ns_flops(lb, r1 - r0, n, steps),
                      v=None if v is None else v.narrow(1, r0, r1 - r0), beta2=group.get("beta2"))
             if lay.strategy == "a2a" and lay.axis == 1:
                 # rows sharded: intersect each rank's rows with the block's rows ((0, 0): no overlap)
