@@ -8,7 +8,9 @@ Environment switches:
                         Unset: build it when torch is importable and a C++ compiler exists.
   FASTORTHO_CUDA        "0" builds the CPU-only extension even when CUDA torch and nvcc exist;
                         "1" requires the CUDA flavour. Unset: CUDA when torch.version.cuda and nvcc exist.
-  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" (A100, H100).
+  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0+PTX": SASS for A100 and H100, plus sm_90 PTX that the driver
+                        JIT-compiles on newer GPUs (Blackwell sm_100/sm_120), which would otherwise fail
+                        with "no kernel image is available". Costs one more device-code compile at build.
   MAX_JOBS              parallel compile jobs (ninja).
   CUDA_HOME             the toolkit root (the folder whose lib64 holds libcudart). When unset it is
                         derived from nvcc, following wrapper scripts (``exec /path/to/nvcc``) and
@@ -144,7 +146,7 @@ def _extensions():
         else:
             use_cuda = True
             os.environ["CUDA_HOME"] = cuda_home  # read when cpp_extension is imported below
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
     from torch.utils import cpp_extension
 

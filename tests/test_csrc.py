@@ -633,3 +633,85 @@ def test_cuda_misaligned_views_and_many_tensors():
     du, ds = muon_momentum_(grads, bufs, **kw)
     assert all(_equal(d.cpu(), h) for d, h in zip(bufs + du, hb + hu))
     torch.testing.assert_close(ds.cpu(), hs, rtol=2.0**-23, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-graph capture: scalars that a graph would freeze; builds without a kernel image for the GPU
+# ----------------------------------------------------------------------------------------------
+def test_capture_scalars_decision():
+    """The decision ``muon_apply_`` takes while a CUDA graph is captured, on CPU: a tensor scalar on
+    another device than the params is refused (its host read would be recorded once), naming the fix."""
+    from fastortho.ops.muon_step import check_capture_scalars
+
+    dev = torch.device("meta")  # stands in for the params' CUDA device: only device equality matters
+    cpu_lr = torch.tensor(0.02)
+    with pytest.raises(ValueError, match=r"lr is a tensor on cpu.*capturable=True"):
+        check_capture_scalars(dev, True, lr=cpu_lr, weight_decay=0.1, scales=[1.0])
+    with pytest.raises(ValueError, match=r"scales is a tensor on cpu"):
+        check_capture_scalars(dev, True, lr=0.02, weight_decay=0.1, scales=torch.ones(2))
+    # device tensors and Python numbers (constants by contract) pass; nothing is refused outside capture
+    check_capture_scalars(dev, True, lr=torch.tensor(0.02, device=dev), weight_decay=0.1, scales=[1.0])
+    check_capture_scalars(dev, False, lr=cpu_lr, weight_decay=torch.tensor(0.1), scales=torch.ones(2))
+
+
+@pytest.mark.parametrize("op", ["apply", "momentum"])
+def test_no_kernel_image_falls_back_on_auto_only(monkeypatch, op):
+    """A launch refused with "no kernel image" (a ``_C`` built without SASS/PTX for the GPU) falls back
+    to the ``_foreach`` ops with a warning under backend='auto', and is raised under backend='c'.
+    Simulated on CPU by making the C path raise the CUDA binding's message."""
+    import fastortho.ops.muon_step as ms
+
+    msg = "muon_apply_: fastortho._C has no kernel image for this GPU (cuda:0, sm_100): rebuild"
+    if op == "apply":
+        def boom(*a, **k):
+            raise RuntimeError(msg)
+        monkeypatch.setattr(ms, "_apply_c", boom)
+    else:
+        class _Ops:
+            def __getattr__(self, name):
+                def launch(*a, **k):
+                    raise RuntimeError(msg)
+                return launch
+        monkeypatch.setattr(ms.torch.ops, "fastortho", _Ops(), raising=False)
+    monkeypatch.setattr(ms, "_pick_backend", lambda backend, *a: "foreach" if backend == "foreach" else "c")
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 7), torch.randn(5, 7)
+
+    def run(backend):
+        p, o = x.clone(), y.clone()
+        if op == "apply":
+            muon_apply_([p], [o], lr=0.1, weight_decay=0.01, scales=[1.5], backend=backend)
+        else:
+            muon_momentum_([o], [p], momentum=0.9, nesterov=True, backend=backend)
+        return p
+
+    with pytest.warns(RuntimeWarning, match="(?s)no kernel image.*Falling back"):
+        got = run("auto")
+    want = run("foreach")
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        run("c")
+
+
+@pytest.mark.gpu
+def test_cuda_capture_refuses_cpu_lr_and_replays_device_lr():
+    """Inside CUDA-graph capture a CPU 0-dim lr would be read once at record time: refused, naming
+    capturable=True. A device lr is read by the kernel at replay: a new value takes effect."""
+    _cuda_or_skip()
+    p = [torch.zeros(1000, device="cuda")]
+    o = [torch.ones(1000, device="cuda")]
+    lr = torch.tensor(0.5, device="cuda")
+    muon_apply_(p, o, lr=lr, weight_decay=0.0, scales=[1.0])  # warm-up outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="capturable=True"):
+        with torch.cuda.graph(g):
+            muon_apply_(p, o, lr=torch.tensor(0.5), weight_decay=0.0, scales=[1.0])
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        muon_apply_(p, o, lr=lr, weight_decay=0.0, scales=[1.0])
+    p[0].zero_()
+    lr.fill_(0.25)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(p[0], torch.full_like(p[0], -0.25))

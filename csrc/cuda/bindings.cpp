@@ -16,6 +16,23 @@
 namespace fastortho {
 namespace {
 
+// A launch error, with the fix spelled out for the one a user can act on: a GPU whose architecture
+// the build has neither SASS nor PTX for (cudaErrorNoKernelImageForDevice, e.g. a build for "8.0;9.0"
+// without "+PTX" run on a newer GPU). The message keeps the phrase "no kernel image", which the
+// Python wrappers (fastortho/ops/muon_step.py) recognise to fall back to torch._foreach ops.
+void check_launch(cudaError_t e, const char* op, const at::Device& device) {
+  if (e == cudaErrorNoKernelImageForDevice) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index());
+    TORCH_CHECK(false, op, ": fastortho._C has no kernel image for this GPU (", device, ", sm_", major, minor,
+                "): it was built without SASS or PTX for this architecture. Rebuild with "
+                "TORCH_CUDA_ARCH_LIST=\"", major, ".", minor, "+PTX\" FASTORTHO_BUILD_EXT=1 "
+                "pip install --no-build-isolation -e . (or pass backend=\"foreach\").");
+  }
+  C10_CUDA_CHECK(e);
+}
+
 void muon_momentum_cuda(at::TensorList grads, at::TensorList bufs, at::TensorList outs, at::Tensor sumsq,
                         double momentum, bool nesterov, bool ema) {
   check_momentum_args(grads, bufs, outs, sumsq);
@@ -29,11 +46,11 @@ void muon_momentum_cuda(at::TensorList grads, at::TensorList bufs, at::TensorLis
   }
   const int64_t ws_len = std::max<int64_t>(1, cuda::momentum_workspace_len(ts.data(), n));
   at::Tensor partials = at::empty({ws_len}, sumsq.options().dtype(at::kDouble));
-  C10_CUDA_CHECK(cuda::launch_muon_momentum(
+  check_launch(cuda::launch_muon_momentum(
       ts.data(), n, dtype_code(grads[0].scalar_type()), dtype_code(bufs[0].scalar_type()),
       dtype_code(outs[0].scalar_type()), make_momentum_scalars(momentum, nesterov, ema),
       partials.data_ptr<double>(), sumsq.data_ptr(), sumsq.scalar_type() == at::kDouble,
-      c10::cuda::getCurrentCUDAStream().stream()));
+      c10::cuda::getCurrentCUDAStream().stream()), "muon_momentum_", grads[0].device());
 }
 
 // coef(i): a_i = lr*s_i (host scalars) or s_i read on the host (see ApplyScalars).
@@ -46,9 +63,10 @@ void run_apply_cuda(at::TensorList params, at::TensorList updates, const ApplySc
   for (int i = 0; i < n; ++i) {
     ts[i] = {params[i].data_ptr(), updates[i].const_data_ptr(), params[i].numel(), coef(i)};
   }
-  C10_CUDA_CHECK(cuda::launch_muon_apply(ts.data(), n, dtype_code(params[0].scalar_type()),
-                                         dtype_code(updates[0].scalar_type()), s,
-                                         c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(cuda::launch_muon_apply(ts.data(), n, dtype_code(params[0].scalar_type()),
+                                       dtype_code(updates[0].scalar_type()), s,
+                                       c10::cuda::getCurrentCUDAStream().stream()),
+               "muon_apply_", params[0].device());
 }
 
 void muon_apply_cuda(at::TensorList params, at::TensorList updates, double lr, double weight_decay,

@@ -53,7 +53,7 @@ from torch import Tensor
 from . import _load
 from ._foreach import apply_foreach, momentum_foreach
 
-__all__ = ["muon_momentum_", "muon_apply_"]
+__all__ = ["muon_momentum_", "muon_apply_", "check_capture_scalars"]
 
 Backend = Literal["auto", "c", "foreach"]
 
@@ -113,6 +113,39 @@ def _pick_backend(backend: str, device: torch.device | None, *lists: Sequence[Te
                             "use backend='auto' or 'foreach' (float64 runs as _foreach ops in float64)")
         return "c"
     return "c" if device.type in _load.C_DEVICE_TYPES and c_dtypes else "foreach"
+
+
+def _no_kernel_image(exc: BaseException) -> bool:
+    """True for the launch error of a ``_C`` built without SASS or PTX for this GPU (csrc/cuda/bindings.cpp
+    words it with "no kernel image", as does the CUDA runtime's own cudaErrorNoKernelImageForDevice)."""
+    return isinstance(exc, RuntimeError) and "no kernel image" in str(exc)
+
+
+def _warn_no_kernel_image(exc: BaseException) -> None:
+    import warnings
+    warnings.warn(f"{exc}\nFalling back to torch._foreach ops for this call (backend='auto').",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_capture_scalars(device: torch.device, capturing: bool, **scalars: object) -> None:
+    """Refuse scalars a CUDA graph would freeze: while the current stream is being captured, every
+    tensor among ``scalars`` (lr, weight_decay, scales) must live on ``device``.
+
+    A CPU tensor is read on the host when the graph is *recorded*: each replay would reuse that value,
+    silently ignoring later ``fill_``/``copy_`` into it (a learning-rate schedule would stop). Python
+    numbers are constants by contract and are allowed. Not capturing: anything goes."""
+    if not capturing:
+        return
+    for name, v in scalars.items():
+        if isinstance(v, Tensor) and v.device != device:
+            raise ValueError(
+                f"muon_apply_: {name} is a tensor on {v.device} while a CUDA graph is being captured on {device}; "
+                f"its value would be frozen into the graph. Pass {name} as a tensor on {device} "
+                f"(the optimizers do this with capturable=True).")
 
 
 def _groups(*lists: Sequence[Tensor]) -> dict[tuple[torch.dtype, ...], list[int]]:
@@ -210,15 +243,21 @@ def muon_momentum_(
     if be == "c":
         op = torch.ops.fastortho.muon_momentum_
         groups = _groups(grads, bufs)
-        if len(groups) == 1:
-            op(list(grads), list(bufs), outs, sumsq, momentum, nesterov, convention == "ema")
-        else:
-            for idx in groups.values():
-                part = torch.empty(len(idx), dtype=sumsq.dtype, device=device)
-                op([grads[i] for i in idx], [bufs[i] for i in idx], [outs[i] for i in idx], part,
-                   momentum, nesterov, convention == "ema")
-                sumsq[idx] = part
-        return outs, sumsq
+        try:
+            if len(groups) == 1:
+                op(list(grads), list(bufs), outs, sumsq, momentum, nesterov, convention == "ema")
+            else:
+                for idx in groups.values():
+                    part = torch.empty(len(idx), dtype=sumsq.dtype, device=device)
+                    op([grads[i] for i in idx], [bufs[i] for i in idx], [outs[i] for i in idx], part,
+                       momentum, nesterov, convention == "ema")
+                    sumsq[idx] = part
+            return outs, sumsq
+        except RuntimeError as exc:
+            # the launch fails before any kernel runs: nothing was written, the fallback starts clean
+            if backend != "auto" or not _no_kernel_image(exc):
+                raise
+            _warn_no_kernel_image(exc)
     momentum_foreach(list(grads), list(bufs), outs, sumsq, momentum, nesterov, convention)
     return outs, sumsq
 
@@ -271,27 +310,38 @@ def muon_apply_(
     be = _pick_backend(backend, device, params, updates)
     if n == 0:
         return
+    check_capture_scalars(device, _capturing(device), lr=lr, weight_decay=weight_decay, scales=scales)
     tensor_scalars = any(isinstance(v, Tensor) for v in (lr, weight_decay, scales))
 
     def dev_f32(v):
         return v.to(device=device, dtype=torch.float32) if isinstance(v, Tensor) else v
 
     if be == "c":
-        groups = _groups(params, updates).values()
-        if not tensor_scalars:
-            lr_f, wd_f = float(lr), float(weight_decay)
-            for idx in groups:
-                torch.ops.fastortho.muon_apply_.default(
-                    [params[i] for i in idx], [updates[i] for i in idx], lr_f, wd_f, [float(scales[i]) for i in idx])
+        try:
+            _apply_c(params, updates, lr, weight_decay, scales, tensor_scalars, dev_f32, n)
             return
-        # The .tensor overload: a tensor on the params' device is read by the kernel (no host sync); a
-        # CPU tensor is read on the host (a Python number becomes one, rounded to fp32 as the kernel would).
-        lr_t, wd_t = (v.to(torch.float32).reshape(()) if isinstance(v, Tensor)
-                      else torch.tensor(float(v), dtype=torch.float32) for v in (lr, weight_decay))
-        sc_t = (dev_f32(scales) if isinstance(scales, Tensor)
-                else torch.tensor([float(s) for s in scales], dtype=torch.float32))
-        for idx in groups:
-            torch.ops.fastortho.muon_apply_.tensor([params[i] for i in idx], [updates[i] for i in idx], lr_t, wd_t,
-                                                   sc_t[idx] if len(idx) != n else sc_t)
-        return
+        except RuntimeError as exc:
+            if backend != "auto" or not _no_kernel_image(exc):
+                raise
+            _warn_no_kernel_image(exc)
     apply_foreach(list(params), list(updates), lr, weight_decay, scales, tensor_scalars, dev_f32)
+
+
+def _apply_c(params, updates, lr, weight_decay, scales, tensor_scalars, dev_f32, n) -> None:
+    """``muon_apply_`` through ``torch.ops.fastortho`` (one launch per dtype combination)."""
+    groups = _groups(params, updates).values()
+    if not tensor_scalars:
+        lr_f, wd_f = float(lr), float(weight_decay)
+        for idx in groups:
+            torch.ops.fastortho.muon_apply_.default(
+                [params[i] for i in idx], [updates[i] for i in idx], lr_f, wd_f, [float(scales[i]) for i in idx])
+        return
+    # The .tensor overload: a tensor on the params' device is read by the kernel (no host sync); a
+    # CPU tensor is read on the host (a Python number becomes one, rounded to fp32 as the kernel would).
+    lr_t, wd_t = (v.to(torch.float32).reshape(()) if isinstance(v, Tensor)
+                  else torch.tensor(float(v), dtype=torch.float32) for v in (lr, weight_decay))
+    sc_t = (dev_f32(scales) if isinstance(scales, Tensor)
+            else torch.tensor([float(s) for s in scales], dtype=torch.float32))
+    for idx in groups:
+        torch.ops.fastortho.muon_apply_.tensor([params[i] for i in idx], [updates[i] for i in idx], lr_t, wd_t,
+                                               sc_t[idx] if len(idx) != n else sc_t)
