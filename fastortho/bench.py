@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .coefficients import SCHEDULES, get_schedule
+from .coefficients import SCHEDULES, get_schedule, schedule_precondition
 from .ns_torch import scale_input
 from .newton_schulz import newton_schulz
 from .reference import polar_error, polar_svd, singular_band
@@ -47,10 +47,12 @@ def _bf16(x: Tensor) -> Tensor:
     return x.to(torch.bfloat16).to(torch.float32)
 
 
-def ns_bf16_model(G: Tensor, coefficients: Sequence[tuple[float, float, float]], safety: float) -> Tensor:
-    """Newton–Schulz in the bf16 storage model, computed with fp32 matmuls (see module docstring)."""
+def ns_bf16_model(G: Tensor, coefficients: Sequence[tuple[float, float, float]], safety: float,
+                  normalize: str = "fro") -> Tensor:
+    """Newton–Schulz in the bf16 storage model, computed with fp32 matmuls (see module docstring).
+    ``normalize="aol"`` for the schedules that replace the norm by AOL row scaling."""
     tall = G.shape[-2] > G.shape[-1]
-    X, _ = scale_input((G.mT if tall else G)[None], safety=safety, normalize="fro", eps=1e-7)
+    X, _ = scale_input((G.mT if tall else G)[None], safety=safety, normalize=normalize, eps=1e-7)
     X = _bf16(X)
     for a, b, c in coefficients:
         A = _bf16(X @ X.mT)
@@ -90,7 +92,8 @@ def schedule_rows(
                 fn = lambda: newton_schulz(G32, k, name, dtype=torch.float32)  # noqa: E731
             elif dtype == "bf16-model":
                 coeffs, safety = get_schedule(name, k)
-                fn = lambda: ns_bf16_model(G32, coeffs, safety)  # noqa: E731
+                norm = schedule_precondition(name) or "fro"
+                fn = lambda: ns_bf16_model(G32, coeffs, safety, norm)  # noqa: E731
             else:
                 raise ValueError(f"dtype must be 'fp32' or 'bf16-model', got {dtype!r}")
             X = fn()
