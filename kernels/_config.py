@@ -101,9 +101,12 @@ def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool, limit:
     operands, checked against the arch's (or the device's) shared-memory ``limit``."""
     if interpret:
         return _interpret_sym(k)
-    # Small outputs: 64-tiles keep enough programs in flight (a 512² output is 36 triangle tiles
-    # of 64 but only 10 of 128) and waste less work on diagonal tiles (factor (T+1)/(2T)).
-    if k <= 1024:
+    # Small outputs: 64-tiles keep enough programs in flight (a 256² output is 10 triangle tiles
+    # of 64 but only 3 of 128) and waste less work on diagonal tiles (factor (T+1)/(2T)).
+    # From k = 512 on, 128-tiles: 64-tiles run at about half the tensor-core peak, and the buckets
+    # of that size come batched (24 × 768×3072: 504 programs of 128). The rule cannot look at the
+    # batch (batch invariance), so a lone 768² matrix gets 21 programs; a GPU run decides the cut.
+    if k < 512:
         cfg = SYM_CONFIGS[1] if L >= 2 * k else SYM_CONFIGS[0]
     else:
         cfg = SYM_CONFIGS[3]
@@ -114,8 +117,10 @@ def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool, limi
     """Table lookup for X' = Q·X + a·X, Q k×k, X k×L (``elem_bytes``: see :func:`pick_sym`)."""
     if interpret:
         return _interpret_apply(k, L)
-    if k * L <= 1024 * 1024:
+    if k * L <= 1024 * 1024 and k < 512:     # k ≥ 512: 128-row tiles, as in pick_sym
         cfg = APPLY_CONFIGS[1]
+    elif k * L <= 1024 * 1024:
+        cfg = APPLY_CONFIGS[3]
     elif arch >= 90:
         cfg = APPLY_CONFIGS[4]
     else:
@@ -131,3 +136,30 @@ def _first_fitting(cands: tuple[Config, ...], arch: int, elem_bytes: int, limit:
         if c.fits(arch, elem_bytes, limit):
             return c
     return cands[-1]
+
+
+# Line 3 of a standard Newton–Schulz step, X ← a·X + B·X, has two implementations: the apply kernel
+# ("triton") and cuBLAS ("cublas": ``torch.baddbmm(X, B, X, beta=a, out=X_next)``, whose fp32 epilogue
+# adds a·X before the single rounding, as the kernel does; ``bmm`` then ``add_`` would round twice:
+# on CPU 42% of bf16 outputs then differ from the once-rounded result, against 0.005% for baddbmm).
+# The choice is a table keyed on (arch, k, L) with k and L rounded up to powers of two, never on the
+# batch size (batch invariance). Rows come from a GPU run of ``bench/bench_newton_schulz.py --line3``,
+# which prints them in this format. No GPU has measured yet, so the table is empty and every shape
+# takes the Triton apply kernel. ``FASTORTHO_NS_LINE3=triton|cublas`` forces one for every shape.
+LINE3: dict[tuple[int, int, int], str] = {}
+LINE3_DEFAULT = "triton"
+LINE3_CHOICES = ("triton", "cublas")
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def line3_key(arch: int, k: int, L: int) -> tuple[int, int, int]:
+    """The table key of a k×L step (k ≤ L) on ``arch``: (arch, k and L rounded up to powers of two)."""
+    return (arch, _pow2_ceil(k), _pow2_ceil(L))
+
+
+def pick_line3(k: int, L: int, arch: int) -> str:
+    """"triton" or "cublas" for line 3 of a k×L step on ``arch`` (table row, else ``LINE3_DEFAULT``)."""
+    return LINE3.get(line3_key(arch, k, L), LINE3_DEFAULT)

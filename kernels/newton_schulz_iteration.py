@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .newton_schulz_launch import apply_q, inv_norm_scale, scale_cast, sym_mm
+from .newton_schulz_launch import apply_blas, apply_q, inv_norm_scale, line3_backend, scale_cast, sym_mm
 
 Triple = tuple[float, float, float]
 
@@ -96,12 +96,19 @@ def _no_steps(Gv: torch.Tensor, out: torch.Tensor, s: torch.Tensor, cdt: torch.d
 
 
 def ns_standard(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple], *, normalize: str,
-                safety: float, eps: float, cdt: torch.dtype, fp32_first: bool) -> torch.Tensor:
-    """Standard quintic NS on the logical wide view Gv (B, k, L); writes out (same logical view)."""
+                safety: float, eps: float, cdt: torch.dtype, fp32_first: bool,
+                line3: str | None = None) -> torch.Tensor:
+    """Standard quintic NS on the logical wide view Gv (B, k, L); writes out (same logical view).
+
+    ``line3``: "triton", "cublas" or "auto" (None: the ``FASTORTHO_NS_LINE3`` environment variable,
+    else "auto", the (arch, shape) table of ``line3_backend``) for X ← a·X + B·X in steps after
+    the first; the first step's apply carries the per-matrix scale t (and the fp32 X' of
+    ``fp32_first``) in its epilogue, which ``torch.baddbmm`` cannot, so it is always the kernel."""
     A, X, t, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
     steps = len(coefficients)
     if steps == 0:
         return _no_steps(Gv, out, s, cdt)
+    blas = steps > 1 and line3_backend(Gv.shape[1], Gv.shape[2], Gv, line3) == "cublas"
     # Ping-pong buffers; X' serves as the second one once step 0 has read it.
     bufs = [torch.empty(Gv.shape, device=Gv.device, dtype=cdt) for _ in range(min(1, steps - 1))]
     if steps > 2:
@@ -112,7 +119,10 @@ def ns_standard(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Trip
             A = sym_mm(X, X, A)
         Bm = _poly(A, b, c)
         dst = out if i == steps - 1 else bufs[i % 2]
-        apply_q(Bm, X, dst, a=a, scale=Xscale, round_dtype=cdt, **_first_x(i == 0 and fp32_first))
+        if blas and i > 0:
+            apply_blas(Bm, X, dst, a=a)
+        else:
+            apply_q(Bm, X, dst, a=a, scale=Xscale, round_dtype=cdt, **_first_x(i == 0 and fp32_first))
         X, Xscale = dst, None
     return out
 

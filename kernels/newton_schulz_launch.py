@@ -183,6 +183,36 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
     return out
 
 
+LINE3_ENV = "FASTORTHO_NS_LINE3"
+
+
+def line3_backend(k: int, L: int, t: torch.Tensor, force: str | None = None) -> str:
+    """Who computes line 3 (X ← a·X + B·X) of a k×L standard step: "triton" or "cublas".
+
+    ``force`` (or, when it is None, the environment variable ``FASTORTHO_NS_LINE3``) = "triton" or
+    "cublas" decides for every shape; "auto" or unset reads the (arch, shape) table
+    ``_config.LINE3``, which answers "triton" until a GPU benchmark fills it in. Off CUDA (and
+    under the interpreter) the arch is 0, which no table row names."""
+    choice = force if force is not None else (os.environ.get(LINE3_ENV, "") or "auto")
+    if choice == "auto":
+        return _config.pick_line3(k, L, _arch(t))
+    if choice not in _config.LINE3_CHOICES:
+        src = "line3" if force is not None else LINE3_ENV
+        raise ValueError(f"{src} must be 'auto', 'triton' or 'cublas', got {choice!r}")
+    return choice
+
+
+def apply_blas(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0.0) -> torch.Tensor:
+    """out[b] = round(Q[b]·X[b] + a·X[b]) by cuBLAS (``torch.baddbmm``): fp32 accumulation, a·X added
+    in the epilogue, one rounding to out's dtype (the apply kernel's result without a scale).
+    ``out`` must not overlap X or Q."""
+    if Q.dim() != 3 or X.dim() != 3 or Q.shape[0] != X.shape[0] or Q.shape[1:] != (X.shape[1], X.shape[1]):
+        raise ValueError(f"apply_blas: need Q (B, k, k) and X (B, k, L), got {tuple(Q.shape)}, {tuple(X.shape)}")
+    if out.shape != X.shape:
+        raise ValueError("apply_blas: out must have X's shape")
+    return torch.baddbmm(X, Q, X, beta=a, alpha=1.0, out=out)
+
+
 def _split(rows: int, cols: int) -> int:
     """Row-block split of the norm reduction: depends on the shape only (batch invariance)."""
     return max(1, min(64, (rows * cols) // (1 << 18)))

@@ -17,10 +17,19 @@ the k×k Gram matrix with restarts and touches X only at restarts and at the end
 No host synchronization: norms and scales stay on the device; a zero matrix gives zeros (ν is
 clamped by eps), NaN/Inf in G give NaN in that matrix's output. Each matrix is computed by the
 same programs whatever the batch, so outputs are bit-identical alone or batched.
+
+Host cost: a 5-step standard call is 18 kernel launches from Python (norm pass 2, cast 1, 10
+symmetric products, 5 applies), which dominates small inputs (64 × 128×128). With
+``FASTORTHO_NS_CUDA_GRAPHS=1`` calls of at most ``GRAPH_MAX_NUMEL`` elements on CUDA replay one
+captured graph per call signature instead (copy in, replay, copy out), except while a graph is
+being captured or compiled (:func:`use_cuda_graph`). Opt-in until a GPU run measures it.
+Line 3 of the standard step may go to cuBLAS (``FASTORTHO_NS_LINE3``, see
+``fastortho.kernels.newton_schulz_launch.line3_backend``).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -31,7 +40,7 @@ from fastortho.kernels import interpreter_enabled
 
 from ._load import triton_available
 
-__all__ = ["newton_schulz_triton", "use_gram"]
+__all__ = ["newton_schulz_triton", "use_cuda_graph", "use_gram"]
 
 #: normalize= as the kernels spell it (they predate the name "gram" for the Gram bound)
 _KERNEL_NORMALIZE = {"fro": "fro", "gram": "spectral"}
@@ -44,6 +53,64 @@ def use_gram(m: int, n: int) -> bool:
     """Automatic choice: Gram-space NS when long/short ≥ 1.5 and the short side ≥ 256."""
     k, L = min(m, n), max(m, n)
     return k >= GRAM_MIN_SHORT and L >= GRAM_MIN_ASPECT * k
+
+
+#: Opt-in CUDA graphs for small calls: "1" replays one captured graph per (shape, strides, dtypes,
+#: coefficients, options, device) instead of launching ~18 kernels from Python; "0"/unset: never.
+GRAPHS_ENV = "FASTORTHO_NS_CUDA_GRAPHS"
+#: Largest input (elements) that is graphed: above it the kernels' run time hides the launch cost.
+GRAPH_MAX_NUMEL = 1 << 21
+GRAPH_CACHE_SIZE = 32        # graphs kept (least recently used evicted), each holding its buffers
+_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+
+
+def use_cuda_graph(device_type: str, numel: int, *, capturing: bool, compiling: bool, env: str | None) -> bool:
+    """Whether a call replays a cached CUDA graph: only when asked for (``env`` = "1", the value of
+    ``FASTORTHO_NS_CUDA_GRAPHS``), on CUDA, for inputs of at most ``GRAPH_MAX_NUMEL`` elements, and
+    never while a graph is already being captured (the caller's graph must record the kernels
+    themselves) or traced by torch.compile."""
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{GRAPHS_ENV} must be '0' or '1', got {env!r}")
+    return env == "1" and device_type == "cuda" and 0 < numel <= GRAPH_MAX_NUMEL and not capturing \
+        and not compiling
+
+
+def _graphed(G: Tensor, coefficients, kw: dict) -> Tensor:
+    """_impl through one CUDA graph per call signature: copy G into the graph's static input,
+    replay (one launch for the ~18 kernels of a 5-step call), return a copy of the static output.
+    The first call of a signature runs _impl once on a side stream (Triton compiles, configs are
+    chosen) and then captures it."""
+    key = (tuple(G.shape), G.stride(), G.dtype, G.device, tuple(map(tuple, coefficients)),
+           tuple(sorted(kw.items())), os.environ.get("FASTORTHO_NS_LINE3", ""))
+    hit = _GRAPHS.pop(key, None)
+    if hit is None:
+        static_in = torch.empty_strided(G.shape, G.stride(), dtype=G.dtype, device=G.device)
+        static_in.copy_(G)
+        side = torch.cuda.Stream(device=G.device)
+        side.wait_stream(torch.cuda.current_stream(G.device))
+        with torch.cuda.stream(side):
+            _impl(static_in, coefficients, **kw)           # warm-up: compile and choose configs
+        torch.cuda.current_stream(G.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = _impl(static_in, coefficients, **kw)
+        hit = (graph, static_in, static_out)
+        while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+    _GRAPHS[key] = hit                                      # most recently used last
+    graph, static_in, static_out = hit
+    static_in.copy_(G)
+    graph.replay()
+    return static_out.clone()
+
+
+def _impl_maybe_graphed(G: Tensor, coefficients: Sequence[tuple[float, float, float]], **kw) -> Tensor:
+    if use_cuda_graph(G.device.type, G.numel(), capturing=G.device.type == "cuda" and
+                      torch.cuda.is_current_stream_capturing(), compiling=torch.compiler.is_compiling(),
+                      env=os.environ.get(GRAPHS_ENV)):
+        with torch.cuda.device(G.device):
+            return _graphed(G, coefficients, kw)
+    return _impl(G, coefficients, **kw)
 
 
 def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safety: float, normalize: str,
@@ -83,8 +150,9 @@ if triton_available():
                eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype, fp32_first_gram: bool,
                gram: bool | None) -> Tensor:
         """gram: None chooses by shape (:func:`use_gram`), True Gram-space, False standard."""
-        return _impl(G, list(zip(a, b, c)), safety=safety, normalize=normalize, eps=eps,
-                     compute_dtype=compute_dtype, out_dtype=out_dtype, fp32_first_gram=fp32_first_gram, gram=gram)
+        return _impl_maybe_graphed(G, list(zip(a, b, c)), safety=safety, normalize=normalize, eps=eps,
+                                   compute_dtype=compute_dtype, out_dtype=out_dtype,
+                                   fp32_first_gram=fp32_first_gram, gram=gram)
 
     @_ns_op.register_fake
     def _ns_fake(G, a, b, c, safety, normalize, eps, compute_dtype, out_dtype, fp32_first_gram, gram):

@@ -1,0 +1,102 @@
+"""Host-side choices of the Triton Newton–Schulz path, checked without a GPU: tile rows of batched
+mid-size buckets, launches per call, and when a call replays a CUDA graph.
+
+Launches are counted with every Triton kernel replaced by a counting stub (CPU tensors, no
+interpreter: nothing runs), which is also how ``bench/RESULTS.md`` measures host overhead.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastortho.kernels import HAS_TRITON, interpreter_enabled
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON or interpreter_enabled(), reason="needs triton, no interpreter")
+
+KERNELS = ("_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel", "_scale_cast_kernel")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("k,L", [(512, 512), (512, 2048), (768, 3072), (1024, 1024)])
+def test_mid_size_buckets_use_128_tiles(arch, k, L):
+    """k ≥ 512: 128-wide tiles for both kernels (24 × 768×3072 had 64×64 symmetric tiles). The rows
+    are entries of SYM_CONFIGS / APPLY_CONFIGS, which tests/test_kernels_compile.py compiles for
+    sm_80 and sm_90 (zero spills, shared memory within the limit) in the default test set."""
+    from fastortho.kernels._config import APPLY_CONFIGS, SYM_CONFIGS, pick_apply, pick_sym
+
+    s, a = pick_sym(k, L, 2, arch, False), pick_apply(k, L, 2, arch, False)
+    assert s.block_m == 128 and a.block_m == 128
+    assert s in SYM_CONFIGS and a in APPLY_CONFIGS
+
+
+@pytest.mark.parametrize("k,L", [(128, 128), (256, 1024)])
+def test_small_outputs_keep_64_tiles(k, L):
+    from fastortho.kernels._config import pick_apply, pick_sym
+
+    assert pick_sym(k, L, 2, 90, False).block_m == 64 and pick_apply(k, L, 2, 90, False).block_m == 64
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches per kernel name; the kernels never run."""
+    import fastortho.kernels.newton_schulz_launch as launch
+
+    count: dict[str, int] = {}
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                count[self.name] = count.get(self.name, 0) + 1
+            return run
+
+    for n in KERNELS:
+        monkeypatch.setattr(launch, n, Stub(n))
+    monkeypatch.setattr(launch, "SYM_TMA", "off", raising=False)
+    return count
+
+
+def _call(shape, gram, monkeypatch, line3="triton"):
+    from fastortho.coefficients import get_schedule
+    from fastortho.ops.newton_schulz import _impl
+
+    monkeypatch.setenv("FASTORTHO_NS_LINE3", line3)
+    co, safety = get_schedule("polar_express")
+    _impl(torch.zeros(shape), co, safety=safety, normalize="fro", eps=1e-7, compute_dtype=torch.bfloat16,
+          out_dtype=torch.bfloat16, fp32_first_gram=False, gram=gram)
+
+
+def test_launches_per_call_small_matrices(launches, monkeypatch):
+    """64 × 128×128, 5 steps, standard: norm pass 2 + cast 1 + 10 symmetric products + 5 applies = 18
+    (bench/RESULTS.md). With line 3 on cuBLAS, 4 of the applies become torch.baddbmm calls."""
+    _call((64, 128, 128), False, monkeypatch)
+    assert launches == {"_sumsq_partial_kernel": 1, "_scale_kernel": 1, "_scale_cast_kernel": 1,
+                        "_sym_mm_kernel": 10, "_apply_kernel": 5}
+    launches.clear()
+    _call((64, 128, 128), False, monkeypatch, line3="cublas")
+    assert launches["_apply_kernel"] == 1
+
+
+def test_zero_work_launches_are_skipped(launches, monkeypatch):
+    for shape in [(0, 128, 128), (3, 0, 16), (3, 16, 0)]:
+        _call(shape, False, monkeypatch)
+    assert launches == {}
+
+
+def test_cuda_graph_decision():
+    """Graphs only when asked for, on CUDA, for small inputs, and never inside a capture or a compile."""
+    from fastortho.ops.newton_schulz import GRAPH_MAX_NUMEL, use_cuda_graph
+
+    n = 64 * 128 * 128
+    assert use_cuda_graph("cuda", n, capturing=False, compiling=False, env="1")
+    assert not use_cuda_graph("cuda", n, capturing=False, compiling=False, env=None)     # opt-in
+    assert not use_cuda_graph("cuda", n, capturing=False, compiling=False, env="0")
+    assert not use_cuda_graph("cuda", n, capturing=True, compiling=False, env="1")
+    assert not use_cuda_graph("cuda", n, capturing=False, compiling=True, env="1")
+    assert not use_cuda_graph("cpu", n, capturing=False, compiling=False, env="1")
+    assert not use_cuda_graph("cuda", GRAPH_MAX_NUMEL + 1, capturing=False, compiling=False, env="1")
+    assert not use_cuda_graph("cuda", 0, capturing=False, compiling=False, env="1")
+    with pytest.raises(ValueError, match="FASTORTHO_NS_CUDA_GRAPHS must be '0' or '1'"):
+        use_cuda_graph("cuda", n, capturing=False, compiling=False, env="yes")
