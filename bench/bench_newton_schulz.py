@@ -9,7 +9,9 @@ Per shape (B, m, n) and implementation it reports
     its fraction of the device's dense bf16 peak;
   * p20 / p50 / p80 milliseconds (``bench/common.py``: CUDA events on a GPU).
 Implementations: ``triton`` (automatic standard/Gram choice), ``triton-standard`` and
-``triton-gram`` where they differ, ``torch`` (fastortho's torch backend, baddbmm), ``loop`` (the
+``triton-gram`` where they differ, ``triton-std-cublas3`` (standard, line 3 X ← a·X + B·X by
+cuBLAS: its p50 against the kernel's gives the rows of ``kernels/_config.LINE3``, printed at the
+end on a GPU), ``triton-graphed`` (small inputs, one CUDA graph per call signature), ``torch`` (fastortho's torch backend, baddbmm), ``loop`` (the
 plain PyTorch loop A = X@Xᵀ; B = b*A + c*(A@A); X = a*X + B@X) and, for batches,
 ``triton-per-matrix`` / ``loop-per-matrix`` (one call per matrix).
 
@@ -96,11 +98,64 @@ def implementations(G, co, safety, triton_ok):
             impls[other] = partial(newton_schulz_triton, G, co, gram=other == "triton-gram", **kw)
         if B > 1:
             impls["triton-per-matrix"] = lambda: [newton_schulz_triton(G[i:i + 1], co, **kw) for i in range(B)]
+        # line 3 (X ← a·X + B·X) by cuBLAS instead of the apply kernel (standard iteration)
+        impls["triton-std-cublas3"] = _with_env("FASTORTHO_NS_LINE3", "cublas",
+                                                partial(newton_schulz_triton, G, co, gram=False, **kw))
+        from fastortho.ops.newton_schulz import GRAPH_MAX_NUMEL
+        if G.device.type == "cuda" and G.numel() <= GRAPH_MAX_NUMEL:
+            impls["triton-graphed"] = _with_env("FASTORTHO_NS_CUDA_GRAPHS", "1",
+                                                partial(newton_schulz_triton, G, co, **kw))
     impls["torch"] = partial(newton_schulz_torch, G, co, **kw)
     impls["loop"] = partial(plain_loop, G, co, safety)
     if B > 1:
         impls["loop-per-matrix"] = lambda: [plain_loop(G[i:i + 1], co, safety) for i in range(B)]
     return impls
+
+
+def _with_env(name: str, value: str, fn):
+    """fn called with the environment variable ``name`` set to ``value`` (restored after)."""
+    import os
+
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
+def line3_rows(rows, device) -> list[str]:
+    """``_config.LINE3`` rows: per shape, "cublas" where the standard iteration with line 3 on cuBLAS
+    beat the one with the apply kernel (p50), else "triton"; keyed like the table."""
+    from fastortho.kernels._config import line3_key
+
+    if device.type != "cuda":
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    p50 = {(r["shape"], r["impl"]): r["ms_p50"] for r in rows}
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        B, m, n = map(int, shape.split("x"))
+        cub = p50.get((shape, "triton-std-cublas3"))
+        # the standard iteration with the apply kernel: "triton" unless the shape goes to Gram space
+        tri = p50.get((shape, "triton-standard")) if _gram_auto(m, n) else p50.get((shape, "triton"))
+        if cub is None or tri is None:
+            continue
+        key = line3_key(10 * major + minor, min(m, n), max(m, n))
+        out.append(f"    {key}: {'cublas' if cub < tri else 'triton'!r},   # {shape}: cuBLAS {cub:.3f} ms, "
+                   f"kernel {tri:.3f} ms")
+    return out
+
+
+def _gram_auto(m: int, n: int) -> bool:
+    from fastortho.ops.newton_schulz import use_gram
+
+    return use_gram(m, n)
 
 
 def kernel_flops(impl: str, B: int, m: int, n: int, steps: int, device: torch.device) -> float:
@@ -110,7 +165,7 @@ def kernel_flops(impl: str, B: int, m: int, n: int, steps: int, device: torch.de
         return naive_flops(B, m, n, steps)
     from fastortho.ops.newton_schulz import use_gram
 
-    gram = impl == "triton-gram" or (impl in ("triton", "triton-per-matrix") and use_gram(m, n))
+    gram = impl == "triton-gram" or (impl in ("triton", "triton-per-matrix", "triton-graphed") and use_gram(m, n))
     arch = 90
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -148,7 +203,8 @@ def main(argv=None) -> int:
                     help="folder for the CSV and the PNG (default: a new temporary folder, printed)")
     ap.add_argument("--impl", action="append",
                     help="only these implementations (repeatable): triton, triton-standard, triton-gram, "
-                         "triton-per-matrix, torch, loop, loop-per-matrix")
+                         "triton-per-matrix, triton-std-cublas3 (line 3 on cuBLAS), triton-graphed "
+                         "(FASTORTHO_NS_CUDA_GRAPHS=1, small inputs), torch, loop, loop-per-matrix")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -222,6 +278,10 @@ def main(argv=None) -> int:
     print(f"\nCSV: {csv_path}")
     _plot(rows, out_dir / f"newton_schulz_{tag}.png", dev)
     _goals(rows, device)
+    l3 = line3_rows(rows, device)
+    if l3:
+        print("\n## Line 3 table rows for kernels/_config.LINE3 (standard iteration, p50)\n")
+        print("\n".join(l3))
     return 0
 
 
