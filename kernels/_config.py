@@ -113,6 +113,32 @@ def pick_sym(k: int, L: int, elem_bytes: int, arch: int, interpret: bool, limit:
     return _first_fitting((cfg, SYM_CONFIGS[0], FP32_SYM["ieee"]), arch, elem_bytes, limit)
 
 
+# The sm_90 / sm_100 symmetric kernel (``kernels/newton_schulz_tma.py``: TMA loads, persistent
+# programs) takes the tile of ``pick_sym`` and launches SMs × CTAs-per-SM programs, with a register
+# cap where one doubles the CTAs per SM. Per tile: (CTAs per SM, maxnreg), from the AOT compile of
+# every variant newton_schulz launches (``tests/test_kernels_compile.py`` checks both), sm_90 bf16:
+# 64×64×64 s4: 80–94 regs, 64 KiB (3 by shared memory); 64×64×128 s3: ≈ 90 regs, 96 KiB (2);
+# 128×128×64 s3: 142–185 regs uncapped (1 CTA), 128 with the cap and no spill, 96 KiB (2). On
+# sm_100 (tcgen05) the cap spills 272 B on that tile, which keeps 178 registers and 1 CTA per SM.
+TMA_ARCHS = (90, 100)
+TMA_SYM: dict[int, dict[Config, tuple[int, int | None]]] = {
+    90: {SYM_CONFIGS[0]: (3, None), SYM_CONFIGS[1]: (2, None), SYM_CONFIGS[3]: (2, 128)},
+    100: {SYM_CONFIGS[0]: (3, None), SYM_CONFIGS[1]: (2, None), SYM_CONFIGS[3]: (1, None)},
+}
+INTERPRET_TMA_PROGRAMS = 3   # interpreter: few programs, each walking several tiles
+
+
+def pick_sym_tma(k: int, L: int, elem_bytes: int, arch: int, interpret: bool,
+                 limit: int | None = None) -> tuple[Config, int, int | None]:
+    """(tile config, persistent programs per SM, register cap or None) of the TMA symmetric
+    kernel: the tile :func:`pick_sym` chooses and its row of ``TMA_SYM`` (1 CTA, no cap if none)."""
+    cfg = pick_sym(k, L, elem_bytes, arch, interpret, limit)
+    if interpret:
+        return cfg, 1, None
+    per_sm, maxnreg = TMA_SYM.get(arch, {}).get(cfg, (1, None))
+    return cfg, per_sm, maxnreg
+
+
 def pick_apply(k: int, L: int, elem_bytes: int, arch: int, interpret: bool, limit: int | None = None) -> Config:
     """Table lookup for X' = Q·X + a·X, Q k×k, X k×L (``elem_bytes``: see :func:`pick_sym`)."""
     if interpret:

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from . import _config, interpreter_enabled
 from .newton_schulz import _apply_kernel, _scale_cast_kernel, _scale_kernel, _sumsq_partial_kernel, _sym_mm_kernel
+from .newton_schulz_tma import _sym_mm_tma_kernel
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _TUNED: dict[tuple, _config.Config] = {}
@@ -130,6 +131,10 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
     Yt = Y if Y is not None else out
     dummy = scale if scale is not None else out
 
+    if B > 0 and k > 0 and _sym_tma_wanted(P) and _sym_tma_layout(P, S, rd) is not None:
+        return _sym_mm_tma(P, S, out, Yt, dummy, scale is not None, Y is not None, float(alpha), float(beta),
+                           rd, dot_dt, prec)
+
     def launch(cfg: _config.Config) -> None:
         T = triton.cdiv(k, cfg.block_m)
         n_tri = T * (T + 1) // 2
@@ -144,6 +149,97 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
 
     if B > 0 and k > 0:
         launch(_choose("sym", k, L, rd, P, launch, prec, load_bytes=max(P.element_size(), S.element_size())))
+    return out
+
+
+#: Which symmetric-product kernel ``sym_mm`` launches: "auto" = the TMA kernel
+#: (``kernels/newton_schulz_tma.py``) on sm_90 / sm_100 when the operands allow it, else the cp.async
+#: kernel; "on" = the TMA kernel wherever the operands allow it, also under the interpreter (tests);
+#: "off" = always the cp.async kernel.
+SYM_TMA = "auto"
+
+
+def _sym_tma_wanted(t: torch.Tensor) -> bool:
+    if SYM_TMA not in ("auto", "on", "off"):
+        raise ValueError(f"newton_schulz_launch.SYM_TMA must be 'auto', 'on' or 'off', got {SYM_TMA!r}")
+    if SYM_TMA == "on":
+        return True
+    return SYM_TMA == "auto" and not interpreter_enabled() and _arch(t) in _config.TMA_ARCHS
+
+
+def _sym_tma_layout(P: torch.Tensor, S: torch.Tensor, rd: torch.dtype) -> tuple[bool, bool] | None:
+    """(P read transposed, S read transposed) when both operands can be described for TMA, else None.
+
+    TMA needs a 16-byte aligned base, one axis of stride 1 and the other strides multiples of
+    16 bytes; the operands must already be in the rounding dtype ``rd`` (a 16-bit one on a GPU: the
+    kernel applies no rounding in registers, which would serialize wgmma)."""
+    if not interpreter_enabled() and rd not in (torch.bfloat16, torch.float16):
+        return None
+    trans = []
+    for X in (P, S):
+        if X.dtype != rd or not _aligned16(X):
+            return None
+        sb, sr, sc = X.stride()
+        if sc == 1:
+            other = (sb, sr)
+        elif sr == 1:
+            other = (sb, sc)
+        else:
+            return None
+        if any((s * X.element_size()) % 16 for s in other):
+            return None
+        trans.append(sc != 1)
+    return trans[0], trans[1]
+
+
+def _aligned16(X: torch.Tensor) -> bool:
+    """X's first element is 16-byte aligned (fake tensors of the AOT trace: from the storage offset,
+    as fresh allocations are 256-byte aligned)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(X):
+        return (X.storage_offset() * X.element_size()) % 16 == 0
+    return X.data_ptr() % 16 == 0
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for the descriptors the TMA kernel builds on the device (128 B each)."""
+    dev = "cpu" if interpreter_enabled() or not torch.cuda.is_available() else torch.cuda.current_device()
+    return torch.empty(size, dtype=torch.int8, device=dev)
+
+
+def _ensure_allocator() -> None:
+    """Kernels that build tensor descriptors need ``triton.set_allocator``; install one unless the
+    caller has (the setting is per thread: a context variable)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
+
+
+def _sym_mm_tma(P, S, out, Yt, scale_arg, has_scale: bool, has_y: bool, alpha: float, beta: float,
+                rd: torch.dtype, dot_dt, prec: str) -> torch.Tensor:
+    """``sym_mm`` through the TMA kernel: persistent grid of min(tiles, SMs × CTAs per SM)."""
+    B, k, L = P.shape
+    p_t, s_t = _sym_tma_layout(P, S, rd)
+    interp = interpreter_enabled() or P.device.type != "cuda"
+    cfg, per_sm, maxnreg = _config.pick_sym_tma(k, L, P.element_size(), _arch(P), interp, None if interp else _device_smem(P))
+    T = triton.cdiv(k, cfg.block_m)
+    n_tri = T * (T + 1) // 2
+    if interp:
+        slots = _config.INTERPRET_TMA_PROGRAMS
+    else:
+        idx = P.device.index if P.device.index is not None else torch.cuda.current_device()
+        slots = torch.cuda.get_device_properties(idx).multi_processor_count * per_sm
+    programs = max(1, min(B * n_tri, slots))
+    _ensure_allocator()
+    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
+    _sym_mm_tma_kernel[(programs,)](
+        P, S, Yt, out, scale_arg, B, k, L, n_tri, programs,
+        *P.stride(), *S.stride(), *Yt.stride(), *out.stride(), alpha, beta,
+        HAS_SCALE=has_scale, HAS_Y=has_y, P_T=p_t, S_T=s_t, DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
+        OUT_ROUND=tl_dtype(out.dtype), SOFT_BF16=interpreter_enabled(),
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return out
 
 

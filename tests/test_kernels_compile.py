@@ -129,10 +129,7 @@ def _tags(v):
 
 PENDING = {
     "async": [],
-    "tma_loads": [
-        (lambda a, sh, k, v: k == "sym", "kernel work pending: the sm_90 symmetric kernel loads with cp.async "
-                                         "(LDGSTS), no TMA descriptors (UTMALDG)"),
-    ],
+    "tma_loads": [],
     "wide_stores": [],
     "spills": [],
     "smem": [],
@@ -330,13 +327,69 @@ def test_trace_finds_every_step_kind():
     apply (scaled read of G) and steady-state k×k products; the tall one reads through Gᵀ strides."""
     from fastortho.kernels.aot import describe, trace_newton_schulz
 
+    sym = "_sym_mm_tma_kernel"      # sm_90: the TMA symmetric kernel (test_sym_kernel_choice_per_arch)
     v = [(ln.kernel, describe(ln)[0]) for ln in trace_newton_schulz((1, 4096, 16384), "bf16", 90)]
-    first_mm = next((k, t) for k, t in v if k in ("_sym_mm_kernel", "_apply_kernel"))
-    assert first_mm[0] == "_sym_mm_kernel" and "scale" in first_mm[1]
+    first_mm = next((k, t) for k, t in v if k in (sym, "_apply_kernel"))
+    assert first_mm[0] == sym and "scale" in first_mm[1]
     assert any(k == "_apply_kernel" and "scale" in t for k, t in v)
-    assert any(k == "_sym_mm_kernel" and t.startswith("y") for k, t in v)
+    assert any(k == sym and t.startswith("y") for k, t in v)
     tall = [describe(ln)[0] for ln in trace_newton_schulz((1, 16384, 4096), "bf16", 90)]
     assert any("tall" in t for t in tall) and not any("tall" in t for _, t in v)
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90, 100])
+def test_sym_kernel_choice_per_arch(arch):
+    """Every symmetric product of a bf16 NS call runs the TMA kernel on sm_90 / sm_100 (wide and
+    tall inputs, first step and steady state) and the cp.async kernel (mma.sync path) below sm_90."""
+    from fastortho.kernels.aot import trace_newton_schulz
+
+    want = "_sym_mm_tma_kernel" if arch >= 90 else "_sym_mm_kernel"
+    for shape in ((1, 4096, 16384), (1, 16384, 4096), (24, 768, 3072)):
+        syms = {ln.kernel for ln in trace_newton_schulz(shape, "bf16", arch) if "sym_mm" in ln.kernel}
+        assert syms == {want}, f"sm_{arch} {shape}: {syms}"
+
+
+def _tma_sym_launch(arch, k, L):
+    """The launch ``sym_mm`` makes for a bf16 k×L operand on sm_<arch> (fake tensors)."""
+    import torch
+
+    from fastortho.kernels import newton_schulz_launch as ns_launch
+    from fastortho.kernels.aot import trace_launches
+
+    with trace_launches(arch) as recs:
+        X = torch.empty(1, k, L, device="cuda", dtype=torch.bfloat16)
+        ns_launch.sym_mm(X, X, torch.empty(1, k, k, device="cuda", dtype=torch.bfloat16))
+    (ln,) = recs
+    assert ln.kernel == "_sym_mm_tma_kernel"
+    return ln
+
+
+# (k, L) whose table tile is each row of TMA_SYM: 64×64×64, 64×64×128, 128×128×64
+TMA_SHAPES = [(256, 256), (256, 1024), (4096, 4096)]
+
+
+@pytest.mark.parametrize("arch", [90, pytest.param(100, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("k,L", TMA_SHAPES)
+def test_tma_sym_tiles_compile(arch, k, L):
+    """Each tile of the TMA symmetric kernel: TMA loads, asynchronous wgmma on sm_90, 128-bit
+    stores, no spills, and the CTAs per SM of the table (the persistent grid's size) are what the
+    registers and shared memory allow."""
+    from fastortho.kernels._config import TMA_SYM
+    from fastortho.kernels.aot import compile_launch, describe, occupancy
+
+    ln = _tma_sym_launch(arch, k, L)
+    r = compile_launch(ln, arch)
+    s = r["sass"]
+    cfg = describe(ln)[1]
+    table = {(c.block_m, c.block_k, c.num_warps, c.num_stages): n for c, (n, _) in TMA_SYM[arch].items()}
+    n = table[(cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"])]
+    assert s["utmaldg"] > 0 and s["ldgsts"] == 0
+    assert r["spill_bytes"] == 0 and s["stl_ldl"] == 0
+    assert s["stg_128"] > 0 and s["stg_u16"] == 0
+    if arch == 90:
+        assert s["wgmma_waits_in_loop"] and min(s["wgmma_waits_in_loop"]) >= 1, s["wgmma_waits_in_loop"]
+    assert occupancy(arch, r["regs"], r["smem_bytes"], r["num_warps"]) == n, (r["regs"], r["smem_bytes"])
+    assert ln.grid == (min(132 * n, (k // cfg["block_m"]) * (k // cfg["block_m"] + 1) // 2),)
 
 
 def test_cli_writes_manifest(tmp_path, compiled):

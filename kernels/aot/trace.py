@@ -36,7 +36,7 @@ class _TensorArg:
 
 
 def _short(name: str) -> str:
-    return {"_sym_mm_kernel": "sym", "_apply_kernel": "apply", "_sumsq_partial_kernel": "sumsq",
+    return {"_sym_mm_kernel": "sym", "_sym_mm_tma_kernel": "sym", "_apply_kernel": "apply", "_sumsq_partial_kernel": "sumsq",
             "_scale_kernel": "scale", "_scale_cast_kernel": "cast"}.get(name, name.strip("_").removesuffix("_kernel"))
 
 
