@@ -349,15 +349,17 @@ def test_sym_kernel_choice_per_arch(arch):
         assert syms == {want}, f"sm_{arch} {shape}: {syms}"
 
 
-def _tma_sym_launch(arch, k, L):
-    """The launch ``sym_mm`` makes for a bf16 k×L operand on sm_<arch> (fake tensors)."""
+def _tma_sym_launch(arch, k, L, tall=False):
+    """The launch ``sym_mm`` makes for a bf16 k×L operand on sm_<arch> (fake tensors); ``tall``: the
+    operand is the transpose of a row-major L×k matrix (read through transposed TMA boxes)."""
     import torch
 
     from fastortho.kernels import newton_schulz_launch as ns_launch
     from fastortho.kernels.aot import trace_launches
 
     with trace_launches(arch) as recs:
-        X = torch.empty(1, k, L, device="cuda", dtype=torch.bfloat16)
+        X = torch.empty(1, L, k, device="cuda", dtype=torch.bfloat16).mT if tall else \
+            torch.empty(1, k, L, device="cuda", dtype=torch.bfloat16)
         ns_launch.sym_mm(X, X, torch.empty(1, k, k, device="cuda", dtype=torch.bfloat16))
     (ln,) = recs
     assert ln.kernel == "_sym_mm_tma_kernel"
@@ -390,6 +392,18 @@ def test_tma_sym_tiles_compile(arch, k, L):
         assert s["wgmma_waits_in_loop"] and min(s["wgmma_waits_in_loop"]) >= 1, s["wgmma_waits_in_loop"]
     assert occupancy(arch, r["regs"], r["smem_bytes"], r["num_warps"]) == n, (r["regs"], r["smem_bytes"])
     assert ln.grid == (min(132 * n, (k // cfg["block_m"]) * (k // cfg["block_m"] + 1) // 2),)
+
+
+def test_tma_sym_tall_operand_compiles():
+    """XᵀX of a tall input (transposed boxes, P_T = S_T) on sm_90: TMA, async wgmma, no spills."""
+    from fastortho.kernels.aot import compile_launch
+
+    ln = _tma_sym_launch(90, 4096, 16384, tall=True)
+    assert ln.kwargs["P_T"] and ln.kwargs["S_T"]
+    r = compile_launch(ln, 90)
+    s = r["sass"]
+    assert s["utmaldg"] > 0 and r["spill_bytes"] == 0 and s["stl_ldl"] == 0
+    assert s["wgmma_waits_in_loop"] and min(s["wgmma_waits_in_loop"]) >= 1
 
 
 def test_cli_writes_manifest(tmp_path, compiled):
