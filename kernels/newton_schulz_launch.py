@@ -131,7 +131,7 @@ def sym_mm(P: torch.Tensor, S: torch.Tensor, out: torch.Tensor, *, Y: torch.Tens
     Yt = Y if Y is not None else out
     dummy = scale if scale is not None else out
 
-    if B > 0 and k > 0 and _sym_tma_wanted(P) and _sym_tma_layout(P, S, rd) is not None:
+    if B > 0 and k > 0 and L > 0 and _sym_tma_wanted(P) and _sym_tma_layout(P, S, rd) is not None:
         return _sym_mm_tma(P, S, out, Yt, dummy, scale is not None, Y is not None, float(alpha), float(beta),
                            rd, dot_dt, prec)
 

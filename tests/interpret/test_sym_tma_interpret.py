@@ -132,7 +132,7 @@ def test_batch_invariance_through_tma(launches, shape, gram):
 
 def test_layouts_a_descriptor_cannot_describe_fall_back(launches):
     """No 16-byte stride (bf16 L = 50), no unit stride, a misaligned start, operands not in the
-    rounding dtype: the cp.async kernel runs instead, with the same result as SYM_TMA = "off"."""
+    rounding dtype, L = 0: the cp.async kernel runs instead, with the same result as SYM_TMA = "off"."""
     bf = torch.bfloat16
     base = _gen((2, 40, 112)).to(bf)
     cases = {
@@ -149,6 +149,9 @@ def test_layouts_a_descriptor_cannot_describe_fall_back(launches):
     C = ns_launch.sym_mm(X, X, torch.empty(2, 40, 40, dtype=bf))
     assert launches == {"tma": 0, "cp_async": 1}
     assert torch.equal(C, C.mT) and rel(C, X.float() @ X.float().mT).max() < 4e-3
+    Z = torch.empty(1, 8, 16, dtype=bf)[:, :, :0]     # L = 0 (aligned strides): no TMA box, C = 0
+    assert torch.equal(ns_launch.sym_mm(Z, Z, torch.empty(1, 8, 8, dtype=bf)), torch.zeros(1, 8, 8, dtype=bf))
+    assert launches == {"tma": 0, "cp_async": 2}
 
 
 def test_sym_tma_setting_is_checked(monkeypatch):
