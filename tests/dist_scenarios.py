@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from helpers import no_host_reads as refuse_host_reads
+
 LR = 0.02
 K = 3  # optimizer steps per identical-gradient scenario
 
@@ -181,7 +183,7 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
             p.grad = g.clone() if plain else distribute_tensor(g.clone(), p.device_mesh, p.placements,
                                                                src_data_rank=None)
         # after the first (warm-up) step, a capturable step must not read a tensor on the host
-        with A2ACounter() as c, (_no_host_reads() if no_host_reads and step else contextlib.nullcontext()):
+        with A2ACounter() as c, (refuse_host_reads() if no_host_reads and step else contextlib.nullcontext()):
             opt.step()
         st = opt.comm_stats
         res["bytes"].append(dict(st["bytes"]))
@@ -207,28 +209,6 @@ def _ident_run(rank, world, *, placement_fn, strategy, ns_dtype, plain=False, na
     res["state_keys"] = sorted((k, tuple(sorted(v))) for k, v in sd["state"].items())
     res["ok"] = res["equal"] and res["nonfinite"][0] == res["nonfinite"][1] == int(nan)
     return res
-
-
-_READS = ("item", "__bool__", "tolist", "__float__", "__int__")
-
-
-@contextlib.contextmanager
-def _no_host_reads():
-    """Every host read of a tensor's value raises (as tests/test_capturable.py's guard)."""
-    saved = {k: getattr(torch.Tensor, k) for k in _READS}
-
-    def refuse(name):
-        def f(self, *a, **k):
-            raise AssertionError(f"host read Tensor.{name} inside step()")
-        return f
-
-    for k in _READS:
-        setattr(torch.Tensor, k, refuse(k))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(torch.Tensor, k, v)
 
 
 def _cycle_shard(i, t):
@@ -379,7 +359,7 @@ def sc_host_read_guard(rank, world):
     p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)], src_data_rank=None)
     opt.step()
     try:
-        with _no_host_reads():
+        with refuse_host_reads():
             opt.step()
         out = "no error"
     except AssertionError as e:

@@ -1,5 +1,8 @@
-"""Test matrices with known spectra, shared by the accuracy tests."""
+"""Helpers shared by several test files: matrices with known spectra (accuracy tests) and a guard
+that makes every host read of a tensor's value raise (capturable-step tests, one process and gloo)."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -25,3 +28,26 @@ def low_rank(shape: tuple[int, ...], rank: int, seed: int = 0) -> torch.Tensor:
     s = torch.zeros(min(m, n), dtype=torch.float64)
     s[:rank] = log_spectrum(rank, 1e2)
     return with_spectrum(shape, s, seed)
+
+
+#: every way a step could read a tensor's value on the host (a device sync on a GPU)
+HOST_READS = ("item", "__bool__", "tolist", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside the block, ``Tensor.item``, ``__bool__``, ``tolist``, ``__float__`` and ``__int__`` raise."""
+    saved = {k: getattr(torch.Tensor, k) for k in HOST_READS}
+
+    def refuse(name):
+        def f(self, *a, **k):
+            raise AssertionError(f"host read Tensor.{name} inside step()")
+        return f
+
+    for k in HOST_READS:
+        setattr(torch.Tensor, k, refuse(k))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(torch.Tensor, k, v)

@@ -7,33 +7,11 @@ scheduler), a NaN gradient on one step (skipped on the device) and both Muon var
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from fastortho import Muon
-
-_READS = ("item", "__bool__", "tolist", "__float__", "__int__")
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    saved = {k: getattr(torch.Tensor, k) for k in _READS}
-
-    def refuse(name):
-        def f(self, *a, **k):
-            raise AssertionError(f"host read Tensor.{name} inside step()")
-        return f
-
-    for k in _READS:
-        setattr(torch.Tensor, k, refuse(k))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(torch.Tensor, k, v)
-
+from helpers import no_host_reads
 
 def test_patch_catches_host_reads():
     """The guard works: a plain (non-capturable) step with a CPU tensor lr reads it on the host."""

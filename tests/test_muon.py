@@ -602,19 +602,6 @@ def test_step_has_no_host_sync_on_cuda():
 # ------------------------------------------------------------------------------------------------
 # against torch.optim.Muon as the oracle: extreme scales, every dtype, defaults, checkpoints, errors
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(params=["c", "foreach"])
-def step_path(request, monkeypatch):
-    """Run the optimizer's fused momentum/apply on the compiled kernels or on the _foreach fallback."""
-    from fastortho.ops import _load as _C_loader
-
-    if request.param == "c":
-        if "cpu" not in _C_loader.C_DEVICE_TYPES:
-            pytest.skip("fastortho._C has no CPU kernels here (FASTORTHO_REQUIRE_C=1 in CI makes test_csrc fail)")
-    else:
-        monkeypatch.setattr(_C_loader, "C_DEVICE_TYPES", frozenset())
-    return request.param
-
-
 def _steps(opt_fn, p0, grads):
     p = nn.Parameter(p0.clone())
     opt = opt_fn([p])

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
 
-from fastortho.ops import _load as _C_loader
 from fastortho.optim import Muon
 
 try:
@@ -57,17 +56,6 @@ def TorchNS(params, **kw):
 
     opt = Muon(params, orthogonalizer=torch_ns, **kw)
     return opt
-
-
-@pytest.fixture(params=["c", "foreach"])
-def step_path(request, monkeypatch):
-    """The fused C kernels or the ``_foreach`` fallback for the momentum and apply phases."""
-    if request.param == "c":
-        if "cpu" not in _C_loader.C_DEVICE_TYPES:
-            pytest.skip("fastortho._C has no CPU kernels here (FASTORTHO_REQUIRE_C=1 in CI makes test_csrc fail)")
-    else:
-        monkeypatch.setattr(_C_loader, "C_DEVICE_TYPES", frozenset())
-    return request.param
 
 
 def _kwargs(inp) -> dict:
