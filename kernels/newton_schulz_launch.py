@@ -262,16 +262,17 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
     rd = round_dtype or Q.dtype
     xrd = x_round_dtype or rd
     dot_dt, prec = dot_setup(xrd, X.device, first_fp32)
+    interp = interpreter_enabled()
     dummy = scale if scale is not None else out
 
     def launch(cfg: _config.Config) -> None:
-        tm, tn = triton.cdiv(k, cfg.block_m), triton.cdiv(L, cfg.block_n)
+        tm, tn = _cdiv(k, cfg.block_m), _cdiv(L, cfg.block_n)
         _apply_kernel[(B * tm * tn,)](
             Q, X, out, dummy, k, L, tm, tn,
             *Q.stride(), *X.stride(), *out.stride(), float(a),
             HAS_AX=a != 0.0, HAS_SCALE=scale is not None,
             ROUND_DTYPE=tl_dtype(xrd), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
-            OUT_ROUND=tl_dtype(rd), SOFT_BF16=interpreter_enabled(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            OUT_ROUND=tl_dtype(rd), SOFT_BF16=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0 and L > 0:
@@ -307,6 +308,12 @@ def apply_blas(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float 
     if out.shape != X.shape:
         raise ValueError("apply_blas: out must have X's shape")
     return torch.baddbmm(X, Q, X, beta=a, alpha=1.0, out=out)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """⌈a/b⌉ in plain Python: ``triton.cdiv`` outside a kernel costs ~2 µs a call (argument unwrapping),
+    and a small Newton–Schulz call computes a dozen grids."""
+    return -(-a // b)
 
 
 def _split(rows: int, cols: int) -> int:
@@ -350,7 +357,7 @@ def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
         return out
     _sumsq_partial_kernel[(B * split,)](X, part, expo, R, N, split, *X.stride(), BLOCK_R=block_r, BLOCK_C=block_c)
     _scale_kernel[(B,)](part, expo, pre if pre is not None else out.s, out.s, out.p, out.t, split, float(safety),
-                        float(eps), ROOT=root, BLOCK_S=triton.next_power_of_2(split))
+                        float(eps), ROOT=root, BLOCK_S=1 << (split - 1).bit_length())
     return out
 
 
@@ -366,10 +373,11 @@ def scale_cast(X: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch
         raise ValueError("scale_cast: scale must be a (B,) float32 tensor")
     B, R, N = X.shape
     # Along the contiguous axis of the input: 128 elements (16-byte loads and stores), 32 rows.
-    block_r, block_c = (16, 32) if interpreter_enabled() else (32, 128)
-    tc = triton.cdiv(N, block_c)
+    interp = interpreter_enabled()
+    block_r, block_c = (16, 32) if interp else (32, 128)
+    tc = _cdiv(N, block_c)
     if B * R * N > 0:
-        _scale_cast_kernel[(B * triton.cdiv(R, block_r) * tc,)](
+        _scale_cast_kernel[(B * _cdiv(R, block_r) * tc,)](
             X, out, scale, R, N, tc, *X.stride(), *out.stride(),
-            OUT_ROUND=tl_dtype(out.dtype), SOFT_BF16=interpreter_enabled(), BLOCK_R=block_r, BLOCK_C=block_c)
+            OUT_ROUND=tl_dtype(out.dtype), SOFT_BF16=interp, BLOCK_R=block_r, BLOCK_C=block_c)
     return out
