@@ -119,7 +119,9 @@ def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = 
             scaled = not waits or min(waits) < 1
         if kern == "sym":
             bm, L = kw["BLOCK_M"], int(arg["L"])
-            flops = programs * bm * bm * 2.0 * L
+            # tiles executed: one per program, or (persistent TMA kernel) every triangle tile of the batch
+            tiles = int(arg["N_BATCH"]) * int(arg["N_TRI"]) if "N_PROG" in arg else programs
+            flops = tiles * bm * bm * 2.0 * L
             P, S, Y, C = (arg[n] for n in ("P", "S", "Y", "C"))
             nbytes = math.prod(P.shape) * _elem(P.dtype) * (1 if P == S else 2) + math.prod(C.shape) * _elem(C.dtype)
             if kw.get("HAS_Y"):

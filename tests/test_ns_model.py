@@ -45,7 +45,7 @@ def test_executed_flops_equal_package_formula(shape, gram):
     costs = ns_model.launch_costs(shape)
     from fastortho.kernels.aot import trace_newton_schulz
 
-    sym_bm = {ln.kwargs["BLOCK_M"] for ln in trace_newton_schulz(shape, "bf16", 90) if ln.kernel == "_sym_mm_kernel"}
+    sym_bm = {ln.kwargs["BLOCK_M"] for ln in trace_newton_schulz(shape, "bf16", 90) if ln.kernel in ("_sym_mm_kernel", "_sym_mm_tma_kernel")}
     assert len(sym_bm) == 1
     want = B * matmul_flops(k, L, 5, gram=gram, tile=sym_bm.pop())
     got = sum(c.flops for c in _mm(costs))
