@@ -40,15 +40,10 @@ def canonical_normalize(normalize: str, *, stacklevel: int = 2) -> str:
 
 
 def _resolve_backend(backend: str, device: torch.device, precondition: str | None = None) -> str:
+    """The backend a call runs on; every schedule, AOL-preconditioned (``precondition``) or not, runs
+    on both, so "auto" is Triton on CUDA when it is installed and torch otherwise."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if precondition is not None:
-        # The Triton kernels scale X₀ by one number per matrix; the AOL row scaling is not in them yet.
-        if backend == "triton":
-            raise ValueError(f"coefficients={precondition!r} (AOL preconditioning) runs on the torch backend only: "
-                             "the Triton kernels do not apply the per-row AOL scaling yet; pass backend='torch' "
-                             "or 'auto', or a norm-scaled schedule such as coefficients='polar_express'")
-        return "torch"
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     return backend
@@ -91,8 +86,9 @@ def newton_schulz(
             ``"aol"`` is Turbo-Muon's 4-step list (Boissin et al., arXiv 2512.04632), run after AOL
             preconditioning instead of a norm scaling: with A = GGᵀ, X₀ = diag(d)·G with
             d_i = (Σ_j |A_ij|)^{-1/2} (σ_max(X₀) ≤ 1), and step 1 reuses D·A·D, so 4 steps cost 4
-            steps of matmuls plus O(m² + mn) elementwise work; ``normalize`` is then not used. It runs
-            on the torch backend: ``backend="auto"`` routes it there on CUDA too, ``"triton"`` raises.
+            steps of matmuls plus O(m² + mn) elementwise work; ``normalize`` is then not used. Both
+            backends run it (Triton: the first Gram product from the symmetric kernel, the row
+            scaling in torch ops, then the kernels' steps; standard and Gram-space).
         normalize: ν(G) = ‖G‖_F (``"fro"``) or ‖GGᵀ‖_F^{1/2} = (Σσ⁴)^{1/4} (``"gram"``; the old
             name ``"spectral"`` is a deprecated alias): both bound σ_max from above, the Gram bound
             tighter (by up to rank^{1/4}), and free because the first step needs GGᵀ anyway. A
@@ -151,7 +147,7 @@ def newton_schulz(
                          "dtype: pass dtype=torch.float32 for an fp32 iteration, or drop fp32_first_gram")
     if be == "triton":
         X = newton_schulz_triton(
-            G3, coeffs, safety=safety, normalize=normalize, eps=eps, compute_dtype=dtype,
+            G3, coeffs, safety=safety, normalize=precondition or normalize, eps=eps, compute_dtype=dtype,
             out_dtype=out_dtype, fp32_first_gram=fp32_first_gram, gram=gram,
         )
     else:

@@ -42,11 +42,11 @@ class FirstStep(NamedTuple):
 
     A: X₀X₀ᵀ rounded to the storage dtype; X: X' = round(p·G), (B, k, L), contiguous, in the storage
     dtype (float32 with ``fp32_first``); t: (B,) fp32, the epilogue factor of the first apply;
-    s: (B,) fp32, the full scale (used when there are no steps)."""
+    s: (B,) fp32, the full scale (used when there are no steps); None when X is X₀ itself ("aol")."""
     A: torch.Tensor
     X: torch.Tensor
     t: torch.Tensor
-    s: torch.Tensor
+    s: torch.Tensor | None
 
 
 def first_step(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, cdt: torch.dtype,
@@ -60,13 +60,16 @@ def first_step(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, c
     "fro": ν = ‖G‖_F from the norm pass; A₀ = round(t²·X'X'ᵀ).
     "spectral": ν = ‖GGᵀ‖_F^{1/2}: the Gram product X'X'ᵀ in an fp32 buffer (entries < 4·L: no
     overflow), its norm, and A₀ = round(t²·X'X'ᵀ).
+    "aol": the AOL row scaling instead of a norm (:func:`aol_first_step`).
     ``fp32_first``: X' is kept in fp32 and the Gram product uses 3xTF32 dots (no input rounding)."""
     B, k, L = Gv.shape
-    if normalize not in ("fro", "spectral"):
-        raise ValueError(f"normalize must be 'fro' or 'spectral', got {normalize!r}")
+    if normalize not in ("fro", "spectral", "aol"):
+        raise ValueError(f"normalize must be 'fro', 'spectral' or 'aol', got {normalize!r}")
     xdt = torch.float32 if fp32_first else cdt
     ns = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
     X = scale_cast(Gv, ns.p, torch.empty(B, k, L, device=Gv.device, dtype=xdt))
+    if normalize == "aol":
+        return aol_first_step(Gv, X, ns.p, eps=eps, cdt=cdt, fp32_first=fp32_first)
     if normalize == "fro":
         A = sym_mm(X, X, torch.empty(B, k, k, device=Gv.device, dtype=cdt), scale=ns.t, round_dtype=xdt,
                    first_fp32=fp32_first)
@@ -75,6 +78,27 @@ def first_step(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, c
                  first_fp32=fp32_first)
     sp = inv_norm_scale(raw, safety=safety, eps=eps, root=4, pre=ns.p)
     return FirstStep((raw * (sp.t * sp.t)[:, None, None]).to(cdt), X, sp.t, sp.s)
+
+
+def aol_first_step(Gv: torch.Tensor, Xp: torch.Tensor, p: torch.Tensor, *, eps: float, cdt: torch.dtype,
+                   fp32_first: bool) -> FirstStep:
+    """AOL preconditioning (Prach & Lampert, "Almost-Orthogonal Layers"; Boissin et al., "Turbo-Muon")
+    from X' = round(p·G): A' = X'X'ᵀ in an fp32 buffer (the symmetric kernel), then, per matrix,
+    d_i = 1/max(√(Σ_j |A'_ij|), eps·p), X₀ = round(d ⊙ (p·G)) (rows scaled, from G in fp32: one
+    rounding, as the torch backend's ``aol_precondition``) and A₀ = round(d_i·A'_ij·d_j) = X₀X₀ᵀ up to
+    rounding, which the first step reuses. σ_max(X₀) ≤ 1 by the Schur test. The row scaling is
+    O(k² + kL) elementwise torch work and no matmul; no host sync. NaN/Inf propagate within their
+    matrix (a non-finite entry makes every row sum of A' non-finite). The epilogue factor t is 1."""
+    B, k, L = Gv.shape
+    raw = sym_mm(Xp, Xp, torch.empty(B, k, k, device=Gv.device, dtype=torch.float32), round_dtype=Xp.dtype,
+                 first_fp32=fp32_first)
+    s = raw.abs().sum(dim=-1).sqrt()                                  # (B, k)
+    lim = (eps * p).clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    d = 1.0 / torch.where(s < lim, lim, s)                            # written so that NaN survives
+    A = (raw * d[:, :, None] * d[:, None, :]).to(cdt)
+    X = torch.empty(B, k, L, device=Gv.device, dtype=Xp.dtype)
+    X.copy_((Gv.float() * p[:, None, None]) * d[:, :, None])          # p·G is exact, then one rounding
+    return FirstStep(A, X, torch.ones(B, device=Gv.device, dtype=torch.float32), None)
 
 
 def _first_x(on: bool) -> dict:
@@ -90,8 +114,10 @@ def _poly(R: torch.Tensor, b: float, c: float) -> torch.Tensor:
     return sym_mm(R, R, torch.empty_like(R), Y=R, alpha=c, beta=b)
 
 
-def _no_steps(Gv: torch.Tensor, out: torch.Tensor, s: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-    out.copy_((Gv.float() * s[:, None, None]).to(cdt))
+def _no_steps(Gv: torch.Tensor, out: torch.Tensor, s: torch.Tensor | None, X: torch.Tensor,
+              cdt: torch.dtype) -> torch.Tensor:
+    """X₀ itself: s·G rounded once, or (s None, "aol") the row-scaled X already formed."""
+    out.copy_((Gv.float() * s[:, None, None]).to(cdt) if s is not None else X.to(cdt))
     return out
 
 
@@ -107,7 +133,7 @@ def ns_standard(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Trip
     A, X, t, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
     steps = len(coefficients)
     if steps == 0:
-        return _no_steps(Gv, out, s, cdt)
+        return _no_steps(Gv, out, s, X, cdt)
     blas = steps > 1 and line3_backend(Gv.shape[1], Gv.shape[2], Gv, line3) == "cublas"
     # Ping-pong buffers; X' serves as the second one once step 0 has read it.
     bufs = [torch.empty(Gv.shape, device=Gv.device, dtype=cdt) for _ in range(min(1, steps - 1))]
@@ -135,7 +161,7 @@ def ns_gram(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple],
     restarts = set(default_restarts(steps) if restarts is None else restarts) - {0}
     R, X, Xscale, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
     if steps == 0:
-        return _no_steps(Gv, out, s, cdt)
+        return _no_steps(Gv, out, s, X, cdt)
     Q = None
     for i, (a, b, c) in enumerate(coefficients):
         if i in restarts:

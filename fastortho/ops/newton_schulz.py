@@ -43,7 +43,7 @@ from ._load import triton_available
 __all__ = ["newton_schulz_triton", "use_cuda_graph", "use_gram"]
 
 #: normalize= as the kernels spell it (they predate the name "gram" for the Gram bound)
-_KERNEL_NORMALIZE = {"fro": "fro", "gram": "spectral"}
+_KERNEL_NORMALIZE = {"fro": "fro", "gram": "spectral", "aol": "aol"}
 
 GRAM_MIN_ASPECT = 1.5   # Gram-space needs 6k²L + 14k³ vs 15k²L + 5k³ (5 steps): wins for L > k
 GRAM_MIN_SHORT = 256    # below this the extra k×k launches cost more than the FLOPs saved
@@ -169,7 +169,9 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
         G: (B, m, n), any float dtype and strides; CUDA, or CPU under ``TRITON_INTERPRET=1``.
         coefficients: per-step (a, b, c) of p(σ) = aσ + bσ³ + cσ⁵.
         safety, eps: X₀ = G / max(safety·ν, eps).
-        normalize: "fro" (ν = ‖G‖_F) or "gram" (ν = ‖GGᵀ‖_F^{1/2}, free from the first Gram).
+        normalize: "fro" (ν = ‖G‖_F) or "gram" (ν = ‖GGᵀ‖_F^{1/2}, free from the first Gram), or "aol":
+            AOL row scaling X₀ = D·G, D_ii = 1/max(√(Σ_j |(GGᵀ)_ij|), eps), from the first Gram
+            product, which step 1 reuses as D·GGᵀ·D (``safety`` unused; standard and Gram-space).
         compute_dtype: storage of X and the k×k matrices (bfloat16, float16 or float32).
         out_dtype: dtype of the result (the compute_dtype result is converted once).
         fp32_first_gram: form the first Gram product from G in fp32 (no bf16 input-rounding floor).
@@ -187,8 +189,8 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
                            "under the Triton interpreter (TRITON_INTERPRET=1 set before import)")
     if not G.is_floating_point():
         raise TypeError(f"newton_schulz_triton expects a floating-point tensor, got {G.dtype}")
-    if normalize not in ("fro", "gram"):
-        raise ValueError(f"normalize must be 'fro' or 'gram', got {normalize!r}")
+    if normalize not in ("fro", "gram", "aol"):
+        raise ValueError(f"normalize must be 'fro', 'gram' or 'aol', got {normalize!r}")
     if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
     if G.dtype == torch.float64:     # kernels read at most fp32; the scale is applied in fp32
