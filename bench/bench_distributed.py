@@ -277,6 +277,15 @@ def _run_overlap(rank: int, world: int, port: int, outfile: str, cfg: dict) -> N
     dist.destroy_process_group()
 
 
+def _spawn_rows(fn, world: int, cfg: dict, method: str) -> list[dict]:
+    """Run ``fn(rank, world, port, path, cfg)`` on ``world`` gloo processes; rank 0 pickles its rows to path."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "rows.pkl")
+        mp.start_processes(fn, args=(world, _free_port(), path, cfg), nprocs=world, join=True, start_method=method)
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+
 def _overlap_main(args, method: str, dev: str) -> list[dict]:
     cfg = dict(dim=args.dim, mats=args.mats, reps=args.reps, link_mbs=args.link_mbs)
     link = f"link slowed to {args.link_mbs:g} MB/s per rank" if args.link_mbs else "loopback link"
@@ -286,12 +295,7 @@ def _overlap_main(args, method: str, dev: str) -> list[dict]:
           f"{'wait ms':>8}")
     out = []
     for W in args.world:
-        with tempfile.TemporaryDirectory() as d:
-            f = os.path.join(d, "rows.pkl")
-            mp.start_processes(_run_overlap, args=(W, _free_port(), f, cfg), nprocs=W, join=True,
-                               start_method=method)
-            with open(f, "rb") as fh:
-                rows = pickle.load(fh)
+        rows = _spawn_rows(_run_overlap, W, cfg, method)
         for r in rows:
             link = f"{r['link_mbs']:g}" if r["link_mbs"] else "as is"
             print(f"{W:>2} {r['mode']:<10} {link:>9} {r['stages']:>6} {r['bytes']:>10} {r['step_ms']:8.1f} "
@@ -347,12 +351,7 @@ def main(argv=None) -> list[dict]:
           f"{'step ms':>8} {'NS max/mean':>11}")
     all_rows = []
     for W in args.world:
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "rows.pkl")
-            mp.start_processes(_run, args=(W, _free_port(), out, cfg), nprocs=W, join=True,
-                               start_method=method)
-            with open(out, "rb") as f:
-                rows = pickle.load(f)
+        rows = _spawn_rows(_run, W, cfg, method)
         for r in rows:
             if "error" in r:
                 print(f"{W:>2} {r['strategy']:<17} error: {r['error']}")
