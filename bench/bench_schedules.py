@@ -35,29 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_string, timeit  # noqa: E402
 
 import fastortho  # noqa: E402
-from fastortho.bench import _bf16, format_rows, gaussian, log_spaced, ns_bf16_model, schedule_rows  # noqa: E402
+from fastortho.bench import format_rows, gaussian, log_spaced, ns_bf16_model, schedule_rows  # noqa: E402
 from fastortho.coefficients import KELLER as KJ  # noqa: E402
 from fastortho.coefficients import SCHEDULES, get_schedule  # noqa: E402
 from fastortho.flops import ns_flops  # noqa: E402
-from fastortho.ns_torch import scale_input  # noqa: E402
 from fastortho.reference import polar_error, polar_svd, singular_band  # noqa: E402
 
 NORM_SCALED = tuple(n for n, s in SCHEDULES.items() if s.precondition is None)
 
 
 def aol_bf16_model(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """AOL-preconditioned Newton–Schulz in the bf16 storage model of ``ns_bf16_model``: X₀ = D·G and
-    D·GGᵀ·D from the fp32 rescale, each rounded to bf16 once, then the same per-step rounding."""
-    tall = G.shape[-2] > G.shape[-1]
-    X, A = scale_input((G.mT if tall else G)[None].float(), safety=1.0, normalize="aol", eps=1e-7)
-    X, A = _bf16(X), _bf16(A)
-    for i, (a, b, c) in enumerate(get_schedule("aol", steps)[0]):
-        if i > 0:
-            A = _bf16(X @ X.mT)
-        B = _bf16(b * A + c * (A @ A))
-        X = _bf16(a * X + B @ X)
-    X = X[0]
-    return X.mT if tall else X
+    """AOL-preconditioned Newton–Schulz in the bf16 storage model (``fastortho.bench.ns_bf16_model``)."""
+    return ns_bf16_model(G, get_schedule("aol", steps)[0], 1.0, "aol")
 
 
 def aol_rows(mats: dict[str, torch.Tensor]) -> list[dict]:

@@ -50,12 +50,13 @@ def _bf16(x: Tensor) -> Tensor:
 def ns_bf16_model(G: Tensor, coefficients: Sequence[tuple[float, float, float]], safety: float,
                   normalize: str = "fro") -> Tensor:
     """Newton–Schulz in the bf16 storage model, computed with fp32 matmuls (see module docstring).
-    ``normalize="aol"`` for the schedules that replace the norm by AOL row scaling."""
+    ``normalize="aol"`` for the schedules that replace the norm by AOL row scaling: its Gram matrix
+    D·GGᵀ·D comes from the fp32 rescale and is rounded once, as X₀ is, and step 1 reuses it."""
     tall = G.shape[-2] > G.shape[-1]
-    X, _ = scale_input((G.mT if tall else G)[None], safety=safety, normalize=normalize, eps=1e-7)
+    X, A = scale_input((G.mT if tall else G)[None].float(), safety=safety, normalize=normalize, eps=1e-7)
     X = _bf16(X)
-    for a, b, c in coefficients:
-        A = _bf16(X @ X.mT)
+    for i, (a, b, c) in enumerate(coefficients):
+        A = _bf16(A) if i == 0 and A is not None else _bf16(X @ X.mT)
         B = _bf16(b * A + c * (A @ A))
         X = _bf16(a * X + B @ X)
     X = X[0]

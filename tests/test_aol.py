@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastortho
-from fastortho.bench import _bf16, gaussian, log_spaced, ns_bf16_model
+from fastortho.bench import gaussian, log_spaced, ns_bf16_model
 from fastortho.coefficients import SCHEDULES, Schedule, composed_band, get_schedule, schedule_precondition
 from fastortho.flops import ns_flops
 from fastortho.newton_schulz import _resolve_backend
@@ -34,16 +34,7 @@ def hand_aol(G: torch.Tensor) -> torch.Tensor:
 def aol_bf16_model(G: torch.Tensor, steps: int = 4) -> torch.Tensor:
     """AOL-4 in the bf16 storage model of ``fastortho.bench.ns_bf16_model`` (every stored tensor rounded to
     bf16, fp32 matmuls): X₀ and its Gram matrix D·A·D from the fp32 rescale, rounded once."""
-    tall = G.shape[-2] > G.shape[-1]
-    X, A = scale_input((G.mT if tall else G)[None].to(torch.float32), safety=1.0, normalize="aol", eps=1e-7)
-    X, A = _bf16(X), _bf16(A)
-    for i, (a, b, c) in enumerate(get_schedule("aol", steps)[0]):
-        if i > 0:
-            A = _bf16(X @ X.mT)
-        B = _bf16(b * A + c * (A @ A))
-        X = _bf16(a * X + B @ X)
-    X = X[0]
-    return X.mT if tall else X
+    return ns_bf16_model(G, get_schedule("aol", steps)[0], 1.0, "aol")
 
 
 # ---- the rescale itself ------------------------------------------------------------------------------
