@@ -15,7 +15,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from _common import haar, ns_triton, plain_loop, rel, anchor_matrices
+from _common import anchor_matrices, assert_batch_invariant, gen as _gen, haar, ns_triton, plain_loop, rel
 
 from fastortho.coefficients import get_schedule
 from fastortho.kernels.newton_schulz import _round, _triangle_tile
@@ -24,10 +24,6 @@ from fastortho.ns_torch import newton_schulz_torch
 from fastortho.reference import polar_error, polar_svd, singular_band
 
 HOSTILE = [(3, 48, 80), (2, 80, 48), (1, 33, 33), (2, 1, 40), (1, 17, 5)]
-
-
-def _gen(shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def _torch_backend(G, dtype, name="polar_express", normalize="fro"):
@@ -214,16 +210,7 @@ def test_fp32_first_gram_removes_input_rounding():
 @pytest.mark.parametrize("gram", [False, True], ids=["standard", "gram"])
 @pytest.mark.parametrize("shape", [(3, 32, 56), (3, 56, 32)], ids=["wide", "tall"])
 def test_batch_invariance(shape, gram):
-    """A matrix gives bit-identical output alone or anywhere inside any batch. Two standard steps,
-    four Gram-space steps (restart before step 3) exercise every kernel and the norm reduction."""
-    G = _gen(shape, seed=2)
-    kw = dict(steps=4 if gram else 2, cdt=torch.bfloat16, gram=gram)
-    batched = ns_triton(G, **kw)
-    for i in (0, shape[0] - 1):
-        assert torch.equal(ns_triton(G[i:i + 1], **kw)[0], batched[i])
-    perm = torch.tensor([2, 0, 1])
-    bigger = torch.cat([G[perm], _gen((2,) + shape[1:], seed=3)])
-    assert torch.equal(ns_triton(bigger, **kw)[: shape[0]], batched[perm])
+    assert_batch_invariant(shape, gram)
 
 
 def test_arbitrary_strides_give_identical_results():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _common import ns_triton, plain_loop, rel
+from _common import assert_batch_invariant, gen as _gen, ns_triton, plain_loop, rel
 
 from fastortho.coefficients import get_schedule
 from fastortho.kernels import newton_schulz_launch as ns_launch
@@ -35,10 +35,6 @@ def launches(monkeypatch):
     monkeypatch.setattr(ns_launch, "_sym_mm_kernel", _Counting(ns_launch._sym_mm_kernel, counts, "cp_async"))
     monkeypatch.setattr(ns_launch, "SYM_TMA", "on")
     return counts
-
-
-def _gen(shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def _tall(X):
@@ -119,14 +115,7 @@ def test_newton_schulz_fp32_through_tma(monkeypatch, launches, shape, gram):
 def test_batch_invariance_through_tma(launches, shape, gram):
     """As ``test_batch_invariance``, with the persistent TMA kernel: each program walks several
     tiles, and which program computes a tile depends on the batch; the bits must not."""
-    G = _gen(shape, seed=2)
-    kw = dict(steps=4 if gram else 2, cdt=torch.bfloat16, gram=gram)
-    batched = ns_triton(G, **kw)
-    for i in (0, shape[0] - 1):
-        assert torch.equal(ns_triton(G[i:i + 1], **kw)[0], batched[i])
-    perm = torch.tensor([2, 0, 1])
-    bigger = torch.cat([G[perm], _gen((2,) + shape[1:], seed=3)])
-    assert torch.equal(ns_triton(bigger, **kw)[: shape[0]], batched[perm])
+    assert_batch_invariant(shape, gram)
     assert launches["tma"] > 0 and launches["cp_async"] == 0, launches
 
 
