@@ -58,13 +58,13 @@ def first_step(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, c
     X' = round(p·G) (``scale_cast``); every matmul reads X' as loaded, and t = s/p goes to the
     epilogues.
     "fro": ν = ‖G‖_F from the norm pass; A₀ = round(t²·X'X'ᵀ).
-    "spectral": ν = ‖GGᵀ‖_F^{1/2}: the Gram product X'X'ᵀ in an fp32 buffer (entries < 4·L: no
+    "gram": ν = ‖GGᵀ‖_F^{1/2} (≥ σ_max): the Gram product X'X'ᵀ in an fp32 buffer (entries < 4·L: no
     overflow), its norm, and A₀ = round(t²·X'X'ᵀ).
     "aol": the AOL row scaling instead of a norm (:func:`aol_first_step`).
     ``fp32_first``: X' is kept in fp32 and the Gram product uses 3xTF32 dots (no input rounding)."""
     B, k, L = Gv.shape
-    if normalize not in ("fro", "spectral", "aol"):
-        raise ValueError(f"normalize must be 'fro', 'spectral' or 'aol', got {normalize!r}")
+    if normalize not in ("fro", "gram", "aol"):
+        raise ValueError(f"normalize must be 'fro', 'gram' or 'aol', got {normalize!r}")
     xdt = torch.float32 if fp32_first else cdt
     ns = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
     X = scale_cast(Gv, ns.p, torch.empty(B, k, L, device=Gv.device, dtype=xdt))

@@ -42,9 +42,6 @@ from ._load import triton_available
 
 __all__ = ["newton_schulz_triton", "use_cuda_graph", "use_gram"]
 
-#: normalize= as the kernels spell it (they predate the name "gram" for the Gram bound)
-_KERNEL_NORMALIZE = {"fro": "fro", "gram": "spectral", "aol": "aol"}
-
 GRAM_MIN_ASPECT = 1.5   # Gram-space needs 6k²L + 14k³ vs 15k²L + 5k³ (5 steps): wins for L > k
 GRAM_MIN_SHORT = 256    # below this the extra k×k launches cost more than the FLOPs saved
 
@@ -137,7 +134,7 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     # cuda:1 while cuda:0 is current needs one (it then runs on cuda:1's current stream).
     guard = torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        run(Gv, resv, list(coefficients), normalize=_KERNEL_NORMALIZE[normalize], safety=safety, eps=eps,
+        run(Gv, resv, list(coefficients), normalize=normalize, safety=safety, eps=eps,
             cdt=compute_dtype, fp32_first=fp32_first_gram)
     if res is not out:
         out.copy_(res)
