@@ -22,8 +22,9 @@ so the XᵀX variant is the same kernel called with the strides of Gᵀ. Triton 
 equal to 1, so both orientations compile to contiguous loads along the memory-contiguous axis.
 
 The first step never scales operand tiles: X₀ = s·G is represented as t·X' with X' = round_c(p·G)
-written once by ``_scale_cast_kernel`` (p the power of two of the norm pass, so X' is G itself,
-exponent-shifted, whenever G is already in the storage dtype) and t = s/p applied in the
+written once by ``_scale_cast_kernel`` (p the power of two of the normalization in
+``kernels/newton_schulz_norm.py``, so X' is G itself, exponent-shifted, whenever G is already in
+the storage dtype) and t = s/p applied in the
 epilogues: α·t² for the first Gram product, t·(Q·X' + a·X') for the first apply and the restart
 apply. Every matmul launch therefore reads plain storage-dtype operands, which the sm_90 pipeline
 feeds to asynchronous wgmma straight from shared memory; an operand multiplied in registers must
@@ -44,8 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["_round", "_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel",
-           "_scale_cast_kernel", "_pow2", "_exponent"]
+__all__ = ["_round", "_sym_mm_kernel", "_apply_kernel", "_scale_cast_kernel"]
 
 
 @triton.jit
@@ -217,103 +217,6 @@ def _apply_kernel(
         acc = acc * tl.load(SCALE + pid_b)
     out = _round(acc, OUT_ROUND, SOFT_BF16)
     tl.store(O + pid_b * so_b + rows[:, None] * so_r + cols[None, :] * so_c, out, mask=mask)
-
-
-@triton.jit
-def _pow2(e):
-    """2^e as fp32 for an integer tensor e in [-126, 127], built from the exponent bits (exact)."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exponent(x):
-    """Clamped binary exponent of |x|: E with |x|·2^-E in [1, 2) for normal |x| ≤ 2^126, clamped
-    to [-126, 126] (zero and subnormals give -126, so |x|·2^126 ≤ 1; |x| ≥ 2^127, Inf and NaN
-    give 126, so a finite |x|·2^-126 < 4). Both 2^-E and 2^E are then normal fp32 numbers."""
-    bits = x.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127
-    return tl.minimum(tl.maximum(e, -126), 126)
-
-
-@triton.jit
-def _sumsq_partial_kernel(
-    X, PART, EXPO,
-    R, N, SPLIT,
-    sx_b, sx_r, sx_c,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Scaled partial sums of squares in one pass (no overflow or underflow for finite input):
-    EXPO[b, p] = E, the clamped exponent of max|x| over this program's rows (``_exponent``), and
-    PART[b, p] = Σ (x·2^-E)² over row blocks p, p+SPLIT, p+2·SPLIT, … of X[b], fp32.
-
-    Every scaled x has |x·2^-E| < 4, so squares neither overflow (|x| ~ 1e20) nor underflow
-    (|x| ~ 1e-25). E is a running maximum: when a tile raises it, the accumulator is rescaled by
-    the exact power of two 2^-2ΔE (ΔE capped at 63; older terms below 2^-126 of the new maximum
-    are negligible). A fixed split and traversal order per matrix keep the result
-    batch-invariant (a library reduction over a batch may change its order with the batch size)."""
-    pid = tl.program_id(0)
-    pid_b = (pid // SPLIT).to(tl.int64)
-    part = pid % SPLIT
-    rr = tl.arange(0, BLOCK_R)
-    cc = tl.arange(0, BLOCK_C)
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    e_run = tl.full((), -126, tl.int32)
-    base = X + pid_b * sx_b
-    for r0 in range(part * BLOCK_R, R, SPLIT * BLOCK_R):
-        rows = (r0 + rr).to(tl.int64)
-        for c0 in range(0, N, BLOCK_C):
-            cols = (c0 + cc).to(tl.int64)
-            m = (rows[:, None] < R) & (cols[None, :] < N)
-            x = tl.load(base + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=m, other=0.0)
-            x = tl.abs(x.to(tl.float32))
-            e_new = tl.maximum(e_run, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
-            r = _pow2(-tl.minimum(e_new - e_run, 63))
-            acc = acc * r * r
-            y = x * _pow2(-e_new)
-            acc += y * y
-            e_run = e_new
-    tl.store(PART + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
-    tl.store(EXPO + pid, e_run)
-
-
-@triton.jit
-def _scale_kernel(PART, EXPO, PRE, SCALE, POW2, REST, SPLIT, safety, eps,
-                  ROOT: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per-matrix scale of the normalization, from the partials of ``_sumsq_partial_kernel``.
-
-    With E = max_p EXPO[b, p] and S = Σ_p PART[b, p]·2^(2(EXPO[b, p] − E)) = Σ (x·2^-E)²:
-
-    * ROOT = 2 (X = G): p = 2^-E and ν(G·p) = √S;
-    * ROOT = 4 (X = (G·p)(G·p)ᵀ, p = PRE[b] the power of two of the ROOT = 2 pass):
-      ν(G·p) = ‖(G·p)(G·p)ᵀ‖_F^{1/2} = (√S·2^E)^{1/2};
-
-    then REST[b] = t = 1 / max(safety·ν(G·p), eps·p), POW2[b] = p and SCALE[b] = s = p·t =
-    1 / max(safety·ν(G), eps), never forming ν(G) itself (which may overflow). The kernels use
-    s = t·p split in two: p (exact, a power of two) shifts G into range, t is applied in the
-    epilogues. NaN survives the max (the comparison is written so NaN < eps·p is false), Inf
-    gives t = s = 0 and then 0·Inf = NaN downstream; a zero matrix gives s = 1/eps and stays zero."""
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_S)
-    ok = offs < SPLIT
-    ex = tl.load(EXPO + b * SPLIT + offs, mask=ok, other=-126)
-    e = tl.max(ex, axis=0)
-    f = _pow2(tl.maximum(ex - e, -63))
-    v = tl.load(PART + b * SPLIT + offs, mask=ok, other=0.0) * f * f
-    total = tl.sum(v, axis=0)
-    if ROOT == 2:
-        p = _pow2(-e)
-        nu = tl.sqrt(total)
-    else:
-        p = tl.load(PRE + b)
-        nu = tl.sqrt(tl.sqrt(total) * _pow2(e))
-    d = safety * nu
-    lim = eps * p
-    d = tl.where(d < lim, lim, d)
-    t = 1.0 / d
-    tl.store(SCALE + b, p * t)
-    tl.store(POW2 + b, p)
-    tl.store(REST + b, t)
 
 
 @triton.jit

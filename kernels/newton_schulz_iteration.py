@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from .newton_schulz_launch import apply_blas, apply_q, inv_norm_scale, line3_backend, scale_cast, sym_mm
+from .newton_schulz_launch import (apply_blas, apply_q, inv_norm_scale, line3_backend, scale_cast, sumsq_norm_scale,
+                                   sym_mm)
 
 Triple = tuple[float, float, float]
 
@@ -50,7 +51,7 @@ class FirstStep(NamedTuple):
 
 
 def first_step(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, cdt: torch.dtype,
-               fp32_first: bool) -> FirstStep:
+               fp32_first: bool, sumsq: torch.Tensor | None = None) -> FirstStep:
     """Normalize G and form the first Gram product; s = 1/max(safety·ν, eps) per matrix.
 
     Norms are taken of G·p, p the power of two with max|G·p| in [1, 2) (exact scaling), so no
@@ -61,12 +62,16 @@ def first_step(Gv: torch.Tensor, *, normalize: str, safety: float, eps: float, c
     "gram": ν = ‖GGᵀ‖_F^{1/2} (≥ σ_max): the Gram product X'X'ᵀ in an fp32 buffer (entries < 4·L: no
     overflow), its norm, and A₀ = round(t²·X'X'ᵀ).
     "aol": the AOL row scaling instead of a norm (:func:`aol_first_step`).
-    ``fp32_first``: X' is kept in fp32 and the Gram product uses 3xTF32 dots (no input rounding)."""
+    ``fp32_first``: X' is kept in fp32 and the Gram product uses 3xTF32 dots (no input rounding).
+    ``sumsq`` ((B,) ‖G_b‖_F², "fro" only): (s, p, t) from it (``sumsq_norm_scale``), no norm pass."""
     B, k, L = Gv.shape
     if normalize not in ("fro", "gram", "aol"):
         raise ValueError(f"normalize must be 'fro', 'gram' or 'aol', got {normalize!r}")
+    if sumsq is not None and normalize != "fro":
+        raise ValueError(f"sumsq is ‖G‖_F², the scale of normalize='fro' only, got normalize={normalize!r}")
     xdt = torch.float32 if fp32_first else cdt
-    ns = inv_norm_scale(Gv, safety=safety, eps=eps, root=2)
+    ns = (inv_norm_scale(Gv, safety=safety, eps=eps, root=2) if sumsq is None
+          else sumsq_norm_scale(sumsq, safety=safety, eps=eps))
     X = scale_cast(Gv, ns.p, torch.empty(B, k, L, device=Gv.device, dtype=xdt))
     if normalize == "aol":
         return aol_first_step(Gv, X, ns.p, eps=eps, cdt=cdt, fp32_first=fp32_first)
@@ -123,14 +128,16 @@ def _no_steps(Gv: torch.Tensor, out: torch.Tensor, s: torch.Tensor | None, X: to
 
 def ns_standard(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple], *, normalize: str,
                 safety: float, eps: float, cdt: torch.dtype, fp32_first: bool,
-                line3: str | None = None) -> torch.Tensor:
+                line3: str | None = None, sumsq: torch.Tensor | None = None) -> torch.Tensor:
     """Standard quintic NS on the logical wide view Gv (B, k, L); writes out (same logical view).
 
     ``line3``: "triton", "cublas" or "auto" (None: the ``FASTORTHO_NS_LINE3`` environment variable,
     else "auto", the (arch, shape) table of ``line3_backend``) for X ← a·X + B·X in steps after
     the first; the first step's apply carries the per-matrix scale t (and the fp32 X' of
-    ``fp32_first``) in its epilogue, which ``torch.baddbmm`` cannot, so it is always the kernel."""
-    A, X, t, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
+    ``fp32_first``) in its epilogue, which ``torch.baddbmm`` cannot, so it is always the kernel.
+    ``sumsq``: the given ‖G_b‖_F² that replaces the norm pass (:func:`first_step`)."""
+    A, X, t, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first,
+                            sumsq=sumsq)
     steps = len(coefficients)
     if steps == 0:
         return _no_steps(Gv, out, s, X, cdt)
@@ -155,11 +162,13 @@ def ns_standard(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Trip
 
 def ns_gram(Gv: torch.Tensor, out: torch.Tensor, coefficients: Sequence[Triple], *, normalize: str,
             safety: float, eps: float, cdt: torch.dtype, fp32_first: bool,
-            restarts: Sequence[int] | None = None) -> torch.Tensor:
-    """Gram-space NS (module docstring) on the logical wide view Gv (B, k, L) in storage ``cdt``."""
+            restarts: Sequence[int] | None = None, sumsq: torch.Tensor | None = None) -> torch.Tensor:
+    """Gram-space NS (module docstring) on the logical wide view Gv (B, k, L) in storage ``cdt``
+    (``sumsq``: as in :func:`ns_standard`)."""
     steps = len(coefficients)
     restarts = set(default_restarts(steps) if restarts is None else restarts) - {0}
-    R, X, Xscale, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first)
+    R, X, Xscale, s = first_step(Gv, normalize=normalize, safety=safety, eps=eps, cdt=cdt, fp32_first=fp32_first,
+                                 sumsq=sumsq)
     if steps == 0:
         return _no_steps(Gv, out, s, X, cdt)
     Q = None

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from . import _config, interpreter_enabled
-from .newton_schulz import _apply_kernel, _scale_cast_kernel, _scale_kernel, _sumsq_partial_kernel, _sym_mm_kernel
+from .newton_schulz import _apply_kernel, _scale_cast_kernel, _sym_mm_kernel
+from .newton_schulz_norm import _scale_kernel, _sumsq_partial_kernel, _sumsq_scale_kernel
 from .newton_schulz_tma import _sym_mm_tma_kernel
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -316,19 +317,37 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: Norm-pass tiles (rows, cols, pipeline stages): 64×64 on a GPU, 16-byte vector loads along whichever
+#: axis is contiguous; small tiles under the interpreter, where every tile costs Python time.
+NORM_TILE, NORM_TILE_INTERP = (64, 64, 3), (16, 32, 1)
+#: at most this many programs per matrix, each with at least NORM_TILES_PER_PROGRAM tiles
+NORM_MAX_SPLIT, NORM_TILES_PER_PROGRAM = 512, 8
+
+
+def _norm_tile() -> tuple[int, int, int]:
+    return NORM_TILE_INTERP if interpreter_enabled() else NORM_TILE
+
+
 def _split(rows: int, cols: int) -> int:
-    """Row-block split of the norm reduction: depends on the shape only (batch invariance)."""
-    return max(1, min(64, (rows * cols) // (1 << 18)))
+    """Programs per matrix of the norm pass: ⌊tiles / 8⌋ clamped to [1, 512], a function of the shape
+    only (batch invariance). 4096² has 4096 tiles: 512 programs (≈ 4 per SM on 132 SMs)."""
+    br, bc, _ = _norm_tile()
+    tiles = _cdiv(rows, br) * _cdiv(cols, bc)
+    return max(1, min(NORM_MAX_SPLIT, tiles // NORM_TILES_PER_PROGRAM))
 
 
 class NormScale(NamedTuple):
     """Per-matrix normalization factors, (B,) fp32 each: s = p·t = 1 / max(safety·ν, eps).
 
-    p: the power of two with max|G·p| in [1, 2) (clamped to [2^-126, 2^126]): shifts G into range
-    exactly; t = s/p: the rest, applied in the kernels' epilogues."""
+    p: a power of two (clamped to [2^-126, 2^126]) with max|G·p| < 2 that shifts G into range
+    exactly; t = s/p: the rest, applied in the kernels' epilogues (``kernels/newton_schulz_norm.py``)."""
     s: torch.Tensor
     p: torch.Tensor
     t: torch.Tensor
+
+
+def _norm_out(B: int, device: torch.device) -> NormScale:
+    return NormScale(*(torch.empty(B, device=device, dtype=torch.float32) for _ in range(3)))
 
 
 def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
@@ -343,21 +362,35 @@ def inv_norm_scale(X: torch.Tensor, *, safety: float, eps: float, root: int = 2,
 
     Squares are taken of x·2^-E (E the clamped exponent of max|x|), so neither ‖G‖² nor ν(G)
     itself is ever formed: finite inputs from 1e-38 to 3e38 give the same s up to rounding
-    (``kernels/newton_schulz._sumsq_partial_kernel``). s is rounded once to fp32; it is subnormal
+    (``kernels/newton_schulz_norm._sumsq_partial_kernel``). s is rounded once to fp32; it is subnormal
     (fewer than 24 significant bits) only when safety·ν(G) > 2^126 ≈ 8.5e37."""
     B, R, N = X.shape
     if root not in (2, 4) or (root == 4) != (pre is not None):
         raise ValueError("inv_norm_scale: root=2 without pre, or root=4 with pre (the root-2 pass's p)")
     split = _split(R, N)
-    block_r, block_c = (16, 32) if interpreter_enabled() else (32, 128)
+    br, bc, stages = _norm_tile()
     part = torch.empty(B * split, device=X.device, dtype=torch.float32)
     expo = torch.empty(B * split, device=X.device, dtype=torch.int32)
-    out = NormScale(*(torch.empty(B, device=X.device, dtype=torch.float32) for _ in range(3)))
+    out = _norm_out(B, X.device)
     if B == 0:
         return out
-    _sumsq_partial_kernel[(B * split,)](X, part, expo, R, N, split, *X.stride(), BLOCK_R=block_r, BLOCK_C=block_c)
+    tc = _cdiv(N, bc)
+    _sumsq_partial_kernel[(B * split,)](X, part, expo, R, N, split, tc, _cdiv(R, br) * tc, *X.stride(),
+                                        BLOCK_R=br, BLOCK_C=bc, NUM_STAGES=stages)
     _scale_kernel[(B,)](part, expo, pre if pre is not None else out.s, out.s, out.p, out.t, split, float(safety),
                         float(eps), ROOT=root, BLOCK_S=1 << (split - 1).bit_length())
+    return out
+
+
+def sumsq_norm_scale(sumsq: torch.Tensor, *, safety: float, eps: float) -> NormScale:
+    """(s, p, t) of ``inv_norm_scale(G, root=2)`` from given sums of squares sumsq[b] = ‖G_b‖_F²
+    ((B,) float64 or float32, on G's device), without reading G: one launch over B numbers, no host
+    sync. s = 1/max(safety·√sumsq, eps) formed in float64, p = 2^-E with E the exponent of √sumsq
+    (so max|G·p| < 2), t = s/p; NaN/Inf sumsq give NaN s and t (``_sumsq_scale_kernel``)."""
+    B = sumsq.shape[0]
+    out = _norm_out(B, sumsq.device)
+    if B:
+        _sumsq_scale_kernel[(_cdiv(B, 128),)](sumsq, out.s, out.p, out.t, B, float(safety), float(eps), BLOCK=128)
     return out
 
 
