@@ -91,18 +91,17 @@ def aol_first_step(Gv: torch.Tensor, Xp: torch.Tensor, p: torch.Tensor, *, eps: 
     from X' = round(p·G): A' = X'X'ᵀ in an fp32 buffer (the symmetric kernel), then, per matrix,
     d_i = 1/max(√(Σ_j |A'_ij|), eps·p), X₀ = round(d ⊙ (p·G)) (rows scaled, from G in fp32: one
     rounding, as the torch backend's ``aol_precondition``) and A₀ = round(d_i·A'_ij·d_j) = X₀X₀ᵀ up to
-    rounding, which the first step reuses. σ_max(X₀) ≤ 1 by the Schur test. The row scaling is
-    O(k² + kL) elementwise torch work and no matmul; no host sync. NaN/Inf propagate within their
-    matrix (a non-finite entry makes every row sum of A' non-finite). The epilogue factor t is 1."""
+    rounding, which the first step reuses. σ_max(X₀) ≤ 1 by the Schur test. The row scaling is two
+    launches (``kernels/newton_schulz_aol.py``): the row sums and d, then A₀ and X₀ in one elementwise
+    pass (A' read twice, G once, A₀ and X₀ written once; X₀ goes into X''s buffer, which is dead once
+    A' is formed); no matmul, no host sync. NaN/Inf propagate within their matrix (a non-finite entry
+    makes every row sum of A' non-finite). The epilogue factor t is 1."""
+    from .newton_schulz_aol import aol_rescale
+
     B, k, L = Gv.shape
     raw = sym_mm(Xp, Xp, torch.empty(B, k, k, device=Gv.device, dtype=torch.float32), round_dtype=Xp.dtype,
                  first_fp32=fp32_first)
-    s = raw.abs().sum(dim=-1).sqrt()                                  # (B, k)
-    lim = (eps * p).clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    d = 1.0 / torch.where(s < lim, lim, s)                            # written so that NaN survives
-    A = (raw * d[:, :, None] * d[:, None, :]).to(cdt)
-    X = torch.empty(B, k, L, device=Gv.device, dtype=Xp.dtype)
-    X.copy_((Gv.float() * p[:, None, None]) * d[:, :, None])          # p·G is exact, then one rounding
+    A, X = aol_rescale(raw, Gv, p, torch.empty(B, k, k, device=Gv.device, dtype=cdt), Xp, eps=eps)
     return FirstStep(A, X, torch.ones(B, device=Gv.device, dtype=torch.float32), None)
 
 
