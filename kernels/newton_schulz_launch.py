@@ -23,6 +23,7 @@ from . import _config, interpreter_enabled
 from .newton_schulz import _apply_kernel, _scale_cast_kernel, _sym_mm_kernel
 from .newton_schulz_norm import _scale_kernel, _sumsq_partial_kernel, _sumsq_scale_kernel
 from .newton_schulz_tma import _sym_mm_tma_kernel
+from .newton_schulz_tma_launch import _ensure_allocator, apply_q_tma, apply_tma_layout, apply_tma_wanted, tma_trans
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _TUNED: dict[tuple, _config.Config] = {}
@@ -176,46 +177,8 @@ def _sym_tma_layout(P: torch.Tensor, S: torch.Tensor, rd: torch.dtype) -> tuple[
     kernel applies no rounding in registers, which would serialize wgmma)."""
     if not interpreter_enabled() and rd not in (torch.bfloat16, torch.float16):
         return None
-    trans = []
-    for X in (P, S):
-        if X.dtype != rd or not _aligned16(X):
-            return None
-        sb, sr, sc = X.stride()
-        if sc == 1:
-            other = (sb, sr)
-        elif sr == 1:
-            other = (sb, sc)
-        else:
-            return None
-        if any((s * X.element_size()) % 16 for s in other):
-            return None
-        trans.append(sc != 1)
-    return trans[0], trans[1]
-
-
-def _aligned16(X: torch.Tensor) -> bool:
-    """X's first element is 16-byte aligned (fake tensors of the AOT trace: from the storage offset,
-    as fresh allocations are 256-byte aligned)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(X):
-        return (X.storage_offset() * X.element_size()) % 16 == 0
-    return X.data_ptr() % 16 == 0
-
-
-def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for the descriptors the TMA kernel builds on the device (128 B each)."""
-    dev = "cpu" if interpreter_enabled() or not torch.cuda.is_available() else torch.cuda.current_device()
-    return torch.empty(size, dtype=torch.int8, device=dev)
-
-
-def _ensure_allocator() -> None:
-    """Kernels that build tensor descriptors need ``triton.set_allocator``; install one unless the
-    caller has (the setting is per thread: a context variable)."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_scratch)
+    p_t, s_t = tma_trans(P, (rd,)), tma_trans(S, (rd,))
+    return None if p_t is None or s_t is None else (p_t, s_t)
 
 
 def _sym_mm_tma(P, S, out, Yt, scale_arg, has_scale: bool, has_y: bool, alpha: float, beta: float,
@@ -265,6 +228,15 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
     dot_dt, prec = dot_setup(xrd, X.device, first_fp32)
     interp = interpreter_enabled()
     dummy = scale if scale is not None else out
+    lb = max(Q.element_size(), X.element_size())
+    if B > 0 and k > 0 and L > 0 and apply_tma_wanted(_arch(X)) and (lay := apply_tma_layout(Q, X, out, xrd)):
+        # the table tile (never autotuned: the same tiles as the cp.async kernel, so the same bits),
+        # if its operand ring plus the output box TMA stores from fit in shared memory
+        arch, dev = _arch(X), interp or X.device.type != "cuda"
+        cfg = _config.pick_apply(k, L, lb, arch, dev, _device_smem(X))
+        if dev or cfg.smem_bytes(lb, arch) + cfg.block_m * cfg.block_n * out.element_size() <= _config.smem_limit(arch, _device_smem(X)):
+            return apply_q_tma(Q, X, out, lay, a=a, scale=scale, cfg=cfg, arch=arch, dot_dt=dot_dt, prec=prec,
+                               out_round=tl_dtype(rd))
 
     def launch(cfg: _config.Config) -> None:
         tm, tn = _cdiv(k, cfg.block_m), _cdiv(L, cfg.block_n)
@@ -277,7 +249,7 @@ def apply_q(Q: torch.Tensor, X: torch.Tensor, out: torch.Tensor, *, a: float = 0
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if B > 0 and k > 0 and L > 0:
-        launch(_choose("apply", k, L, xrd, X, launch, prec, load_bytes=max(Q.element_size(), X.element_size())))
+        launch(_choose("apply", k, L, xrd, X, launch, prec, load_bytes=lb))
     return out
 
 

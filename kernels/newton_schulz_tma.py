@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .newton_schulz import _round, _triangle_tile
 
-__all__ = ["_sym_mm_tma_kernel"]
+__all__ = ["_sym_mm_tma_kernel", "_apply_tma_kernel"]
 
 
 @triton.jit
@@ -123,3 +123,85 @@ def _sym_mm_tma_kernel(
         else:
             out = tl.where(rows[:, None] <= cols[None, :], out, tl.trans(out))
         tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask)
+
+
+@triton.jit
+def _load_x(desc, b, k0, c0, TRANS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The BK×BN tile (k0.., c0..) of a logical (batch, k, L) operand described by ``_operand_desc``
+    with boxes [1, BK, BN] (column stride 1) or, TRANS, [1, BN, BK] of its transpose."""
+    if TRANS:
+        return tl.trans(desc.load([b, c0, k0]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        return desc.load([b, k0, c0]).reshape(BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _apply_tma_kernel(
+    # pointers: Q (k×k), X (k×L), output O (k×L), per-matrix epilogue factor
+    Q, X, O, SCALE,
+    # sizes: batch, k, L, tiles per side, programs
+    N_BATCH, K_IN, L, TILES_M, TILES_N, N_PROG,
+    # strides (batch, row, col)
+    sq_b, sq_r, sq_c,
+    sx_b, sx_r, sx_c,
+    so_b, so_r, so_c,
+    a,
+    HAS_AX: tl.constexpr,
+    HAS_SCALE: tl.constexpr,    # O = SCALE[b]·(Q·X + a·X) (first and restart applies)
+    Q_T: tl.constexpr,          # Q read through its transpose (row stride 1)
+    X_T: tl.constexpr,          # X read through its transpose (a tall input's Gᵀ view)
+    O_T: tl.constexpr,          # O written through its transpose
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    OUT_ROUND: tl.constexpr,    # storage rounding before the (possibly wider) output store
+    SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """O[b] = σ_b·(Q[b]·X[b] + a·X[b]) (σ_b = SCALE[b] with HAS_SCALE, else 1): the contract of
+    ``_apply_kernel`` (fp32 accumulation over k in steps of BLOCK_K, a·X added and σ applied in
+    fp32, one rounding to OUT_ROUND), with Q and X tiles loaded by TMA, the output tile stored by TMA
+    (the copy engine clips rows and columns past the matrix edge) and ``N_PROG`` persistent programs
+    walking the tiles t = pid, pid + N_PROG, … of all matrices (batch-major, GROUP_M tile-rows
+    at a time as in ``_apply_kernel``). A tile's value depends only on (matrix, tile), so results are
+    bit-identical to ``_apply_kernel`` with the same tiles, alone or in any batch. The a·X term is
+    read with ordinary loads in the epilogue (a BM×BN box of X would need its own shared buffer)."""
+    q_desc = _operand_desc(Q, N_BATCH, K_IN, K_IN, sq_b, sq_r, sq_c, Q_T, BLOCK_M, BLOCK_K)
+    x_desc = _operand_desc(X, N_BATCH, K_IN, L, sx_b, sx_r, sx_c, X_T, BLOCK_K, BLOCK_N)
+    if O_T:
+        o_desc = tl.make_tensor_descriptor(O, shape=[N_BATCH, L, K_IN], strides=[so_b, so_c, 1],
+                                           block_shape=[1, BLOCK_N, BLOCK_M])
+    else:
+        o_desc = tl.make_tensor_descriptor(O, shape=[N_BATCH, K_IN, L], strides=[so_b, so_r, 1],
+                                           block_shape=[1, BLOCK_M, BLOCK_N])
+    per_b = TILES_M * TILES_N
+    width = GROUP_M * TILES_N
+    for g in tl.range(tl.program_id(0), N_BATCH * per_b, N_PROG):
+        b = g // per_b
+        t = g % per_b
+        first_m = (t // width) * GROUP_M
+        gsize = tl.minimum(TILES_M - first_m, GROUP_M)
+        r0 = (first_m + (t % width) % gsize) * BLOCK_M
+        c0 = ((t % width) // gsize) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_IN, BLOCK_K):
+            q = tl.trans(_load_kmajor(q_desc, b, r0, k0, Q_T, BLOCK_M, BLOCK_K))
+            x = _load_x(x_desc, b, k0, c0, X_T, BLOCK_K, BLOCK_N)
+            acc = tl.dot(q.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+        b64 = b.to(tl.int64)
+        if HAS_AX:
+            rows = r0.to(tl.int64) + tl.arange(0, BLOCK_M)
+            cols = c0.to(tl.int64) + tl.arange(0, BLOCK_N)
+            mask = (rows[:, None] < K_IN) & (cols[None, :] < L)
+            x = tl.load(X + b64 * sx_b + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=mask, other=0.0)
+            acc += a * x.to(tl.float32)
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE + b64)
+        out = _round(acc, OUT_ROUND, SOFT_BF16).to(O.dtype.element_ty)
+        if O_T:
+            o_desc.store([b, c0, r0], tl.trans(out).reshape(1, BLOCK_N, BLOCK_M))
+        else:
+            o_desc.store([b, r0, c0], out.reshape(1, BLOCK_M, BLOCK_N))
