@@ -39,6 +39,23 @@ def canonical_normalize(normalize: str, *, stacklevel: int = 2) -> str:
     return normalize
 
 
+def _check_sumsq(sumsq: Tensor, G: Tensor) -> None:
+    """``sumsq`` must be one float64/float32 number per matrix of G, on G's device."""
+    if not isinstance(sumsq, Tensor):
+        raise TypeError(f"newton_schulz: sumsq must be a Tensor or None, got {type(sumsq).__name__}")
+    if G.ndim < 2:
+        raise ValueError("newton_schulz: sumsq (‖G‖_F² per matrix) needs G of shape (..., m, n); a 1-D G is "
+                         "normalized exactly without it: drop sumsq")
+    if tuple(sumsq.shape) != tuple(G.shape[:-2]):
+        raise ValueError(f"newton_schulz: sumsq must have shape G.shape[:-2] = {tuple(G.shape[:-2])} (one ‖G‖_F² "
+                         f"per matrix), got {tuple(sumsq.shape)}")
+    if sumsq.dtype not in (torch.float64, torch.float32):
+        raise TypeError(f"newton_schulz: sumsq must be float64 (or float32), got {sumsq.dtype}")
+    if sumsq.device != G.device:
+        raise ValueError(f"newton_schulz: sumsq is on {sumsq.device} but G on {G.device}; move it with "
+                         f"sumsq.to({str(G.device)!r}) (a host copy would cost a sync every call)")
+
+
 def _resolve_backend(backend: str, device: torch.device, precondition: str | None = None) -> str:
     """The backend a call runs on; every schedule, AOL-preconditioned (``precondition``) or not, runs
     on both, so "auto" is Triton on CUDA when it is installed and torch otherwise."""
@@ -62,6 +79,7 @@ def newton_schulz(
     check_finite: bool = False,
     fp32_first_gram: bool = False,
     gram: bool | None = None,
+    sumsq: Tensor | None = None,
 ) -> Tensor:
     r"""Approximate polar factor U Vᵀ of G = U S Vᵀ by quintic Newton–Schulz.
 
@@ -117,6 +135,17 @@ def newton_schulz(
             m×m Gram matrix (Q ← ZQ, R ← ZRZ with Z = aI + bR + cR², X touched once at the end),
             1.5–1.8× fewer flops when n ≳ 2m. None chooses by shape (torch backend: when it saves
             ≥ 10% of the flops, in fp32/fp64 only; triton: its own rule, in fp16 with restarts).
+        sumsq: ‖G_b‖_F² per matrix, already computed (e.g. the float64 Σu² that
+            :func:`fastortho.ops.muon_momentum_` returns): shape ``G.shape[:-2]``, float64 (or
+            float32), on G's device; ``normalize="fro"`` only. The norm is then not recomputed (the
+            Triton backend skips its pass over G): s = 1/max(safety·√sumsq, eps) is formed in float64
+            and rounded once to fp32, and p is the power of two below √sumsq (max|G·p| < 2, still
+            an exact shift). The result equals the call without ``sumsq`` up to the last-bit
+            rounding of s (the norm pass rounds ν, safety·ν and 1/d in fp32): with sumsq exact in
+            float64 the two s differ by at most 1 ulp, and the outputs by the bf16 rounding flips
+            such a change causes (``tests/test_ns_sumsq.py``). A NaN or Inf sumsq gives a NaN
+            matrix, as a NaN/Inf G does; a sumsq that is not ‖G‖_F² scales G wrongly (nothing
+            checks it: checking would cost the pass it saves).
 
     Returns:
         Tensor of G's shape and ``out_dtype``. G is never modified.
@@ -125,6 +154,8 @@ def newton_schulz(
     out_dtype = G.dtype if out_dtype is None else out_dtype
     if check_finite:
         require_finite(G, "newton_schulz")
+    if sumsq is not None:
+        _check_sumsq(sumsq, G)
     if G.ndim == 1:
         return normalize_vector(G, out_dtype)
     normalize = canonical_normalize(normalize, stacklevel=2)
@@ -132,6 +163,10 @@ def newton_schulz(
         raise ValueError(f"eps must be > 0, got {eps}")
     coeffs, safety = get_schedule(coefficients, steps)
     precondition = schedule_precondition(coefficients)
+    if sumsq is not None and (normalize != "fro" or precondition is not None):
+        raise ValueError("sumsq (‖G‖_F²) sets the scale of normalize='fro' only; this call normalizes by "
+                         f"{precondition or normalize!r}: drop sumsq, or use normalize='fro' with a schedule "
+                         "that is not AOL-preconditioned")
     if dtype is None:
         dtype = torch.bfloat16 if G.device.type == "cuda" else torch.float32
     if dtype not in FLOATS:
@@ -145,14 +180,15 @@ def newton_schulz(
         raise ValueError("fp32_first_gram=True needs backend='triton' (CUDA, or CPU under TRITON_INTERPRET=1); "
                          f"this call runs the {be!r} backend, whose first Gram product reads X₀ rounded to "
                          "dtype: pass dtype=torch.float32 for an fp32 iteration, or drop fp32_first_gram")
+    q = None if sumsq is None else sumsq.reshape(-1)
     if be == "triton":
         X = newton_schulz_triton(
             G3, coeffs, safety=safety, normalize=precondition or normalize, eps=eps, compute_dtype=dtype,
-            out_dtype=out_dtype, fp32_first_gram=fp32_first_gram, gram=gram,
+            out_dtype=out_dtype, fp32_first_gram=fp32_first_gram, gram=gram, sumsq=q,
         )
     else:
         X = newton_schulz_torch(
             G3, coeffs, safety=safety, normalize=precondition or normalize, eps=eps, compute_dtype=dtype,
-            out_dtype=out_dtype, gram=gram,
+            out_dtype=out_dtype, gram=gram, sumsq=q,
         )
     return X.reshape(*lead, m, n)

@@ -18,15 +18,33 @@ def pow2_prescale(G: Tensor) -> Tensor:
     """p = 2^-E per matrix of G (B, m, n), E the binary exponent of max|G| (max|G·p| in [1, 2)),
     clamped so that p and 1/p are normal numbers of G's dtype. Multiplying by p is exact, so the
     torch and Triton backends see the same G·p; NaN/Inf give the largest clamp (they propagate)."""
-    amax = G.abs().amax(dim=(-2, -1), keepdim=True)
-    _, e = torch.frexp(amax)                      # amax = f·2^e, f in [0.5, 1)
-    lo, hi = (-1022, 1022) if G.dtype == torch.float64 else (-126, 126)
-    e = torch.where(torch.isfinite(amax), e - 1, hi).clamp(lo, hi)
-    return torch.ldexp(torch.ones_like(amax), -e)
+    return _pow2_below(G.abs().amax(dim=(-2, -1), keepdim=True), G.dtype)
+
+
+def _pow2_below(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """2^-E (in a's dtype) with E the binary exponent of a ≥ 0 (a·2^-E in [1, 2)), clamped so that 2^±E
+    are normal in ``dtype``; NaN/Inf give the largest clamp."""
+    _, e = torch.frexp(a)                         # a = f·2^e, f in [0.5, 1)
+    lo, hi = (-1022, 1022) if dtype == torch.float64 else (-126, 126)
+    e = torch.where(torch.isfinite(a), e - 1, hi).clamp(lo, hi)
+    return torch.ldexp(torch.ones_like(a), -e)
+
+
+def _given_norm(sumsq: Tensor, dtype: torch.dtype, *, safety: float, eps: float) -> tuple[Tensor, Tensor]:
+    """(p, d) of :func:`scale_input` from given sums of squares (B,) = ‖G_b‖_F², without reading G:
+    p = 2^-E, E the exponent of ν = √sumsq (so max|G·p| ≤ ν·p < 2), and d = max(safety·ν, eps)·p
+    formed in float64 and rounded once to ``dtype``; NaN/Inf sumsq give d = NaN (a NaN matrix, as
+    a NaN/Inf G gives through the norm)."""
+    q = sumsq.to(torch.float64).reshape(-1, 1, 1)
+    nu = q.sqrt()
+    p = _pow2_below(nu, dtype)
+    d = safety * nu
+    d = torch.where(d < eps, eps, d) * p + (q - q)  # NaN survives the max; q - q: NaN for Inf/NaN q
+    return p.to(dtype), d.to(dtype)
 
 
 def scale_input(
-    G: Tensor, *, safety: float, normalize: str, eps: float
+    G: Tensor, *, safety: float, normalize: str, eps: float, sumsq: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """X₀ = G / max(safety·ν(G), eps) in float32 (float64 if G is), G of shape (B, m, n) with m ≤ n.
 
@@ -38,9 +56,16 @@ def scale_input(
     of two with max|G·p| in [1, 2) (:func:`pow2_prescale`, exact), so squares neither overflow
     (|G| ~ 1e20 in fp32) nor underflow (|G| ~ 1e-25); with d = safety·ν(G·p),
     X₀ = (G·p) / max(d, eps·p), and ν(G) = ν(G·p)/p is never formed. A zero matrix gives zeros.
+    ``sumsq`` ((B,) ‖G_b‖_F², ``"fro"`` only) replaces the norm: p and the denominator come from it
+    (:func:`_given_norm`), and G is read once, to scale it.
     """
     wdtype = torch.float64 if G.dtype == torch.float64 else torch.float32
     Gw = G.to(wdtype)
+    if sumsq is not None:
+        if normalize != "fro":
+            raise ValueError(f"sumsq is ‖G‖_F², the scale of normalize='fro' only, got normalize={normalize!r}")
+        p, d = _given_norm(sumsq, wdtype, safety=safety, eps=eps)
+        return (Gw * p) / d, None
     p = pow2_prescale(Gw)
     Gn = Gw * p  # exact
     if normalize == "aol":
@@ -140,6 +165,7 @@ def newton_schulz_torch(
     compute_dtype: torch.dtype,
     out_dtype: torch.dtype,
     gram: bool | None = None,
+    sumsq: Tensor | None = None,
 ) -> Tensor:
     """Quintic Newton–Schulz on G of shape (B, m, n); returns (B, m, n) in ``out_dtype``.
 
@@ -147,6 +173,7 @@ def newton_schulz_torch(
     A = XXᵀ, B = bA + cA², X ← aX + BX, with every product and sum in ``compute_dtype``
     (the eager-PyTorch rounding model: each op rounds once). NaN/Inf propagate.
     ``gram`` (None: :func:`use_gram_torch`) runs the same polynomial in Gram space instead.
+    ``sumsq``: (B,) ‖G_b‖_F² that replaces the norm (:func:`scale_input`).
     """
     if G.device.type == "cpu" and G.shape[0] > 1:
         # On CPU a batched GEMM runs 10-15% slower than the same GEMMs one matrix at a time
@@ -157,11 +184,12 @@ def newton_schulz_torch(
             out[i] = newton_schulz_torch(
                 G[i : i + 1], coefficients, safety=safety, normalize=normalize, eps=eps,
                 compute_dtype=compute_dtype, out_dtype=out_dtype, gram=gram,
+                sumsq=None if sumsq is None else sumsq[i : i + 1],
             )[0]
         return out
     tall = G.shape[-2] > G.shape[-1]
     Gs = G.mT if tall else G
-    X, A0 = scale_input(Gs, safety=safety, normalize=normalize, eps=eps)
+    X, A0 = scale_input(Gs, safety=safety, normalize=normalize, eps=eps, sumsq=sumsq)
     X = X.to(compute_dtype)
     if gram is None:
         gram = use_gram_torch(Gs.shape[-2], Gs.shape[-1], len(coefficients), compute_dtype)

@@ -58,7 +58,7 @@ GRAPHS_ENV = "FASTORTHO_NS_CUDA_GRAPHS"
 #: Largest input (elements) that is graphed: above it the kernels' run time hides the launch cost.
 GRAPH_MAX_NUMEL = 1 << 21
 GRAPH_CACHE_SIZE = 32        # graphs kept (least recently used evicted), each holding its buffers
-_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor | None]] = {}
 
 
 def use_cuda_graph(device_type: str, numel: int, *, capturing: bool, compiling: bool, env: str | None) -> bool:
@@ -77,12 +77,16 @@ def _graphed(G: Tensor, coefficients, kw: dict) -> Tensor:
     replay (one launch for the ~18 kernels of a 5-step call), return a copy of the static output.
     The first call of a signature runs _impl once on a side stream (Triton compiles, configs are
     chosen) and then captures it."""
+    sumsq = kw.get("sumsq")          # a tensor input like G: a static copy, refilled at every replay
     key = (tuple(G.shape), G.stride(), G.dtype, G.device, tuple(map(tuple, coefficients)),
-           tuple(sorted(kw.items())), os.environ.get("FASTORTHO_NS_LINE3", ""))
+           tuple(sorted((k, v) for k, v in kw.items() if k != "sumsq")), os.environ.get("FASTORTHO_NS_LINE3", ""),
+           None if sumsq is None else sumsq.dtype)
     hit = _GRAPHS.pop(key, None)
     if hit is None:
         static_in = torch.empty_strided(G.shape, G.stride(), dtype=G.dtype, device=G.device)
         static_in.copy_(G)
+        if sumsq is not None:
+            kw = dict(kw, sumsq=sumsq.clone())
         side = torch.cuda.Stream(device=G.device)
         side.wait_stream(torch.cuda.current_stream(G.device))
         with torch.cuda.stream(side):
@@ -91,12 +95,14 @@ def _graphed(G: Tensor, coefficients, kw: dict) -> Tensor:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = _impl(static_in, coefficients, **kw)
-        hit = (graph, static_in, static_out)
+        hit = (graph, static_in, static_out, kw.get("sumsq"))
         while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
             _GRAPHS.pop(next(iter(_GRAPHS)))
     _GRAPHS[key] = hit                                      # most recently used last
-    graph, static_in, static_out = hit
+    graph, static_in, static_out, static_sumsq = hit
     static_in.copy_(G)
+    if sumsq is not None:
+        static_sumsq.copy_(sumsq)
     graph.replay()
     return static_out.clone()
 
@@ -112,7 +118,7 @@ def _impl_maybe_graphed(G: Tensor, coefficients: Sequence[tuple[float, float, fl
 
 def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safety: float, normalize: str,
           eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype, fp32_first_gram: bool,
-          gram: bool | None) -> Tensor:
+          gram: bool | None, sumsq: Tensor | None = None) -> Tensor:
     from fastortho.kernels.newton_schulz_iteration import ns_gram, ns_standard
 
     B, m, n = G.shape
@@ -135,7 +141,7 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     guard = torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         run(Gv, resv, list(coefficients), normalize=normalize, safety=safety, eps=eps,
-            cdt=compute_dtype, fp32_first=fp32_first_gram)
+            cdt=compute_dtype, fp32_first=fp32_first_gram, sumsq=sumsq)
     if res is not out:
         out.copy_(res)
     return out
@@ -145,21 +151,22 @@ if triton_available():
     @torch.library.custom_op("fastortho::newton_schulz_triton", mutates_args=())
     def _ns_op(G: Tensor, a: list[float], b: list[float], c: list[float], safety: float, normalize: str,
                eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype, fp32_first_gram: bool,
-               gram: bool | None) -> Tensor:
-        """gram: None chooses by shape (:func:`use_gram`), True Gram-space, False standard."""
+               gram: bool | None, sumsq: Tensor | None = None) -> Tensor:
+        """gram: None chooses by shape (:func:`use_gram`), True Gram-space, False standard; sumsq: (B,)
+        ‖G_b‖_F² replacing the norm pass, or None."""
         return _impl_maybe_graphed(G, list(zip(a, b, c)), safety=safety, normalize=normalize, eps=eps,
                                    compute_dtype=compute_dtype, out_dtype=out_dtype,
-                                   fp32_first_gram=fp32_first_gram, gram=gram)
+                                   fp32_first_gram=fp32_first_gram, gram=gram, sumsq=sumsq)
 
     @_ns_op.register_fake
-    def _ns_fake(G, a, b, c, safety, normalize, eps, compute_dtype, out_dtype, fp32_first_gram, gram):
+    def _ns_fake(G, a, b, c, safety, normalize, eps, compute_dtype, out_dtype, fp32_first_gram, gram, sumsq=None):
         return G.new_empty(G.shape, dtype=out_dtype)
 
 
 def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safety: float,
                          normalize: Literal["fro", "gram"], eps: float, compute_dtype: torch.dtype,
                          out_dtype: torch.dtype, fp32_first_gram: bool = False,
-                         gram: bool | None = None) -> Tensor:
+                         gram: bool | None = None, sumsq: Tensor | None = None) -> Tensor:
     """Newton–Schulz on a batch G (B, m, n) with the fused Triton kernels (module docstring).
 
     Args:
@@ -173,6 +180,8 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
         out_dtype: dtype of the result (the compute_dtype result is converted once).
         fp32_first_gram: form the first Gram product from G in fp32 (no bf16 input-rounding floor).
         gram: True/False force Gram-space/standard NS; None chooses by shape (:func:`use_gram`).
+        sumsq: (B,) float64 or float32 ‖G_b‖_F² on G's device (``normalize="fro"`` only): the scale
+            s = 1/max(safety·√sumsq, eps) is formed from it and the norm pass over G is skipped.
 
     Returns:
         (B, m, n) tensor in ``out_dtype``; G is not modified.
@@ -192,7 +201,14 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
         raise TypeError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
     if G.dtype == torch.float64:     # kernels read at most fp32; the scale is applied in fp32
         G = G.float()
+    if sumsq is not None:
+        if normalize != "fro":
+            raise ValueError(f"sumsq is ‖G‖_F², the scale of normalize='fro' only, got normalize={normalize!r}")
+        if sumsq.shape != G.shape[:1] or sumsq.dtype not in (torch.float32, torch.float64) or sumsq.device != G.device:
+            raise ValueError(f"sumsq must be a ({G.shape[0]},) float64 or float32 tensor on {G.device}, got "
+                             f"{tuple(sumsq.shape)} {sumsq.dtype} on {sumsq.device}")
+        sumsq = sumsq.contiguous()
     co = [tuple(float(v) for v in t) for t in coefficients]
     return torch.ops.fastortho.newton_schulz_triton(
         G, [t[0] for t in co], [t[1] for t in co], [t[2] for t in co], float(safety), normalize,
-        float(eps), compute_dtype, out_dtype, bool(fp32_first_gram), None if gram is None else bool(gram))
+        float(eps), compute_dtype, out_dtype, bool(fp32_first_gram), None if gram is None else bool(gram), sumsq)
