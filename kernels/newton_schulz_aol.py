@@ -18,8 +18,9 @@ one row block. The square root and the reciprocal are the correctly rounded ones
 ``div_rn``), as torch's, not the approximate GPU instructions.
 
 Non-finite values: the comparisons are written so that NaN survives (``s < lim`` is false for NaN),
-so a NaN or Inf entry of G makes its row and column of A' non-finite, every row sum of its matrix
-non-finite, and the whole matrix NaN; other matrices of the batch are untouched.
+so a NaN or Inf entry of G makes its row and column of A' non-finite and every row sum of its matrix
+Inf or NaN: a NaN gives a NaN matrix, an Inf gives d_i ∈ {0, NaN} and NaN entries in A₀ and X₀ that the
+first step spreads over the matrix. Other matrices of the batch are untouched.
 
 Batch invariance: programs are numbered batch-major, a row sum is accumulated in a fixed order
 (BLOCK_C-wide column chunks, then one tree sum) that depends on k only, and the apply is
