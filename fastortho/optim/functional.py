@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastortho.coefficients import schedule_precondition
 from fastortho.newton_schulz import newton_schulz
 from fastortho.ops import muon_apply_, muon_momentum_
 from fastortho.optim.adamw import adamw_step_
@@ -51,7 +52,7 @@ __all__ = [
     "momentum_args", "unit_args", "apply_args", "adamw_args", "telemetry_records", "contiguous_params", "muon",
 ]
 
-def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
+def orthogonalize(X: Tensor, cfg: OrthoConfig, sumsq: Tensor | None = None) -> Tensor:
     r"""Orthogonalize a ``(B, m, n)`` stack, :math:`X_b \mapsto O_b \approx U_b V_b^\top`, in ``cfg.dtype``.
 
     ``"newton_schulz"`` runs :func:`fastortho.newton_schulz` (quintic steps of ``cfg.coefficients``,
@@ -62,6 +63,10 @@ def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
     (``cfg.dtype``, then float32 or float64, for "qdwh"/"higham"; float64 for "svd"): the cut
     follows the precision the matrix was stored in, not that of the copy handed over. A callable is
     called on ``X`` as is and its result used as returned (same shape required).
+
+    ``sumsq``: ``(B,)`` :math:`\|X_b\|_F^2` already at hand (the momentum kernel's float64
+    :math:`\sum u^2`); Newton–Schulz with ``normalize="fro"`` (not AOL-preconditioned) takes its scale
+    from it instead of a pass over ``X``; every other method ignores it.
     """
     fn = cfg.orthogonalizer
     if callable(fn):
@@ -73,8 +78,10 @@ def orthogonalize(X: Tensor, cfg: OrthoConfig) -> Tensor:
     dtype = resolve_ns_dtype(cfg.dtype, X.device)
     if fn == "newton_schulz":
         coeffs = list(cfg.coefficients) if isinstance(cfg.coefficients, tuple) else cfg.coefficients
+        if sumsq is not None and (cfg.normalize != "fro" or schedule_precondition(coeffs) is not None):
+            sumsq = None
         return newton_schulz(X, cfg.steps, coeffs, normalize=cfg.normalize, eps=cfg.eps, dtype=dtype,
-                             backend=cfg.backend)
+                             backend=cfg.backend, sumsq=sumsq)
     if fn in POLAR_METHODS:
         m, n = X.shape[-2:]
         stored = (X.dtype,) if cfg.data_dtype is None else (X.dtype, cfg.data_dtype)
@@ -91,7 +98,9 @@ class MatrixUnit:
     """One matrix (or stack of same-shape matrices) that receives one orthogonalized update.
 
     ``param``/``buf`` are contiguous views of the parameter and its momentum buffer (a row block for
-    split parameters); ``ns_input`` is the ``(B, m, n)`` orthogonalizer input, ``out`` its result.
+    split parameters); ``ns_input`` is the ``(B, m, n)`` orthogonalizer input, ``out`` its result;
+    ``sumsq``: ``(B,)`` float64 ‖u_b‖_F² of ``ns_input`` when the momentum kernel's per-tensor
+    sum is that of this unit (a whole 2-D or flattened parameter), else None.
     """
 
     param: Tensor
@@ -102,6 +111,7 @@ class MatrixUnit:
     name: str = ""
     out: Tensor | None = field(default=None, repr=False)
     v: Tensor | None = field(default=None, repr=False)  # NorMuon's (B, m) row second moment
+    sumsq: Tensor | None = field(default=None, repr=False)
 
 
 def init_state(state: dict[str, Any], p: Tensor, algorithm: str, group: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -136,12 +146,14 @@ def momentum_phase(
     params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], *, momentum: float,
     nesterov: bool, convention: str, placement: str, ns_dtype: torch.dtype, nonfinite: str,
     names: Sequence[str], backend: str, reduce_finite: Callable[[Tensor], Tensor] | None,
-) -> tuple[list[Tensor], Tensor | None]:
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
     r"""Phase 1 for one group: momentum (``before_ortho``) and the orthogonalizer inputs :math:`u`.
 
-    Returns ``u`` per parameter (in ``ns_dtype``) and a boolean ``(len(params),)`` tensor, True where
+    Returns ``u`` per parameter (in ``ns_dtype``), a boolean ``(len(params),)`` tensor, True where
     the update is finite (None with ``nonfinite="ignore"`` or ``placement="after_ortho"``, where the
-    check runs in :func:`apply_phase`). ``reduce_finite`` combines the per-shard flags of sharded
+    check runs in :func:`apply_phase`), and the float64 :math:`\sum u^2` per parameter, computed from
+    :math:`u` before its rounding to ``ns_dtype`` (0 where ``"skip"`` zeroed :math:`u`; None after
+    ``"after_ortho"``), which :func:`orthogonalize` uses as the Frobenius norm. ``reduce_finite`` combines the per-shard flags of sharded
     parameters across ranks before the policy (None: the flags are already global). A non-finite
     :math:`u` (its fused :math:`\sum u^2` is NaN/Inf) is replaced by zeros, which the orthogonalizer
     maps to a zero update, and its momentum buffer is reset to zero: the old buffer cannot be
@@ -152,7 +164,7 @@ def momentum_phase(
     for p, g in zip(params, grads):
         _check_grad(p, g)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    finite = None
+    finite = sumsq = None
     if placement == "before_ortho":
         us, sumsq = _momentum(grads, bufs, momentum=momentum, nesterov=nesterov, convention=convention,
                               out_dtype=ns_dtype, backend=backend)
@@ -162,22 +174,25 @@ def momentum_phase(
                 finite = reduce_finite(finite)
             enforce_nonfinite(finite, list(zip(us, bufs)), policy=nonfinite, names=names,
                               what="momentum/update for parameter(s)")
+            if nonfinite == "skip":  # the zeroed u has norm 0 (a NaN sum would give a NaN update)
+                sumsq = torch.where(finite, sumsq, 0.0)
     elif placement == "after_ortho":
         us = [g.to(ns_dtype) for g in grads]  # a copy when the dtype differs; never written otherwise
     else:
         raise ValueError(f"momentum_placement must be 'before_ortho' or 'after_ortho', got {placement!r}")
-    return us, finite
+    return us, finite, sumsq
 
 
 def matrix_units(
     params: Sequence[Tensor], bufs: Sequence[Tensor], us: Sequence[Tensor], *, lr_scale: str,
     flatten: bool | None, split_sizes: Sequence[int] | None, fan_in_first: bool, group_index: int,
-    names: Sequence[str], vs: Sequence[Tensor | None] | None = None,
+    names: Sequence[str], vs: Sequence[Tensor | None] | None = None, sumsqs: Tensor | None = None,
 ) -> list[MatrixUnit]:
     """The matrix units of one group's contiguous ``params``, momentum ``bufs`` and inputs ``us`` (and
     NorMuon's row moments ``vs``). ``fan_in_first``: the parameter is stored ``(fan_in, fan_out)`` (Hugging
     Face's ``Conv1D``), so its lr scale is :math:`s(n, m)`; the polar factor of the transpose is the
-    transpose of the polar factor, so nothing else changes."""
+    transpose of the polar factor, so nothing else changes. ``sumsqs``: :func:`momentum_phase`'s per-parameter
+    Σu², attached to the units that are a whole single matrix (:attr:`MatrixUnit.sumsq`)."""
     units: list[MatrixUnit] = []
     for i, (p, b, u, name) in enumerate(zip(params, bufs, us, names)):
         bsz, m, n = matrix_shape(p.shape, flatten)
@@ -188,9 +203,11 @@ def matrix_units(
             # (1, s_k, n) row blocks of a contiguous (1, m, n) tensor are contiguous views
             pb, bb, ub = (t.narrow(1, r0, r1 - r0) for t in views) if split_sizes else views
             scale = lr_scale_factor(n, r1 - r0, lr_scale) if fan_in_first else lr_scale_factor(r1 - r0, n, lr_scale)
+            whole = sumsqs is not None and bsz == 1 and len(blocks) == 1
             units.append(MatrixUnit(param=pb, buf=bb, ns_input=ub, group_index=group_index, scale=scale,
                                     name=f"{name}[{k}]" if split_sizes else name,
-                                    v=None if v is None else v.narrow(1, r0, r1 - r0)))
+                                    v=None if v is None else v.narrow(1, r0, r1 - r0),
+                                    sumsq=sumsqs[i : i + 1] if whole else None))
     return units
 
 
@@ -206,9 +223,17 @@ def orthogonalize_units(units: Sequence[MatrixUnit], configs: Sequence[OrthoConf
     for (cfg, *_), bucket in buckets.items():
         stacked = bucket[0].ns_input if len(bucket) == 1 else torch.cat([u.ns_input for u in bucket])
         # tall inputs come back as transposed views; the fused apply walks memory linearly
-        out = orthogonalize(stacked, cfg).contiguous()
+        out = orthogonalize(stacked, cfg, bucket_sumsq(bucket)).contiguous()
         for u, o in zip(bucket, torch.split(out, [u.ns_input.shape[0] for u in bucket])):
             u.out = o
+
+
+def bucket_sumsq(bucket: Sequence[MatrixUnit]) -> Tensor | None:
+    """The ``(B,)`` sums of squares of a bucket's stacked inputs when every unit has its own, else None
+    (the orthogonalizer then takes the norms itself)."""
+    if not bucket or any(u.sumsq is None for u in bucket):
+        return None
+    return bucket[0].sumsq if len(bucket) == 1 else torch.cat([u.sumsq for u in bucket])
 
 
 def apply_phase(
@@ -357,14 +382,14 @@ def muon(
     cfg = OrthoConfig.from_group(group)
     names = [str(i) for i in range(len(params))]
     with contiguous_params(params) as work:
-        us, finite = momentum_phase(
+        us, finite, sumsq = momentum_phase(
             work, grads, momentum_buffers, momentum=momentum, nesterov=nesterov, convention=momentum_convention,
             placement=momentum_placement, ns_dtype=resolve_ns_dtype(ns_dtype, params[0].device),
             nonfinite=nonfinite, names=names, backend=backend, reduce_finite=None,
         )
         units = matrix_units(work, momentum_buffers, us, lr_scale=resolve_lr_scale(lr_scale, adjust_lr_fn),
                              flatten=flatten, split_sizes=split_sizes, fan_in_first=False, group_index=0,
-                             names=names)
+                             names=names, sumsqs=sumsq)
         orthogonalize_units(units, [cfg])
         f2 = apply_phase(units, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          convention=momentum_convention, placement=momentum_placement,

@@ -365,12 +365,12 @@ class Muon(Optimizer):
             bufs = [s["momentum_buffer"] for s in states]
             work = F.contiguous_params(params)
             names = [f"{gi}.{i}" for i in idx]
-            us, finite = F.momentum_phase(work.work, grads, bufs, **F.momentum_args(group, params[0].device),
-                                          names=names, reduce_finite=None)
+            us, finite, sumsq = F.momentum_phase(work.work, grads, bufs, names=names, reduce_finite=None,
+                                                 **F.momentum_args(group, params[0].device))
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)
             units = F.matrix_units(work.work, bufs, us, **F.unit_args(group), group_index=gi, names=names,
-                                   vs=[s.get("normuon_v") for s in states])
+                                   vs=[s.get("normuon_v") for s in states], sumsqs=sumsq)
             configs[gi] = F.OrthoConfig.from_group(group)
             muon_groups.append((group, units, work))
         F.orthogonalize_units([u for _, units, _ in muon_groups for u in units], configs)

@@ -112,13 +112,13 @@ class DistributedMuonEngine:
             plocal = [local(p) for p in params]
             bufs = [local(s["momentum_buffer"]) for s in states]
             work = F.contiguous_params(plocal)
-            us, finite = F.momentum_phase(
+            us, finite, sumsq = F.momentum_phase(
                 work.work, [local(p.grad) for p in params], bufs, **F.momentum_args(group, plocal[0].device),
                 names=[f"{gi}.{i}" for i in idx], reduce_finite=functools.partial(self._global_finite, lays=lays))
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)
             g_units, g_tasks = plan_units(gi, idx, params, lays, work.work, bufs, us, group,
-                                          [s.get("normuon_v") for s in states])
+                                          [s.get("normuon_v") for s in states], sumsqs=sumsq)
             muon_groups.append((group, g_units, work))
             units += g_units
             tasks += g_tasks
@@ -351,8 +351,9 @@ class DistributedMuonEngine:
             buckets.setdefault((t.cfg, x.shape[-2], x.shape[-1], x.dtype, x.device), []).append(item)
         results: dict[Any, Tensor] = {}
         for (cfg, *_), bucket in buckets.items():
-            xs = [x for _, x, _ in bucket]
-            o = F.orthogonalize(xs[0] if len(xs) == 1 else torch.cat(xs), cfg).contiguous()
+            xs, qs = [x for _, x, _ in bucket], [t.sumsq for t, _, _ in bucket]
+            q = None if any(v is None for v in qs) else torch.cat(qs)  # every norm known: NS skips its pass
+            o = F.orthogonalize(xs[0] if len(xs) == 1 else torch.cat(xs), cfg, q).contiguous()
             self.stats["ns_calls"] += 1
             self.stats["ns_flops"] += sum(t.cost for t, _, _ in bucket)
             for (_, _, sink), oo in zip(bucket, torch.split(o, [x.shape[0] for x in xs])):

@@ -178,6 +178,8 @@ class Task:
     # its EMA weight; the owner updates it and sends it to the other ranks of the group
     v: Tensor | None = None
     beta2: Any = None
+    # local / owner of one whole matrix: its (1,) float64 ‖u‖_F² from the momentum kernel (NS skips its norm)
+    sumsq: Tensor | None = None
 
     @property
     def strategy(self) -> str:
@@ -199,7 +201,7 @@ class Task:
 def plan_units(
     gi: int, idx: Sequence[int], params: Sequence[Tensor], lays: Sequence[Layout], work: Sequence[Tensor],
     bufs: Sequence[Tensor], us: Sequence[Tensor], group: dict[str, Any],
-    vs: Sequence[Tensor | None] | None = None,
+    vs: Sequence[Tensor | None] | None = None, sumsqs: Tensor | None = None,
 ) -> tuple[list[F.MatrixUnit], list[Task]]:
     """The matrix units of one group's local shards (``work``, ``bufs``, ``us``) and their tasks.
 
@@ -207,7 +209,10 @@ def plan_units(
     weight, scale :math:`s(n, m)`, as :func:`~fastortho.optim.functional.matrix_units`); an ``a2a`` unit
     with rows sharded is this rank's rows of the block (possibly empty); a ``gather`` unit is the whole
     local shard (its blocks are split after the gather). ``vs``: NorMuon's replicated ``(m,)``/``(B, m)``
-    row moments per parameter, attached to the tasks (the unit's rows in full)."""
+    row moments per parameter, attached to the tasks (the unit's rows in full). ``sumsqs``: the momentum
+    kernel's per-parameter Σu² of the local tensors, attached to the ``local``/``owner`` tasks that are one
+    whole matrix (the sum is then that matrix's norm, so NS skips its norm pass); ``a2a`` and ``gather``
+    units hold a shard's sum only and keep the norm pass."""
     rule = F.resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"])
     fan_in_first = bool(group.get("fan_in_first"))
 
@@ -219,7 +224,7 @@ def plan_units(
     split = group["split_sizes"]
     units: list[F.MatrixUnit] = []
     tasks: list[Task] = []
-    for i, p, lay, pw, bw, uw, v in zip(idx, params, lays, work, bufs, us, vs or [None] * len(idx)):
+    for j, (i, p, lay, pw, bw, uw, v) in enumerate(zip(idx, params, lays, work, bufs, us, vs or [None] * len(idx))):
         bsz, m, n = F.matrix_shape(p.shape, group["flatten"])  # global shape (DTensor.shape)
         name = f"{gi}.{i}"
         pcfg = cfg.for_data(pw, bw)  # polar methods cut at the storage dtype's precision, as one process
@@ -256,9 +261,10 @@ def plan_units(
                 # the block's rows are all here (a local row range would not be: see the branch above)
                 vb = [v.narrow(1, r0, r1 - r0) for v in views] if split else views
                 t.pieces = list(lay.extents) if lay.strategy == "a2a" else []
+            if sumsqs is not None and lay.strategy in ("local", "owner") and lb == 1 and not split:
+                t.sumsq = sumsqs[j : j + 1]
             units.append(F.MatrixUnit(param=vb[0], buf=vb[1], ns_input=vb[2], group_index=gi,
-                                      scale=scale_of(r1 - r0, n),
-                                      name=f"{name}[{kb}]" if split else name))
+                                      scale=scale_of(r1 - r0, n), name=f"{name}[{kb}]" if split else name))
             tasks.append(t)
     return units, tasks
 
