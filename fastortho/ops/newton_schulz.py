@@ -136,6 +136,11 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     res = out if out_dtype == compute_dtype else torch.empty(B, m, n, device=G.device, dtype=compute_dtype)
     resv = res.mT if tall else res
     run = ns_gram if gram else ns_standard
+    if not gram and sumsq is None and not fp32_first_gram:   # small matrices: one launch, one program each
+        from fastortho.kernels import newton_schulz_small as small
+
+        if small.ENABLED and small.small_eligible(min(m, n), max(m, n), normalize, len(coefficients), compute_dtype):
+            run = small.ns_small
     # Triton launches on the current device; custom_op adds no device guard, so a tensor on
     # cuda:1 while cuda:0 is current needs one (it then runs on cuda:1's current stream).
     guard = torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext()
