@@ -2,9 +2,9 @@
 
 The Triton path forms the first Gram product with the symmetric kernel, applies the AOL row scaling
 with the two kernels of ``kernels/newton_schulz_aol.py`` and runs the remaining work through the same
-kernels as the norm-scaled schedules, standard and Gram-space; the torch backend's ``aol_precondition`` is the reference. Tolerances are
-the differential tests' (``test_differential.TOL_EPS``, in units of the storage dtype's eps); the
-measured distances are next to them.
+kernels as the norm-scaled schedules, standard and Gram-space; the torch backend's ``aol_precondition``
+is the reference. Tolerances are the differential tests' (``test_differential.TOL_EPS``, in units of the
+storage dtype's eps); the measured distances are next to them.
 """
 from __future__ import annotations
 
