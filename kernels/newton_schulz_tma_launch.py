@@ -22,12 +22,13 @@ from .newton_schulz_tma import _apply_tma_kernel
 APPLY_TMA = "auto"
 
 # CTAs per SM and register cap of the persistent apply kernel per tile, from its AOT compile for sm_90
-# (``tests/test_apply_tma_compile.py`` checks that the registers and shared memory allow this many):
-# 128×256×64 s3 (the 4096-class tile): 1 CTA (the 128×256 fp32 accumulator alone is 128 registers
-# a thread at 8 warps); 128×128×64 s3: 2 (96 KiB of operand ring + the 32 KiB output box each);
-# 64×128×64 s4 (k < 512): 2. Tiles not listed: 1 CTA, no cap.
+# (Triton 3.8; ``tests/test_apply_tma_compile.py`` checks that registers and shared memory allow exactly
+# this many). The output tile is staged in shared memory for the TMA store, on top of the operand ring:
+# 128×256×64 s3 (the large-matrix tile): 154–254 registers, 208 KiB -> 1 CTA; 128×128×64 s3: ≈ 100
+# registers, 128 KiB -> 1 CTA (shared memory); 64×128×64 s4 (k < 512): 128 registers, 112 KiB -> 2.
+# Other tiles (and sm_100, not compiled for this table): 1 CTA per SM, no register cap.
 TMA_APPLY: dict[int, dict[_config.Config, tuple[int, int | None]]] = {
-    90: {_config.APPLY_CONFIGS[4]: (1, None), _config.APPLY_CONFIGS[3]: (2, None), _config.APPLY_CONFIGS[1]: (2, None)},
+    90: {_config.APPLY_CONFIGS[4]: (1, None), _config.APPLY_CONFIGS[3]: (1, None), _config.APPLY_CONFIGS[1]: (2, None)},
 }
 
 

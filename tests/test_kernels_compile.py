@@ -267,8 +267,8 @@ def test_sm90_wgmma_async_in_main_loop(request, compiled, arch, shape, dt, i, ke
     assert waits and min(waits) >= 1, f"wgmma waits in the main loop: {waits} (0 = synchronous)"
 
 
-@launch_cases((90,), ("sym",))
-def test_sm90_sym_tma_loads(request, compiled, arch, shape, dt, i, kernel, variant):
+@launch_cases((90,), MATMUL)
+def test_sm90_tma_loads(request, compiled, arch, shape, dt, i, kernel, variant):
     _xfail_if(request, "tma_loads", arch, kernel, variant, shape)
     s = compiled(arch, shape, dt, i)["sass"]
     assert s["utmaldg"] > 0, f"no UTMALDG ({s['ldgsts']} LDGSTS cp.async instead)"
@@ -329,9 +329,9 @@ def test_trace_finds_every_step_kind():
 
     sym = "_sym_mm_tma_kernel"      # sm_90: the TMA symmetric kernel (test_sym_kernel_choice_per_arch)
     v = [(ln.kernel, describe(ln)[0]) for ln in trace_newton_schulz((1, 4096, 16384), "bf16", 90)]
-    first_mm = next((k, t) for k, t in v if k in (sym, "_apply_kernel"))
+    first_mm = next((k, t) for k, t in v if k in (sym, "_apply_tma_kernel"))
     assert first_mm[0] == sym and "scale" in first_mm[1]
-    assert any(k == "_apply_kernel" and "scale" in t for k, t in v)
+    assert any(k == "_apply_tma_kernel" and "scale" in t for k, t in v)
     assert any(k == sym and t.startswith("y") for k, t in v)
     tall = [describe(ln)[0] for ln in trace_newton_schulz((1, 16384, 4096), "bf16", 90)]
     assert any("tall" in t for t in tall) and not any("tall" in t for _, t in v)

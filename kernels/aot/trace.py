@@ -36,7 +36,8 @@ class _TensorArg:
 
 
 def _short(name: str) -> str:
-    return {"_sym_mm_kernel": "sym", "_sym_mm_tma_kernel": "sym", "_apply_kernel": "apply", "_sumsq_partial_kernel": "sumsq",
+    return {"_sym_mm_kernel": "sym", "_sym_mm_tma_kernel": "sym", "_apply_kernel": "apply",
+            "_apply_tma_kernel": "apply", "_sumsq_partial_kernel": "sumsq",
             "_scale_kernel": "scale", "_scale_cast_kernel": "cast"}.get(name, name.strip("_").removesuffix("_kernel"))
 
 
@@ -86,6 +87,7 @@ def trace_launches(arch: int) -> Iterator[list]:
     from triton.runtime.jit import JITFunction
 
     from .. import newton_schulz_launch as ns_launch
+    from .. import newton_schulz_tma_launch as tma_launch
 
     recs: list[Launch] = []
     saved: list[tuple[object, str, object]] = []
@@ -95,9 +97,10 @@ def trace_launches(arch: int) -> Iterator[list]:
         setattr(obj, name, value)
 
     try:
-        for name, obj in list(vars(ns_launch).items()):
-            if isinstance(obj, JITFunction):
-                patch(ns_launch, name, _Recorder(obj, name, recs))
+        for mod in (ns_launch, tma_launch):
+            for name, obj in list(vars(mod).items()):
+                if isinstance(obj, JITFunction):
+                    patch(mod, name, _Recorder(obj, name, recs))
         if hasattr(ns_launch, "_arch"):
             patch(ns_launch, "_arch", lambda t: arch)
         if hasattr(ns_launch, "_device_smem"):   # memoized per device index: answer per traced arch
