@@ -201,6 +201,25 @@ def coef_tensor(coefficients, device: torch.device) -> torch.Tensor:
     return t
 
 
+_LAUNCH: dict[tuple, tuple] = {}
+
+
+def _launch_setup(k: int, L: int, normalize: str, cdt: torch.dtype, device: torch.device) -> tuple:
+    """(BLOCK_K, BLOCK_C, warps, constexpr kwargs) of a launch, cached per (shape, options, dtype, device
+    type): the environment reads and dtype maps of ``dot_setup`` run once, not on every call."""
+    tf32 = cdt == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    key = (k, L, normalize, cdt, device.type, tf32)
+    hit = _LAUNCH.get(key)
+    if hit is None:
+        bk, bc, warps = tiles(k, L)
+        dot_dt, prec = dot_setup(cdt, device)
+        hit = (bk, bc, warps, dict(GRAM_NORM=normalize == "gram", CDT=tl_dtype(cdt), DOT_DTYPE=dot_dt,
+                                   INPUT_PRECISION=prec, SOFT_BF16=interpreter_enabled(), BLOCK_K=bk, BLOCK_C=bc,
+                                   num_warps=warps, num_stages=1))
+        _LAUNCH[key] = hit
+    return hit
+
+
 def ns_small(Gv: torch.Tensor, out: torch.Tensor, coefficients, *, normalize: str, safety: float, eps: float,
              cdt: torch.dtype, fp32_first: bool = False, sumsq: torch.Tensor | None = None) -> torch.Tensor:
     """Standard Newton–Schulz of every matrix of the logical wide view Gv (B, k, L), one program each,
@@ -209,13 +228,32 @@ def ns_small(Gv: torch.Tensor, out: torch.Tensor, coefficients, *, normalize: st
     if fp32_first or sumsq is not None:
         raise ValueError("ns_small: fp32_first and sumsq run on the multi-kernel path (ns_standard)")
     B, k, L = Gv.shape
-    bk, bc, warps = tiles(k, L)
-    interp = interpreter_enabled()
-    dot_dt, prec = dot_setup(cdt, Gv.device)
+    if B == 0:
+        return out
+    *_, meta = _launch_setup(k, L, normalize, cdt, Gv.device)
     co = coefficients if isinstance(coefficients, tuple) else tuple(coefficients)
-    _ns_small_kernel[(B,)](
-        Gv, out, coef_tensor(co, Gv.device), len(co), k, L, *Gv.stride(), *out.stride(),
-        float(safety), float(eps),
-        GRAM_NORM=normalize == "gram", CDT=tl_dtype(cdt), DOT_DTYPE=dot_dt, INPUT_PRECISION=prec,
-        SOFT_BF16=interp, BLOCK_K=bk, BLOCK_C=bc, num_warps=warps, num_stages=1)
+    _ns_small_kernel[(B,)](Gv, out, coef_tensor(co, Gv.device), len(co), k, L, *Gv.stride(), *out.stride(),
+                           float(safety), float(eps), **meta)
+    return out
+
+
+def run(G: torch.Tensor, coefficients, *, safety: float, normalize: str, eps: float, cdt: torch.dtype,
+        out_dtype: torch.dtype) -> torch.Tensor:
+    """The whole small-matrix call for G (B, m, n) (``fastortho.ops.newton_schulz._impl``): allocate the
+    result, launch once on the short-side view, convert to ``out_dtype`` when it differs from ``cdt``.
+
+    Triton launches on the current device: a tensor on another CUDA device gets a device guard (it then
+    runs on that device's current stream); the guard is skipped when the device is already current."""
+    B, m, n = G.shape
+    out = torch.empty(B, m, n, device=G.device, dtype=out_dtype)
+    res = out if out_dtype == cdt else torch.empty(B, m, n, device=G.device, dtype=cdt)
+    tall = m > n
+    Gv, resv = (G.mT, res.mT) if tall else (G, res)
+    if G.device.type == "cuda" and G.device.index != torch.cuda.current_device():
+        with torch.cuda.device(G.device):
+            ns_small(Gv, resv, coefficients, normalize=normalize, safety=safety, eps=eps, cdt=cdt)
+    else:
+        ns_small(Gv, resv, coefficients, normalize=normalize, safety=safety, eps=eps, cdt=cdt)
+    if res is not out:
+        out.copy_(res)
     return out

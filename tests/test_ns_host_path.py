@@ -40,6 +40,7 @@ def test_small_outputs_keep_64_tiles(k, L):
 def launches(monkeypatch):
     """Counts kernel launches per kernel name; the kernels never run."""
     import fastortho.kernels.newton_schulz_launch as launch
+    import fastortho.kernels.newton_schulz_small as small
 
     count: dict[str, int] = {}
 
@@ -54,8 +55,17 @@ def launches(monkeypatch):
 
     for n in KERNELS:
         monkeypatch.setattr(launch, n, Stub(n))
+    monkeypatch.setattr(small, "_ns_small_kernel", Stub("_ns_small_kernel"))
     monkeypatch.setattr(launch, "SYM_TMA", "off", raising=False)
     return count
+
+
+@pytest.fixture
+def multi_kernel(monkeypatch):
+    """The multi-kernel path for every shape (small inputs otherwise take the single-program kernel)."""
+    import fastortho.kernels.newton_schulz_small as small
+
+    monkeypatch.setattr(small, "ENABLED", False)
 
 
 def _call(shape, gram, monkeypatch, line3="triton"):
@@ -69,6 +79,50 @@ def _call(shape, gram, monkeypatch, line3="triton"):
 
 
 def test_launches_per_call_small_matrices(launches, monkeypatch):
+    """64 × 128×128, 5 steps: one launch, the single-program kernel (kernels/newton_schulz_small.py), for
+    both normalizations and a tall input; through the public function too."""
+    _call((64, 128, 128), False, monkeypatch)
+    _call((64, 128, 96), None, monkeypatch)
+    assert launches == {"_ns_small_kernel": 2}
+    launches.clear()
+    _public_call(monkeypatch, (64, 128, 128), normalize="gram")
+    assert launches == {"_ns_small_kernel": 1}
+
+
+def _public_call(monkeypatch, shape, **kw):
+    """fastortho.newton_schulz on a CPU tensor with stubbed kernels (the op's CUDA check told otherwise)."""
+    import fastortho
+    import fastortho.ops.newton_schulz as op
+
+    monkeypatch.setattr(op, "interpreter_enabled", lambda: True)
+    return fastortho.newton_schulz(torch.zeros(shape, dtype=torch.bfloat16), backend="triton", dtype=torch.bfloat16,
+                                   **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(fp32_first_gram=True), dict(gram=True), dict(dtype=torch.float32)])
+def test_small_kernel_not_taken(launches, monkeypatch, kw):
+    """fp32_first_gram, forced Gram space and fp32 storage past k = 32 stay on the multi-kernel path."""
+    import fastortho
+    import fastortho.ops.newton_schulz as op
+
+    monkeypatch.setattr(op, "interpreter_enabled", lambda: True)
+    kw = dict(dict(dtype=torch.bfloat16), **kw)
+    fastortho.newton_schulz(torch.zeros(2, 64, 128), backend="triton", **kw)
+    assert "_ns_small_kernel" not in launches and launches.get("_sym_mm_kernel", 0) > 0
+
+
+def test_small_kernel_shape_rule():
+    """Eligibility from the shape, options and storage dtype only (never the batch)."""
+    from fastortho.kernels.newton_schulz_small import small_eligible
+
+    bf, f32 = torch.bfloat16, torch.float32
+    assert small_eligible(128, 128, "fro", 5, bf) and small_eligible(1, 1024, "gram", 5, bf)
+    assert small_eligible(32, 128, "fro", 5, f32) and not small_eligible(33, 128, "fro", 5, f32)
+    assert not small_eligible(129, 256, "fro", 5, bf) and not small_eligible(64, 1025, "fro", 5, bf)
+    assert not small_eligible(64, 64, "aol", 4, bf) and not small_eligible(64, 64, "fro", 0, bf)
+
+
+def test_launches_per_call_multi_kernel_path(launches, multi_kernel, monkeypatch):
     """64 × 128×128, 5 steps, standard: norm pass 2 + cast 1 + 10 symmetric products + 5 applies = 18
     (bench/RESULTS.md). With line 3 on cuBLAS, 4 of the applies become torch.baddbmm calls."""
     _call((64, 128, 128), False, monkeypatch)
@@ -79,7 +133,11 @@ def test_launches_per_call_small_matrices(launches, monkeypatch):
     assert launches["_apply_kernel"] == 1
 
 
-def test_zero_work_launches_are_skipped(launches, monkeypatch):
+@pytest.mark.parametrize("enabled", [True, False])
+def test_zero_work_launches_are_skipped(launches, monkeypatch, enabled):
+    import fastortho.kernels.newton_schulz_small as small
+
+    monkeypatch.setattr(small, "ENABLED", enabled)
     for shape in [(0, 128, 128), (3, 0, 16), (3, 16, 0)]:
         _call(shape, False, monkeypatch)
     assert launches == {}
@@ -100,3 +158,28 @@ def test_cuda_graph_decision():
     assert not use_cuda_graph("cuda", 0, capturing=False, compiling=False, env="1")
     with pytest.raises(ValueError, match="FASTORTHO_NS_CUDA_GRAPHS must be '0' or '1'"):
         use_cuda_graph("cuda", n, capturing=False, compiling=False, env="yes")
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_intercepts():
+    """newton_schulz_triton calls the op's body directly (no custom-op dispatcher) for plain eager tensors,
+    and goes through the op under autograd, fake tensors, meta tensors and dispatch modes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastortho.ops.newton_schulz import _plain_eager
+
+    G = torch.zeros(2, 8, 8)
+    assert _plain_eager(G, None) and _plain_eager(G, torch.ones(2, dtype=torch.float64))
+    assert not _plain_eager(G.clone().requires_grad_(), None)
+    assert not _plain_eager(G, torch.ones(2, requires_grad=True))
+    assert not _plain_eager(torch.zeros(2, 8, 8, device="meta"), None)
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert not _plain_eager(G, None)
+    with FakeTensorMode() as mode:
+        assert not _plain_eager(mode.from_tensor(G), None)
+    assert _plain_eager(G, None)

@@ -116,12 +116,41 @@ def _impl_maybe_graphed(G: Tensor, coefficients: Sequence[tuple[float, float, fl
     return _impl(G, coefficients, **kw)
 
 
+def _plain_eager(G: Tensor, sumsq: Tensor | None) -> bool:
+    """True when calling the op's body directly is indistinguishable from calling the op: a plain tensor
+    (no subclass, fake, functorch or meta tensor), no autograd to record, and nothing that intercepts ops
+    (torch.compile / torch.jit tracing, a TorchDispatchMode or TorchFunctionMode). Then the custom-op
+    dispatcher would only forward to the body, and skipping it is most of a small call's host cost."""
+    return (type(G) is Tensor and G.device.type != "meta" and not G.requires_grad
+            and (sumsq is None or (type(sumsq) is Tensor and not sumsq.requires_grad))
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(G))
+
+
+_SMALL: list = [None]   # fastortho.kernels.newton_schulz_small, imported on first use (needs triton)
+
+
+def _small_module():
+    from fastortho.kernels import newton_schulz_small
+
+    _SMALL[0] = newton_schulz_small
+    return newton_schulz_small
+
+
 def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safety: float, normalize: str,
           eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype, fp32_first_gram: bool,
           gram: bool | None, sumsq: Tensor | None = None) -> Tensor:
+    B, m, n = G.shape
+    # Small matrices (k ≤ 128): the whole standard iteration in one launch, one program per matrix
+    # (kernels/newton_schulz_small.py); eligibility depends on the shape, options and dtypes only.
+    small = _SMALL[0] or _small_module()
+    if (small.ENABLED and sumsq is None and not fp32_first_gram and not (use_gram(m, n) if gram is None else gram)
+            and small.small_eligible(min(m, n), max(m, n), normalize, len(coefficients), compute_dtype)):
+        return small.run(G, coefficients, safety=safety, normalize=normalize, eps=eps, cdt=compute_dtype,
+                         out_dtype=out_dtype)
     from fastortho.kernels.newton_schulz_iteration import ns_gram, ns_standard
 
-    B, m, n = G.shape
     out = torch.empty(B, m, n, device=G.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
@@ -136,11 +165,6 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     res = out if out_dtype == compute_dtype else torch.empty(B, m, n, device=G.device, dtype=compute_dtype)
     resv = res.mT if tall else res
     run = ns_gram if gram else ns_standard
-    if not gram and sumsq is None and not fp32_first_gram:   # small matrices: one launch, one program each
-        from fastortho.kernels import newton_schulz_small as small
-
-        if small.ENABLED and small.small_eligible(min(m, n), max(m, n), normalize, len(coefficients), compute_dtype):
-            run = small.ns_small
     # Triton launches on the current device; custom_op adds no device guard, so a tensor on
     # cuda:1 while cuda:0 is current needs one (it then runs on cuda:1's current stream).
     guard = torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext()
@@ -214,6 +238,11 @@ def newton_schulz_triton(G: Tensor, coefficients: Sequence[tuple[float, float, f
                              f"{tuple(sumsq.shape)} {sumsq.dtype} on {sumsq.device}")
         sumsq = sumsq.contiguous()
     co = [tuple(float(v) for v in t) for t in coefficients]
+    if _plain_eager(G, sumsq):   # the op's body without the dispatcher (≈ 15 µs a call)
+        return _impl_maybe_graphed(G, co, safety=float(safety), normalize=normalize, eps=float(eps),
+                                   compute_dtype=compute_dtype, out_dtype=out_dtype,
+                                   fp32_first_gram=bool(fp32_first_gram), gram=None if gram is None else bool(gram),
+                                   sumsq=sumsq)
     return torch.ops.fastortho.newton_schulz_triton(
         G, [t[0] for t in co], [t[1] for t in co], [t[2] for t in co], float(safety), normalize,
         float(eps), compute_dtype, out_dtype, bool(fp32_first_gram), None if gram is None else bool(gram), sumsq)
