@@ -23,6 +23,18 @@ measured cuBLAS rate:
 * ``apply`` pipelined (128×256 tiles, 241 registers): 0.76–0.89 × cuBLAS = 600–700 (Triton's
   non-persistent tutorial GEMM ≈ 0.95× cuBLAS, triton-lang/triton PR #5461; minus the register and
   epilogue cost the AOT manifest shows);
+* ``sym-tma`` (the sm_90 persistent TMA symmetric kernel, ``kernels/newton_schulz_tma.py``): no
+  published measurement of a persistent TMA symmetric (SYRK-like) Triton kernel was found
+  (flash-muon's XXᵀ is non-persistent cp.async; Emerging-Optimizers' SYRK PRs #47/#49 publish no
+  rates), so it keeps the ``sym`` rate above; only its wave accounting differs;
+* ``apply-tma`` (the sm_90 persistent TMA apply kernel, 128×256×64 tiles, 1 CTA/SM, TMA store):
+  **666–755 TFLOP/s** = 0.84–0.96 × cuBLAS, the published bf16 rates of Triton's persistent TMA
+  matmul (the 09-persistent-matmul tutorial kernel) on H100-class cards: 665.9 / 673.6 / 688.7
+  TFLOP/s at 8192×8192×{4096, 8192, 16384} (tritonbench, ``--only triton_tma_persistent_matmul``,
+  meta-pytorch/tritonbench PR #894, "Before" table) and 754.7 TFLOP/s at 6144×8192×8192
+  (FBGEMM's bf16 ``tma_persistent`` gemm, pytorch/FBGEMM issue #2766). Neither thread names the card;
+  both exceed any pre-Hopper bf16 peak. Consistent with triton-lang/triton PR #5461 (H100): the
+  descriptor-persistent kernel +3.5 % (fp8) / +13 % (fp16) over the plain persistent one;
 * launches whose operand tiles are converted in registers (``-sync`` classes: an operand loaded in
   another dtype than the dot's; the manifest shows wgmma waiting to 0 in their loop): 0.5–0.65 ×
   the pipelined rate, an engineering estimate for a synchronous wgmma with a register round trip
@@ -32,6 +44,9 @@ measured cuBLAS rate:
 * cast pass (``cast``: X' = round(p·G), one read of G, one write of X'): 2.0–3.0 TB/s, a copy-class
   kernel (one 32×128 tile per program, thousands of programs, 128-bit stores): the copy rate above
   at the high end, two thirds of it at the low end for strided (tall) reads (estimate);
+* wave accounting: a one-tile-per-program launch is rounded up to whole waves of 132 programs;
+  a persistent kernel (``N_PROG`` in its arguments) runs its tiles over a fixed grid, so its
+  efficiency is tiles / (⌈tiles / programs⌉ · programs), the busiest program's share;
 * per launch a GPU floor of 3 µs (launch + tail of a small grid) and, without CUDA graphs, a host
   cost of 12–24 µs per Triton launch (Python launch path; estimate).
 
@@ -59,6 +74,8 @@ H100_SMS = 132
 RATES = {
     "sym": (0.66 * CUBLAS_TFLOPS, 0.80 * CUBLAS_TFLOPS),
     "apply": (0.76 * CUBLAS_TFLOPS, 0.89 * CUBLAS_TFLOPS),
+    "sym-tma": (0.66 * CUBLAS_TFLOPS, 0.80 * CUBLAS_TFLOPS),   # no published rate: the sym rate, kept
+    "apply-tma": (666.0, 755.0),     # tritonbench PR #894 (665.9 TFLOP/s), FBGEMM #2766 (754.7)
 }
 SYNC_FACTOR = (0.50, 0.65)
 NORM_TBS = (0.5, 1.0)
@@ -79,10 +96,11 @@ SHAPES = [
 @dataclass
 class LaunchCost:
     kernel: str          # sym / apply / sumsq / scale
-    klass: str           # sym / sym-sync / apply / apply-sync / norm / cast / tiny
+    klass: str           # sym / sym-tma / sym-sync / apply / apply-tma / apply-sync / norm / cast / tiny
     flops: float         # executed
     bytes: float         # compulsory HBM traffic
     programs: int
+    tiles: int = 0       # output tiles of a persistent kernel (0: one tile per program)
 
 
 def _elem(dt) -> int:
@@ -117,22 +135,25 @@ def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = 
         if sass and _short(ln.kernel) in ("sym", "apply"):
             waits = compile_launch(ln, arch)["sass"]["wgmma_waits_in_loop"]
             scaled = not waits or min(waits) < 1
+        persistent = "N_PROG" in arg
+        tiles = 0
         if kern == "sym":
             bm, L = kw["BLOCK_M"], int(arg["L"])
             # tiles executed: one per program, or (persistent TMA kernel) every triangle tile of the batch
-            tiles = int(arg["N_BATCH"]) * int(arg["N_TRI"]) if "N_PROG" in arg else programs
-            flops = tiles * bm * bm * 2.0 * L
+            tiles = int(arg["N_BATCH"]) * int(arg["N_TRI"]) if persistent else 0
+            flops = (tiles or programs) * bm * bm * 2.0 * L
             P, S, Y, C = (arg[n] for n in ("P", "S", "Y", "C"))
             nbytes = math.prod(P.shape) * _elem(P.dtype) * (1 if P == S else 2) + math.prod(C.shape) * _elem(C.dtype)
             if kw.get("HAS_Y"):
                 nbytes += math.prod(Y.shape) * _elem(Y.dtype)
-            klass = "sym-sync" if scaled else "sym"
+            klass = "sym-sync" if scaled else ("sym-tma" if persistent else "sym")
         elif kern == "apply":
             bm, bn, k = kw["BLOCK_M"], kw["BLOCK_N"], int(arg["K_IN"])
-            flops = programs * bm * bn * 2.0 * k
+            tiles = int(arg["N_BATCH"]) * int(arg["TILES_M"]) * int(arg["TILES_N"]) if persistent else 0
+            flops = (tiles or programs) * bm * bn * 2.0 * k
             Q, X, O = (arg[n] for n in ("Q", "X", "O"))
             nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (Q, X, O))
-            klass = "apply-sync" if scaled else "apply"
+            klass = "apply-sync" if scaled else ("apply-tma" if persistent else "apply")
         elif kern == "cast":
             flops = 0.0
             nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (arg["X"], arg["OUT"]))
@@ -141,11 +162,15 @@ def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = 
             flops = 0.0
             nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in tens[:1])
             klass = "norm" if nbytes > 1 << 16 else "tiny"
-        out.append(LaunchCost(kern, klass, flops, float(nbytes), programs))
+        out.append(LaunchCost(kern, klass, flops, float(nbytes), programs, tiles))
     return out
 
 
-def _wave_eff(programs: int, ctas_per_sm: int = 1) -> float:
+def _wave_eff(programs: int, ctas_per_sm: int = 1, tiles: int = 0) -> float:
+    """Busy fraction of the launch: one tile per program, whole waves of ``ctas_per_sm``·132 programs;
+    or (``tiles`` > 0, a persistent grid of ``programs``) the mean over the busiest program's tile count."""
+    if tiles:
+        return tiles / (math.ceil(tiles / programs) * programs)
     slots = ctas_per_sm * H100_SMS
     return programs / (math.ceil(programs / slots) * slots) if programs else 1.0
 
@@ -160,12 +185,11 @@ def predict_fastortho(costs: list[LaunchCost], ctas_per_sm: int = 1, scenario: s
     for c in costs:
         by_class[c.klass] = by_class.get(c.klass, 0.0) + c.flops
         mem = c.bytes / (COPY_TBS * 1e12)
-        if c.klass in ("sym", "apply", "sym-sync", "apply-sync"):
-            base = c.klass.split("-")[0]
-            lo, hi = rates[base]
+        if c.klass in ("sym", "apply", "sym-sync", "apply-sync", "sym-tma", "apply-tma"):
+            lo, hi = rates[c.klass.removesuffix("-sync")]
             if c.klass.endswith("sync"):
                 lo, hi = lo * sync[0], hi * sync[1]
-            eff = _wave_eff(c.programs, ctas_per_sm)
+            eff = _wave_eff(c.programs, ctas_per_sm, c.tiles)
             t_best = max(c.flops / (hi * 1e12 * eff), mem)
             t_worst = max(c.flops / (lo * 1e12 * eff), mem)
         elif c.klass == "norm":
@@ -203,7 +227,8 @@ def cublas_loop_ms(B: int, m: int, n: int, steps: int, per_matrix: bool = False)
 SCENARIOS = {
     "as-compiled": {},
     "async-everywhere": {"sync": (1.0, 1.0)},       # scale in the epilogue: every launch pipelined
-    "hopper-native": {"sync": (1.0, 1.0), "sym": (700.0, 750.0), "apply": (0.89 * CUBLAS_TFLOPS, CUBLAS_TFLOPS)},
+    "hopper-native": {"sync": (1.0, 1.0), "sym": (700.0, 750.0), "apply": (0.89 * CUBLAS_TFLOPS, CUBLAS_TFLOPS),
+                      "sym-tma": (700.0, 750.0), "apply-tma": (0.89 * CUBLAS_TFLOPS, CUBLAS_TFLOPS)},
 }
 
 
@@ -243,12 +268,12 @@ def _shape(s) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| shape (5 steps, bf16 G) | executed GFLOP (sym / sym-sync / apply / apply-sync) | launches | "
+    lines = ["| shape (5 steps, bf16 G) | executed GFLOP (sym / sym-tma / sym-sync / apply / apply-tma / apply-sync) | launches | "
              "predicted GPU ms | host ms (no graph) | predicted call ms | cuBLAS loop ms (pred.) | predicted ratio | goal | "
              "verdict (prediction) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fc = r["flops_by_class"]
-        cls = " / ".join(f"{fc.get(c, 0.0):.0f}" for c in ("sym", "sym-sync", "apply", "apply-sync"))
+        cls = " / ".join(f"{fc.get(c, 0.0):.0f}" for c in ("sym", "sym-tma", "sym-sync", "apply", "apply-tma", "apply-sync"))
         ref = r["cublas_per_matrix_loop_ms"] if r["ratio_against"] == "per-matrix loop" else r["cublas_loop_ms"]
         ratio = "—" if r["ratio_against"] is None else f"{r['ratio'][0]:.2f}–{r['ratio'][1]:.2f}× {r['ratio_against']}"
         fmt = (lambda a, b: f"{a * 1e3:.0f}–{b * 1e3:.0f} µs") if r["call_ms"][1] < 0.5 else (lambda a, b: f"{a:.2f}–{b:.2f}")

@@ -20,7 +20,17 @@ def _mm(costs):
     return [c for c in costs if c.kernel in ("sym", "apply")]
 
 
-def test_hand_count_128x128_standard():
+@pytest.fixture
+def multi_kernel(monkeypatch):
+    """The multi-kernel path for every shape: the one-launch small-matrix kernel (where present) off."""
+    try:
+        from fastortho.kernels import newton_schulz_small
+    except ImportError:
+        return
+    monkeypatch.setattr(newton_schulz_small, "ENABLED", False, raising=False)
+
+
+def test_hand_count_128x128_standard(multi_kernel):
     """64 × 128×128, 5 steps, standard NS, sm_90 table: sym 64² tiles (T = 2: 3 triangle tiles),
     apply 64×128 tiles (2 programs). Per matrix and step:
       XXᵀ: 3·64·64·2·128 = 3 145 728;  A²: same;  apply: 2·64·128·2·128 = 4 194 304."""
@@ -32,7 +42,8 @@ def test_hand_count_128x128_standard():
     assert sum(c.flops for c in mm) == 64 * 5 * 10_485_760
     # the first step reads X' = round(p·G) in the storage dtype and applies the scale in the
     # epilogues: every launch is in the pipelined class
-    assert [c.klass for c in mm[:3]] == ["sym", "sym", "apply"]
+    # (sm_90: the persistent TMA kernels, sym-tma and apply-tma classes)
+    assert [c.klass for c in mm[:3]] == ["sym-tma", "sym-tma", "apply-tma"]
     assert all(not c.klass.endswith("sync") for c in mm[3:])
 
 
@@ -74,3 +85,30 @@ def test_predictions_are_labelled_and_ordered():
         assert r["call_ms"][0] <= r["call_ms"][1] and r["verdict"].startswith(("predicted", "uncertain"))
     md = ns_model.to_markdown(rows)
     assert "verdict (prediction)" in md
+
+
+def test_persistent_launches_count_tiles_not_programs():
+    """4096², sm_90: the persistent TMA apply runs 512 tiles of 128×256 on 132 programs (1 CTA/SM), the
+    symmetric kernel 528 triangle tiles on 264 (2 CTAs/SM): FLOPs from the tiles, and the wave
+    efficiency of a persistent grid is tiles / (⌈tiles / programs⌉ · programs)."""
+    costs = ns_model.launch_costs((1, 4096, 4096))
+    app = [c for c in costs if c.klass == "apply-tma"]
+    sym = [c for c in costs if c.klass == "sym-tma"]
+    assert len(app) == 5 and len(sym) == 10
+    assert all((c.programs, c.tiles, c.flops) == (132, 512, 512 * 128 * 256 * 2.0 * 4096) for c in app)
+    assert all((c.programs, c.tiles) == (264, 528) for c in sym)
+    assert ns_model._wave_eff(132, tiles=512) == 512 / 528
+    assert ns_model._wave_eff(264, tiles=528) == 1.0
+    assert ns_model._wave_eff(132, tiles=133) == 133 / 264     # one program runs a second tile
+    assert ns_model._wave_eff(512) == 512 / 528                # one tile per program: whole waves
+
+
+def test_tma_classes_use_their_rates():
+    """An apply-tma launch costs its FLOPs at the apply-tma rate (published persistent TMA matmul
+    rates), scaled by its persistent wave efficiency; the sym-tma class keeps the sym rate."""
+    assert ns_model.RATES["sym-tma"] == ns_model.RATES["sym"]
+    c = ns_model.LaunchCost("apply", "apply-tma", 1e12, 0.0, 132, 512)
+    p = ns_model.predict_fastortho([c])
+    lo, hi = ns_model.RATES["apply-tma"]
+    eff = 512 / 528
+    assert p["gpu_ms"] == pytest.approx((1e12 / (hi * 1e12 * eff) * 1e3, 1e12 / (lo * 1e12 * eff) * 1e3), rel=1e-12)

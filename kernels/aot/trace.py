@@ -3,12 +3,16 @@ replaced by a recorder, and each recorded launch described by its variant and ti
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .. import HAS_TRITON
 from .occupancy import H100_SMS, SM_REGS, SM_SMEM, SM_WARPS, smem_limit
+
+_KERNELS = __name__.rsplit('.', 2)[0]     # fastortho.kernels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +81,8 @@ class _FakeProps:
 def trace_launches(arch: int) -> Iterator[list]:
     """Inside the block, the NS launchers record their Triton launches instead of running them.
 
-    Every ``triton.JITFunction`` in the launcher module is replaced by a recorder, the launchers'
+    Every ``triton.JITFunction`` in the modules of ``fastortho.kernels`` (launchers and the kernels they
+    import by name; nothing compiles inside the block) is replaced by a recorder, the launchers'
     device queries answer for sm_<arch>, and tensors are fake CUDA tensors (no memory, no GPU).
     Yields the list the launches are appended to."""
     if not HAS_TRITON:
@@ -87,7 +92,9 @@ def trace_launches(arch: int) -> Iterator[list]:
     from triton.runtime.jit import JITFunction
 
     from .. import newton_schulz_launch as ns_launch
-    from .. import newton_schulz_tma_launch as tma_launch
+
+    mods = [importlib.import_module(f"{_KERNELS}.{m.name}") for m in pkgutil.iter_modules(importlib.import_module(_KERNELS).__path__)
+            if not m.ispkg]
 
     recs: list[Launch] = []
     saved: list[tuple[object, str, object]] = []
@@ -97,7 +104,7 @@ def trace_launches(arch: int) -> Iterator[list]:
         setattr(obj, name, value)
 
     try:
-        for mod in (ns_launch, tma_launch):
+        for mod in mods:
             for name, obj in list(vars(mod).items()):
                 if isinstance(obj, JITFunction):
                     patch(mod, name, _Recorder(obj, name, recs))
@@ -108,6 +115,7 @@ def trace_launches(arch: int) -> Iterator[list]:
         patch(torch.cuda, "get_device_capability", lambda *a, **k: divmod(arch, 10))
         patch(torch.cuda, "get_device_properties", lambda *a, **k: _FakeProps(arch))
         patch(torch.cuda, "is_current_stream_capturing", lambda: False)
+        patch(torch.cuda, "current_device", lambda: 0)
         patch(torch.cuda, "device", lambda *a, **k: contextlib.nullcontext())
         patch(torch.cuda, "current_stream", lambda *a, **k: None)
         patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
