@@ -88,3 +88,20 @@ def test_tma_apply_tiles_compile(k, L, tall, B):
     assert occupancy(90, r["regs"], r["smem_bytes"], r["num_warps"]) == n, (r["regs"], r["smem_bytes"])
     tiles = B * -(-k // cfg["block_m"]) * -(-L // cfg["block_n"])
     assert ln.grid == (min(132 * n, tiles),)
+
+
+def test_manifest_waves_of_persistent_launches():
+    """The manifest counts a persistent launch's tiles, not its programs: 4096² apply on sm_90 is 512
+    tiles of 128×256 over 132 programs, 3.88 tiles per program, efficiency 512 / 528 (the busiest
+    programs run 4); a one-tile-per-program launch keeps whole waves of programs."""
+    from fastortho.kernels.aot import manifest_entries
+    from fastortho.kernels.aot.manifest import persistent_tiles, waves_markdown
+
+    (ln,) = _apply_launches(90, 4096, 4096)
+    assert persistent_tiles(ln) == 512
+    (e,) = manifest_entries(90, (1, 4096, 4096), "bf16", launches=[ln])
+    assert (e["programs"], e["tiles"], e["waves_h100"], e["wave_efficiency_h100"]) == (132, 512, round(512 / 132, 3),
+                                                                                      round(512 / 528, 4))
+    assert "| 132 | 512 |" in waves_markdown([e])
+    (old,) = _apply_launches(80, 4096, 4096)
+    assert persistent_tiles(old) is None

@@ -47,16 +47,29 @@ def manifest_entries(arch: int, shape: tuple[int, int, int], input_dtype: str, o
             for g in ln.grid:
                 programs *= g
             ctas = occupancy(arch, rec["regs"], rec["smem_bytes"], rec["num_warps"])
-            w, eff = waves(programs, ctas)
+            tiles = persistent_tiles(ln)
+            w, eff = waves(programs, ctas) if tiles is None else (tiles / programs, tiles / (-(-tiles // programs) * programs))
             e = groups[rec["key"]] = dict(
                 kernel=_short(ln.kernel), variant=variant, arch=arch, shape=shape_str(shape),
                 input_dtype=input_dtype, config=cfg, regs=rec["regs"], spill_bytes=rec["spill_bytes"],
                 smem_bytes=rec["smem_bytes"], smem_limit=smem_limit(arch), cubin=rec.get("cubin"),
-                programs=programs, ctas_per_sm=ctas, waves_h100=round(w, 3), wave_efficiency_h100=round(eff, 4),
+                programs=programs, tiles=tiles if tiles is not None else programs, ctas_per_sm=ctas,
+                waves_h100=round(w, 3), wave_efficiency_h100=round(eff, 4),
                 launches=0, launch_index=[], mma=rec["sass"]["mma_ptx"], sass=rec["sass"])
         e["launches"] += 1
         e["launch_index"].append(i)
     return list(groups.values())
+
+
+def persistent_tiles(ln: Launch) -> int | None:
+    """Output tiles a persistent launch (``N_PROG`` among its arguments) walks, None for a one-tile-per-
+    program launch: every triangle tile of the batch (symmetric kernel) or every k×L tile (apply)."""
+    arg = dict(zip(ln.fn.arg_names, ln.args))
+    if "N_PROG" not in arg:
+        return None
+    if "N_TRI" in arg:
+        return int(arg["N_BATCH"]) * int(arg["N_TRI"])
+    return int(arg["N_BATCH"]) * int(arg["TILES_M"]) * int(arg["TILES_N"])
 
 
 def build_manifest(archs: Sequence[int], shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[str],
@@ -95,16 +108,19 @@ def summary_markdown(entries: list[dict]) -> str:
 
 
 def waves_markdown(entries: list[dict], arch: int = 90, input_dtype: str = "bf16") -> str:
-    """Per shape and launched kernel on sm_<arch>: programs, CTAs/SM (registers + shared memory),
-    waves and wave efficiency on the 132 SMs of an H100 SXM / H200."""
-    lines = ["| shape | kernel [variant] | tile | launches | programs | regs | smem KiB | CTAs/SM | waves | "
-             "wave efficiency |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """Per shape and launched kernel on sm_<arch>: programs, tiles, CTAs/SM (registers + shared memory),
+    waves and wave efficiency on the 132 SMs of an H100 SXM / H200. A persistent kernel launches
+    SMs × CTAs/SM programs (or fewer) that walk the tiles: its waves are tiles per program and its
+    efficiency tiles / (⌈tiles / programs⌉ · programs)."""
+    lines = ["| shape | kernel [variant] | tile | launches | programs | tiles | regs | smem KiB | CTAs/SM | waves | "
+             "wave efficiency |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         if e["arch"] != arch or e["input_dtype"] != input_dtype:
             continue
         c = e["config"]
         tile = (f"{c['block_m']}x{c.get('block_n', c['block_m'])}x{c['block_k']}" if "block_m" in c else "—")
         lines.append(f"| {e['shape']} | {e['kernel']} [{e['variant']}] | {tile} | {e['launches']} | {e['programs']} | "
+                     f"{e.get('tiles', e['programs'])} | "
                      f"{e['regs']} | {e['smem_bytes'] / 1024:.0f} | {e['ctas_per_sm']} | {e['waves_h100']:.2f} | "
                      f"{e['wave_efficiency_h100']:.0%} |")
     return "\n".join(lines)
