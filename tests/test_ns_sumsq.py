@@ -227,3 +227,13 @@ def test_optimizer_keeps_the_norm_pass_where_it_has_no_sum(launches):
     launches.clear()
     _step([(256, 512)], backend="triton", momentum_placement="after_ortho")
     assert launches["_sumsq_partial_kernel"] == 1 and "_sumsq_scale_kernel" not in launches
+
+
+@pytest.mark.skipif(not HAS_TRITON or interpreter_enabled(), reason="GPU tiles: needs triton, no interpreter")
+@pytest.mark.parametrize("k,L,programs", [(4096, 4096, 512), (4096, 16384, 512), (768, 3072, 72), (128, 128, 1)])
+def test_norm_pass_programs_per_matrix(k, L, programs):
+    """The norm pass's grid (bench/RESULTS.md, the analytic model): ⌊64×64 tiles / 8⌋ programs per matrix,
+    clamped to [1, 512]; a function of the shape only (was ≤ 64: 64 at 4096²)."""
+    from fastortho.kernels.newton_schulz_launch import _split
+
+    assert _split(k, L) == programs == _split(L, k)

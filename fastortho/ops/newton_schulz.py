@@ -19,7 +19,8 @@ clamped by eps), NaN/Inf in G give NaN in that matrix's output. Each matrix is c
 same programs whatever the batch, so outputs are bit-identical alone or batched.
 
 Host cost: a 5-step standard call is 18 kernel launches from Python (norm pass 2, cast 1, 10
-symmetric products, 5 applies), which dominates small inputs (64 × 128×128). With
+symmetric products, 5 applies; 17 with a given ``sumsq``: one launch turns it into the scale),
+which dominates small inputs (64 × 128×128). With
 ``FASTORTHO_NS_CUDA_GRAPHS=1`` calls of at most ``GRAPH_MAX_NUMEL`` elements on CUDA replay one
 captured graph per call signature instead (copy in, replay, copy out), except while a graph is
 being captured or compiled (:func:`use_cuda_graph`). Opt-in until a GPU run measures it.
