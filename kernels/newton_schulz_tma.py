@@ -1,5 +1,7 @@
-"""The symmetric product of ``kernels/newton_schulz.py`` for Hopper and later (sm_90, sm_100):
-operand tiles loaded by TMA through tensor descriptors, one persistent program per SM slot.
+"""The symmetric product and the apply of ``kernels/newton_schulz.py`` for Hopper and later (sm_90,
+sm_100): operand tiles loaded by TMA through tensor descriptors, one persistent program per SM slot.
+``_apply_tma_kernel`` (O = σ·(Q·X + a·X), same contract as ``_apply_kernel``) is documented at its
+definition; the rest of this docstring is about the symmetric kernel:
 
     C[b] = α·σ_b²·P[b]·S[b]ᵀ + β·Y[b]   on the upper-triangle tiles, mirrored on store,
 
