@@ -127,7 +127,7 @@ def _step(shapes, **kw):
 
 
 def test_optimizer_with_sumsq_equals_without_torch_backend(monkeypatch):
-    """Same step with the norms taken by newton_schulz (bucket_sumsq patched to None): parameters
+    """Same step with the norms taken by newton_schulz (REUSE_SUMSQ off): parameters
     within 4 fp32 ulps of their magnitude (measured: max |Δθ| = 2.4e-10 on |θ| ~ 1, lr = 0.02)."""
     from fastortho.optim import functional as F
 
@@ -140,10 +140,12 @@ def test_optimizer_with_sumsq_equals_without_torch_backend(monkeypatch):
         seen.append(q is not None)
         return q
 
+    monkeypatch.setattr(F, "REUSE_SUMSQ", True)
     monkeypatch.setattr(F, "bucket_sumsq", spy)
     with_q = _step(shapes, backend="torch")
     assert seen and all(seen)
-    monkeypatch.setattr(F, "bucket_sumsq", lambda bucket: None)
+    monkeypatch.setattr(F, "REUSE_SUMSQ", False)
+    monkeypatch.setattr(F, "bucket_sumsq", real)
     without = _step(shapes, backend="torch")
     for a, b in zip(with_q, without):
         assert (a - b).abs().max() <= 4 * EPS32 * b.abs().max()
@@ -169,9 +171,10 @@ def test_units_get_sumsq_only_when_the_sum_is_theirs():
     assert [u.sumsq for u in split] == [None, None]
 
 
-def test_skip_policy_zeroes_the_sum_with_the_input():
+def test_skip_policy_zeroes_the_sum_with_the_input(monkeypatch):
     """nonfinite="skip" zeroes a non-finite u; its sum must become 0 too, or the NaN sum would turn
     the zero update into a NaN one."""
+    monkeypatch.setattr(fastortho.optim.functional, "REUSE_SUMSQ", True)
     ps = _params([(8, 12), (8, 12)])
     ps[1].grad[0, 0] = float("nan")
     before = ps[1].detach().clone()
@@ -205,17 +208,23 @@ def launches(monkeypatch):
               "_sumsq_scale_kernel"):
         monkeypatch.setattr(launch, n, Stub(n))
     monkeypatch.setattr(launch, "SYM_TMA", "off", raising=False)
+    monkeypatch.setattr(fastortho.optim.functional, "REUSE_SUMSQ", True)
     monkeypatch.setattr(op, "interpreter_enabled", lambda: True)
     monkeypatch.setattr(fastortho.kernels, "interpreter_enabled", lambda: True)   # Muon's CPU check
     monkeypatch.setenv("FASTORTHO_NS_LINE3", "triton")
     return count
 
 
-def test_optimizer_step_launches_no_norm_pass(launches):
-    """Two buckets of whole matrices: one sumsq launch each, no norm pass (was 2 launches a bucket)."""
+def test_optimizer_step_launches_no_norm_pass(launches, monkeypatch):
+    """Two buckets of whole matrices: one sumsq launch each, no norm pass (2 launches a bucket with
+    REUSE_SUMSQ off, the default)."""
     _step([(256, 512), (256, 512), (512, 256)], backend="triton")
     assert launches.get("_sumsq_partial_kernel", 0) == 0 and launches.get("_scale_kernel", 0) == 0
     assert launches["_sumsq_scale_kernel"] == 2
+    launches.clear()
+    monkeypatch.setattr(fastortho.optim.functional, "REUSE_SUMSQ", False)
+    _step([(256, 512), (256, 512), (512, 256)], backend="triton")
+    assert launches["_sumsq_partial_kernel"] == 2 and "_sumsq_scale_kernel" not in launches
 
 
 def test_optimizer_keeps_the_norm_pass_where_it_has_no_sum(launches):

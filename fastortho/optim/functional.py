@@ -21,7 +21,6 @@ Parameters routed to AdamW take :func:`adamw_phase`. The phases take keyword-onl
 defaults (as ``torch.optim``'s functional API); :func:`momentum_args`, :func:`unit_args`,
 :func:`apply_args` and :func:`adamw_args` read them from a param group, once for every caller.
 """
-
 from __future__ import annotations
 
 import math
@@ -64,9 +63,8 @@ def orthogonalize(X: Tensor, cfg: OrthoConfig, sumsq: Tensor | None = None) -> T
     follows the precision the matrix was stored in, not that of the copy handed over. A callable is
     called on ``X`` as is and its result used as returned (same shape required).
 
-    ``sumsq``: ``(B,)`` :math:`\|X_b\|_F^2` already at hand (the momentum kernel's float64
-    :math:`\sum u^2`); Newton–Schulz with ``normalize="fro"`` (not AOL-preconditioned) takes its scale
-    from it instead of a pass over ``X``; every other method ignores it.
+    ``sumsq``: ``(B,)`` :math:`\|X_b\|_F^2` at hand (the momentum kernel's :math:`\sum u^2`): the scale of
+    Newton–Schulz with ``normalize="fro"`` (not AOL), no pass over ``X``; other methods ignore it.
     """
     fn = cfg.orthogonalizer
     if callable(fn):
@@ -228,10 +226,15 @@ def orthogonalize_units(units: Sequence[MatrixUnit], configs: Sequence[OrthoConf
             u.out = o
 
 
+#: Hand the momentum kernel's Σu² to Newton–Schulz (no norm pass). Off: a2a/gather shards keep the norm
+#: pass, whose scale differs from the sum's in its last bit, so a sharded parameter's update would no
+#: longer be bit-identical to the single process's (tests/test_distributed.py).
+REUSE_SUMSQ = False
+
+
 def bucket_sumsq(bucket: Sequence[MatrixUnit]) -> Tensor | None:
-    """The ``(B,)`` sums of squares of a bucket's stacked inputs when every unit has its own, else None
-    (the orthogonalizer then takes the norms itself)."""
-    if not bucket or any(u.sumsq is None for u in bucket):
+    """The ``(B,)`` sums of a bucket's stacked inputs when :data:`REUSE_SUMSQ` is on and every unit has its own."""
+    if not REUSE_SUMSQ or not bucket or any(u.sumsq is None for u in bucket):
         return None
     return bucket[0].sumsq if len(bucket) == 1 else torch.cat([u.sumsq for u in bucket])
 

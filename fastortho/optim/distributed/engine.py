@@ -352,7 +352,7 @@ class DistributedMuonEngine:
         results: dict[Any, Tensor] = {}
         for (cfg, *_), bucket in buckets.items():
             xs, qs = [x for _, x, _ in bucket], [t.sumsq for t, _, _ in bucket]
-            q = None if any(v is None for v in qs) else torch.cat(qs)  # every norm known: NS skips its pass
+            q = None if not F.REUSE_SUMSQ or any(v is None for v in qs) else torch.cat(qs)  # see F.REUSE_SUMSQ
             o = F.orthogonalize(xs[0] if len(xs) == 1 else torch.cat(xs), cfg, q).contiguous()
             self.stats["ns_calls"] += 1
             self.stats["ns_flops"] += sum(t.cost for t, _, _ in bucket)
