@@ -179,22 +179,25 @@ def small_eligible(k: int, L: int, normalize: str, steps: int, cdt: torch.dtype)
 
 def tiles(k: int, L: int) -> tuple[int, int, int]:
     """(BLOCK_K, BLOCK_C, num_warps): the k×k block, the column chunk of X and the warps. Past
-    k = 64 the chunk is 32 columns, which keeps sm_80–sm_89 below 255 registers without spills."""
+    k = 64 the chunk is 16 columns: with 32 the fp32-input "gram" variant spills on sm_86/89 (56 and
+    380 B) and 64×128×128 sits at 255 registers on sm_80 (AOT, Triton 3.8)."""
     bk = _pow2_at_least(k)
     if bk <= 64:
         return bk, min(_pow2_at_least(L), 64), 4
-    return bk, 32, 8
+    return bk, 16, 8
 
 
 _COEF: dict[tuple, torch.Tensor] = {}
 
 
 def coef_tensor(coefficients, device: torch.device) -> torch.Tensor:
-    """The (steps, 3) fp32 coefficient tensor on ``device``, cached per schedule (no per-call copy)."""
+    """The flat (3·steps,) fp32 coefficient tensor (a, b, c per step) on ``device``, cached per schedule (no per-call copy)."""
     key = (tuple(coefficients), device)
     t = _COEF.get(key)
     if t is None:
-        t = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 3).to(device)
+        t = torch.tensor(coefficients, dtype=torch.float32).reshape(-1).to(device)
+        if type(t) is not torch.Tensor:     # a fake tensor (AOT trace): never cached for real calls
+            return t
         if len(_COEF) >= 64:
             _COEF.clear()
         _COEF[key] = t

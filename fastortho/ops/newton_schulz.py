@@ -122,10 +122,11 @@ def _plain_eager(G: Tensor, sumsq: Tensor | None) -> bool:
     (no subclass, fake, functorch or meta tensor), no autograd to record, and nothing that intercepts ops
     (torch.compile / torch.jit tracing, a TorchDispatchMode or TorchFunctionMode). Then the custom-op
     dispatcher would only forward to the body, and skipping it is most of a small call's host cost."""
-    return (type(G) is Tensor and G.device.type != "meta" and not G.requires_grad
+    # is_compiling first: under torch.compile it is a constant True and nothing after it is traced
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and type(G) is Tensor and G.device.type != "meta" and not G.requires_grad
             and (sumsq is None or (type(sumsq) is Tensor and not sumsq.requires_grad))
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._functorch.is_functorch_wrapped_tensor(G))
 
 

@@ -1,0 +1,62 @@
+"""Ahead-of-time compile of the single-program small-matrix kernel (``kernels/newton_schulz_small.py``)
+for sm_80/86/89/90/100, as ``newton_schulz`` launches it (its launcher traced on fake CUDA tensors by
+``fastortho.kernels.aot``): one launch per call, no spills, shared memory within each arch's limit,
+tensor-core MMA in the SASS. 64 × 128×128 and the largest padded variant (k = 100 → 128, tall, fp32 G,
+"gram") run by default; the 4-warp, fp32-storage and TF32 variants with ``-m slow``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastortho.kernels import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+
+ARCHS = (80, 86, 89, 90, 100)
+# (shape (B, m, n), G dtype, storage dtype, normalize, allow_tf32)
+DEFAULT = [((64, 128, 128), torch.bfloat16, torch.bfloat16, "fro", False),
+           ((8, 1000, 100), torch.float32, torch.bfloat16, "gram", False)]
+SLOW = [((4, 48, 64), torch.bfloat16, torch.float16, "fro", False),
+        ((4, 32, 128), torch.float32, torch.float32, "fro", False),
+        ((4, 128, 20), torch.float32, torch.float32, "gram", True)]
+
+
+def _trace(arch, shape, gdt, cdt, normalize, tf32):
+    from fastortho.coefficients import get_schedule
+    from fastortho.kernels.aot import trace_launches
+    from fastortho.ops import newton_schulz as ns_op
+
+    co, safety = get_schedule("polar_express")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with trace_launches(arch) as recs:
+            G = torch.empty(shape, device="cuda", dtype=gdt)
+            ns_op._impl(G, co, safety=safety, normalize=normalize, eps=1e-7, compute_dtype=cdt, out_dtype=gdt,
+                        fp32_first_gram=False, gram=None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return recs
+
+
+def _params(cases, marks=()):
+    return [pytest.param(arch, *c, marks=marks,
+                         id=f"sm{arch}-{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{str(c[2])[6:]}-{c[3]}"
+                            + ("-tf32" if c[4] else ""))
+            for c in cases for arch in ARCHS]
+
+
+@pytest.mark.parametrize("arch,shape,gdt,cdt,normalize,tf32", _params(DEFAULT) + _params(SLOW, pytest.mark.slow))
+def test_small_kernel_compiles_clean(arch, shape, gdt, cdt, normalize, tf32):
+    from fastortho.kernels.aot import compile_launch, smem_limit
+
+    recs = _trace(arch, shape, gdt, cdt, normalize, tf32)
+    assert [r.kernel for r in recs] == ["_ns_small_kernel"], [r.kernel for r in recs]
+    r = compile_launch(recs[0], arch)
+    s = r["sass"]
+    assert r["spill_bytes"] == 0 and s["stl_ldl"] == 0, f"{r['spill_stores']} / {r['spill_loads']} B spilled"
+    assert r["smem_bytes"] <= smem_limit(arch), f"{r['smem_bytes']} B > {smem_limit(arch)} B on sm_{arch}"
+    if cdt != torch.float32 or tf32:
+        # wgmma needs 64-row tiles: k ≤ 32 on sm_90 runs mma.sync (HMMA), also tensor cores
+        mma = s["hgmma"] + s["hmma"] + s["tcgen05"]
+        assert mma > 0, f"no tensor-core MMA in the SASS on sm_{arch}: {s}"
