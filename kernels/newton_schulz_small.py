@@ -2,8 +2,9 @@
 
 For a batch of small inputs (e.g. 64 × 128×128, attention heads, LoRA factors) the multi-kernel
 path makes 18 launches for 5 steps (norm pass 2, cast 1, symmetric products 10, applies 5) whose
-work is a few microseconds each: host and launch latency dominate. Here one program holds one
-matrix, X (k×L, k ≤ L, padded to powers of two) in registers, and runs
+work is a few microseconds each: host and launch latency dominate. Here one program takes one
+matrix, X (k×L, k ≤ L) kept in its output block and swept in column chunks, the k×k matrices A and
+B in registers (padded to a power of two), and runs
 
     p = 2^-E,  E the clamped exponent of max|G|;  ν from Σ(G·p)² ("fro") or from X'X'ᵀ ("gram");
     t = 1 / max(safety·ν(G·p), eps·p);   X' = round(p·G);
@@ -21,7 +22,7 @@ sums what the norm pass splits into tiles, one ``tl.dot`` per product instead of
 results agree with the multi-kernel path to rounding, not bit for bit; a matrix gets the same
 program alone or in any batch (batch-invariant). Eligibility depends on the shape and dtypes only.
 
-The coefficients are a (steps, 3) fp32 tensor read in the kernel: one compiled kernel serves every
+The coefficients are a flat (3·steps,) fp32 tensor read in the kernel: one compiled kernel serves every
 schedule and step count.
 """
 from __future__ import annotations
