@@ -143,7 +143,7 @@ def _check_grad(p: Tensor, g: Tensor) -> None:
 def momentum_phase(
     params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], *, momentum: float,
     nesterov: bool, convention: str, placement: str, ns_dtype: torch.dtype, nonfinite: str,
-    names: Sequence[str], backend: str, reduce_finite: Callable[[Tensor], Tensor] | None,
+    names: Sequence[str], backend: str, reduce_sumsq: Callable[[Tensor], Tensor] | None,
 ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
     r"""Phase 1 for one group: momentum (``before_ortho``) and the orthogonalizer inputs :math:`u`.
 
@@ -151,9 +151,9 @@ def momentum_phase(
     the update is finite (None with ``nonfinite="ignore"`` or ``placement="after_ortho"``, where the
     check runs in :func:`apply_phase`), and the float64 :math:`\sum u^2` per parameter, computed from
     :math:`u` before its rounding to ``ns_dtype`` (0 where ``"skip"`` zeroed :math:`u`; None after
-    ``"after_ortho"``), which :func:`orthogonalize` uses as the Frobenius norm. ``reduce_finite`` combines the per-shard flags of sharded
-    parameters across ranks before the policy (None: the flags are already global). A non-finite
-    :math:`u` (its fused :math:`\sum u^2` is NaN/Inf) is replaced by zeros, which the orthogonalizer
+    ``"after_ortho"``), which :func:`orthogonalize` uses as the Frobenius norm. ``reduce_sumsq`` makes
+    sharded parameters' shard sums whole-tensor sums across ranks (None: already whole), so the check
+    is global. A non-finite :math:`u` (its :math:`\sum u^2` is NaN/Inf) is replaced by zeros, which the orthogonalizer
     maps to a zero update, and its momentum buffer is reset to zero: the old buffer cannot be
     recovered after the in-place update, and a NaN kept there would poison every later step. No host
     sync unless ``nonfinite="raise"``. A tensor ``momentum`` is read on the device
@@ -166,10 +166,10 @@ def momentum_phase(
     if placement == "before_ortho":
         us, sumsq = _momentum(grads, bufs, momentum=momentum, nesterov=nesterov, convention=convention,
                               out_dtype=ns_dtype, backend=backend)
+        if reduce_sumsq is not None and len(us):
+            sumsq = reduce_sumsq(sumsq)
         if nonfinite != "ignore" and len(us):
             finite = torch.isfinite(sumsq)
-            if reduce_finite is not None:
-                finite = reduce_finite(finite)
             enforce_nonfinite(finite, list(zip(us, bufs)), policy=nonfinite, names=names,
                               what="momentum/update for parameter(s)")
             if nonfinite == "skip":  # the zeroed u has norm 0 (a NaN sum would give a NaN update)
@@ -226,10 +226,10 @@ def orthogonalize_units(units: Sequence[MatrixUnit], configs: Sequence[OrthoConf
             u.out = o
 
 
-#: Hand the momentum kernel's Σu² to Newton–Schulz (no norm pass). Off: a2a/gather shards keep the norm
-#: pass, whose scale differs from the sum's in its last bit, so a sharded parameter's update would no
-#: longer be bit-identical to the single process's (tests/test_distributed.py).
-REUSE_SUMSQ = False
+#: Hand the momentum kernel's Σu² to Newton–Schulz as the Frobenius norm (no norm pass) wherever it is
+#: one whole matrix's (distributed: after the all-reduce of the shard sums). False: NS takes its own
+#: norm everywhere (a scale that can differ from the sum's in its last fp32 bit).
+REUSE_SUMSQ = True
 
 
 def bucket_sumsq(bucket: Sequence[MatrixUnit]) -> Tensor | None:
@@ -388,7 +388,7 @@ def muon(
         us, finite, sumsq = momentum_phase(
             work, grads, momentum_buffers, momentum=momentum, nesterov=nesterov, convention=momentum_convention,
             placement=momentum_placement, ns_dtype=resolve_ns_dtype(ns_dtype, params[0].device),
-            nonfinite=nonfinite, names=names, backend=backend, reduce_finite=None,
+            nonfinite=nonfinite, names=names, backend=backend, reduce_sumsq=None,
         )
         units = matrix_units(work, momentum_buffers, us, lr_scale=resolve_lr_scale(lr_scale, adjust_lr_fn),
                              flatten=flatten, split_sizes=split_sizes, fan_in_first=False, group_index=0,

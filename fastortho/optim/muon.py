@@ -365,7 +365,7 @@ class Muon(Optimizer):
             bufs = [s["momentum_buffer"] for s in states]
             work = F.contiguous_params(params)
             names = [f"{gi}.{i}" for i in idx]
-            us, finite, sumsq = F.momentum_phase(work.work, grads, bufs, names=names, reduce_finite=None,
+            us, finite, sumsq = F.momentum_phase(work.work, grads, bufs, names=names, reduce_sumsq=None,
                                                  **F.momentum_args(group, params[0].device))
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)

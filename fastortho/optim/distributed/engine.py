@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastortho.optim import functional as F
-from fastortho.optim.distributed.exchange import AllToAll, all_reduce_min, gather_full, nbytes, scatter_local
+from fastortho.optim.distributed.exchange import AllToAll, all_reduce_sum, gather_full, nbytes, scatter_local
 from fastortho.optim.distributed.plan import (
     STRATEGIES, Layout, Task, assign_owners, is_dtensor, local, param_layout, plan_units,
 )
@@ -27,7 +27,7 @@ __all__ = ["CommStats", "DistributedMuonEngine", "make_engine"]
 class CommStats(TypedDict):
     """:attr:`fastortho.Muon.comm_stats`: what the last step sent from this rank."""
 
-    bytes: dict[str, int]  # per kind ("a2a", "owner", "gather", "flags"), excluding what a rank sends itself
+    bytes: dict[str, int]  # per kind ("a2a", "owner", "gather", "flags": the Σu² all-reduce), not to itself
     ideal: dict[str, int]  # analytic bytes per strategy
     collectives: dict[str, int]  # collective calls per kind
     numel: dict[str, int]  # elements of the Muon matrices per strategy
@@ -114,7 +114,7 @@ class DistributedMuonEngine:
             work = F.contiguous_params(plocal)
             us, finite, sumsq = F.momentum_phase(
                 work.work, [local(p.grad) for p in params], bufs, **F.momentum_args(group, plocal[0].device),
-                names=[f"{gi}.{i}" for i in idx], reduce_finite=functools.partial(self._global_finite, lays=lays))
+                names=[f"{gi}.{i}" for i in idx], reduce_sumsq=functools.partial(self._global_sumsq, lays=lays))
             if finite is not None and group["nonfinite"] == "skip":
                 skipped.append(finite)
             g_units, g_tasks = plan_units(gi, idx, params, lays, work.work, bufs, us, group,
@@ -139,26 +139,26 @@ class DistributedMuonEngine:
             work.__exit__()
         return skipped
 
-    def _global_finite(self, finite: Tensor, lays: list[Layout]) -> Tensor:
-        """AND of the per-shard finite flags over each sharded parameter's groups (one MIN all-reduce per
-        distinct group), so every rank skips the same matrices."""
+    def _global_sumsq(self, sumsq: Tensor, lays: list[Layout]) -> Tensor:
+        """Each sharded parameter's whole Σu²: SUM all-reduce of the float64 shard sums over each group that
+        shards it. Every rank gets the norm NS needs (see plan_units) and the same non-finite verdict."""
         by_groups: dict[tuple, list[int]] = {}
         for i, lay in enumerate(lays):
             if lay.reduce_groups:
                 by_groups.setdefault(lay.reduce_groups, []).append(i)
         if not by_groups:
-            return finite
-        finite = finite.clone()
+            return sumsq
+        sumsq = sumsq.clone()
         for groups, ids in by_groups.items():
             # device index tensors made once (at a warm-up step, not inside a CUDA-graph capture)
-            idx = self._index.get((tuple(ids), finite.device))
+            idx = self._index.get((tuple(ids), sumsq.device))
             if idx is None:
-                idx = self._index[(tuple(ids), finite.device)] = torch.tensor(ids, device=finite.device)
-            f = finite.index_select(0, idx).to(torch.int32)
+                idx = self._index[(tuple(ids), sumsq.device)] = torch.tensor(ids, device=sumsq.device)
+            q = sumsq.index_select(0, idx)
             for g in groups:
-                self._count("flags", all_reduce_min(f, g))
-            finite.index_copy_(0, idx, f.bool())
-        return finite
+                self._count("flags", all_reduce_sum(q, g))
+            sumsq.index_copy_(0, idx, q)
+        return sumsq
 
     def _check_same_params(self, param_groups: Sequence[dict], selected: list[tuple[int, list[int]]]) -> None:
         """Every rank of a group must step the same Muon parameters in the same order (else the exchange
@@ -352,7 +352,7 @@ class DistributedMuonEngine:
         results: dict[Any, Tensor] = {}
         for (cfg, *_), bucket in buckets.items():
             xs, qs = [x for _, x, _ in bucket], [t.sumsq for t, _, _ in bucket]
-            q = None if not F.REUSE_SUMSQ or any(v is None for v in qs) else torch.cat(qs)  # see F.REUSE_SUMSQ
+            q = None if not F.REUSE_SUMSQ or any(v is None for v in qs) else torch.cat(qs)
             o = F.orthogonalize(xs[0] if len(xs) == 1 else torch.cat(xs), cfg, q).contiguous()
             self.stats["ns_calls"] += 1
             self.stats["ns_flops"] += sum(t.cost for t, _, _ in bucket)

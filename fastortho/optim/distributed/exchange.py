@@ -1,6 +1,7 @@
 """Every collective the distributed Muon step runs: one :class:`AllToAll` for the three exchanges
 (shards of u to their owner, slices of O back, owner results to everyone), the DTensor gather and
-scatter of the ``gather`` strategy, and the all-reduce of the non-finite flags.
+scatter of the ``gather`` strategy, and the all-reduce of the per-shard sums of squares (the
+non-finite flags and the Frobenius norms of the sharded matrices).
 
 ``all_to_all_single`` with exact split sizes is the only gloo collective that takes unequal sizes, so
 nothing is ever padded (padding costs bytes and can flip Newton–Schulz's transpose decision).
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["AllToAll", "nbytes", "gather_full", "scatter_local", "all_reduce_min"]
+__all__ = ["AllToAll", "nbytes", "gather_full", "scatter_local", "all_reduce_sum"]
 
 
 def nbytes(numel: int, dtype: torch.dtype) -> int:
@@ -80,8 +81,8 @@ def scatter_local(full: Tensor, mesh: Any, placements: Any) -> Tensor:
     return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local().contiguous()
 
 
-def all_reduce_min(flags: Tensor, group: Any) -> int:
-    """MIN all-reduce of an int tensor over ``group``, in place; returns the bytes a ring sends per rank."""
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+def all_reduce_sum(x: Tensor, group: Any) -> int:
+    """SUM all-reduce of ``x`` over ``group``, in place; returns the bytes a ring sends per rank."""
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     w = dist.get_world_size(group)
-    return nbytes(flags.numel(), flags.dtype) * 2 * (w - 1) // w
+    return nbytes(x.numel(), x.dtype) * 2 * (w - 1) // w

@@ -178,7 +178,8 @@ class Task:
     # its EMA weight; the owner updates it and sends it to the other ranks of the group
     v: Tensor | None = None
     beta2: Any = None
-    # local / owner of one whole matrix: its (1,) float64 ‖u‖_F² from the momentum kernel (NS skips its norm)
+    # one whole matrix (any strategy): its (1,) float64 ‖u‖_F², the momentum kernel's sum over the whole
+    # tensor (sharded: the all-reduced shard sums), so NS skips its norm pass
     sumsq: Tensor | None = None
 
     @property
@@ -209,10 +210,17 @@ def plan_units(
     weight, scale :math:`s(n, m)`, as :func:`~fastortho.optim.functional.matrix_units`); an ``a2a`` unit
     with rows sharded is this rank's rows of the block (possibly empty); a ``gather`` unit is the whole
     local shard (its blocks are split after the gather). ``vs``: NorMuon's replicated ``(m,)``/``(B, m)``
-    row moments per parameter, attached to the tasks (the unit's rows in full). ``sumsqs``: the momentum
-    kernel's per-parameter Σu² of the local tensors, attached to the ``local``/``owner`` tasks that are one
-    whole matrix (the sum is then that matrix's norm, so NS skips its norm pass); ``a2a`` and ``gather``
-    units hold a shard's sum only and keep the norm pass."""
+    row moments per parameter, attached to the tasks (the unit's rows in full). ``sumsqs``: the per-parameter
+    Σu² of the whole tensors (sharded ones all-reduced by the engine), attached to the tasks that are one
+    whole matrix (global batch 1, not split), of any strategy: NS takes it as the norm instead of a pass
+    over the matrix. Stacks and row blocks keep the pass (one sum covers several matrices).
+
+    Bit-identity with one process: the single process sums u² in its kernel's order, the engine sums
+    shard sums (each in its kernel's order) across ranks, all in float64, where every u² of an fp32 u
+    is exact. The two sums differ by float64 rounding only (relative ≤ (N−1)·2⁻⁵³ for N terms, in
+    practice ~√N·2⁻⁵³), and the scale s = 1/(safety·√sumsq) is rounded once to fp32 (spacing
+    2⁻²³ relative): s, hence the update, changes only when it lies that close (~1e-13 relative at
+    N = 1e6) to an fp32 rounding midpoint, a chance of order 1e-6 per matrix and step."""
     rule = F.resolve_lr_scale(group["lr_scale"], group["adjust_lr_fn"])
     fan_in_first = bool(group.get("fan_in_first"))
 
@@ -236,7 +244,8 @@ def plan_units(
                                           "'gather' strategy is not supported")
             units.append(F.MatrixUnit(param=pw, buf=bw, ns_input=uw, scale=scales.pop(), group_index=gi, name=name))
             tasks.append(Task(gi, i, lay, (bsz, m, n), pcfg, ns_flops(bsz, m, n, steps), param=p, u_local=uw,
-                              split=tuple(split) if split else None, v=v, beta2=group.get("beta2")))
+                              split=tuple(split) if split else None, v=v, beta2=group.get("beta2"),
+                              sumsq=sumsqs[j : j + 1] if sumsqs is not None and bsz == 1 and not split else None))
             continue
         views = [t.view(*F.matrix_shape(pw.shape, group["flatten"])) for t in (pw, bw, uw)]
         # local and a2a work on this rank's own stack (a stack dim sharded over an expert-parallel mesh
@@ -261,7 +270,7 @@ def plan_units(
                 # the block's rows are all here (a local row range would not be: see the branch above)
                 vb = [v.narrow(1, r0, r1 - r0) for v in views] if split else views
                 t.pieces = list(lay.extents) if lay.strategy == "a2a" else []
-            if sumsqs is not None and lay.strategy in ("local", "owner") and lb == 1 and not split:
+            if sumsqs is not None and bsz == lb == 1 and not split:  # whole here; 0 on the rest of a stack dim
                 t.sumsq = sumsqs[j : j + 1]
             units.append(F.MatrixUnit(param=vb[0], buf=vb[1], ns_input=vb[2], group_index=gi,
                                       scale=scale_of(r1 - r0, n), name=f"{name}[{kb}]" if split else name))
