@@ -131,7 +131,7 @@ class Task:
     axis: int = 1  # a2a: 1 = rows, 2 = columns sharded
     stack: tuple[Group, ...] = ()  # local: groups that chunk the stack dim B (mesh-dim order)
     gather: tuple[Group, ...] = ()  # gather: the sharded mesh dims
-    flags: tuple[Group, ...] = ()  # groups of the non-finite flags all-reduce (sharded strategies)
+    flags: tuple[Group, ...] = ()  # groups of the Σu² (non-finite flag) all-reduce (sharded strategies)
     name: str = ""
 
     @property
@@ -231,7 +231,7 @@ def rank_prediction(tasks: list[Task], rank: int, *, nbytes: int = 2, steps: int
     if flags:
         for groups, n in flag_sets.items():
             for g in groups:
-                add("flags", 4 * n * 2 * (g.size - 1) // g.size)
+                add("flags", 8 * n * 2 * (g.size - 1) // g.size)  # one float64 Σu² per parameter
     return dict(bytes=by, ns_flops=fl, owners=[int(o[rank]) for o in owners])
 
 

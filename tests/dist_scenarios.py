@@ -397,6 +397,40 @@ def sc_normuon_unsupported(rank, world):
     return out
 
 
+def sc_sumsq_reuse(rank, world):
+    """What the step hands Newton–Schulz on this rank: per ``orthogonalize`` call, the ``(B, m, n)`` input,
+    whether a Σu² came with it, and its largest relative distance to the float64 Σ of the input's
+    matrices. a2a on rows and on columns, a flattened conv kernel gathered (Shard(3)), a 3-D stack (a2a)."""
+    import fastortho
+    from fastortho.optim import functional as F
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(3)
+    shapes, pls = [(33, 16), (16, 40), (8, 3, 3, 3), (3, 6, 10)], [Shard(0), Shard(1), Shard(3), Shard(1)]
+    ps = [nn.Parameter(distribute_tensor(0.1 * torch.randn(s), mesh, [pl], src_data_rank=None))
+          for s, pl in zip(shapes, pls)]
+    opt = fastortho.Muon(ps, lr=LR)
+    calls, real = [], F.orthogonalize
+
+    def spy(X, cfg, sumsq=None):
+        rel = None if sumsq is None else ((sumsq - X.double().square().sum((-2, -1))).abs() / sumsq).max().item()
+        calls.append((tuple(X.shape), rel))
+        return real(X, cfg, sumsq)
+
+    F.orthogonalize = spy
+    try:
+        for step in range(2):
+            for p, g in zip(ps, _grads(shapes, step)):
+                p.grad = distribute_tensor(g, mesh, p.placements, src_data_rank=None)
+            calls.clear()
+            opt.step()
+    finally:
+        F.orthogonalize = real
+    return dict(ok=True, calls=calls, strategies=sorted(opt.comm_stats["numel"]),
+                flags=opt.comm_stats["bytes"].get("flags", 0), flag_calls=opt.comm_stats["collectives"].get("flags", 0))
+
+
 SCENARIOS = {
     "ident_normuon_fsdp": sc_ident_normuon_fsdp,
     "ident_normuon_tp": sc_ident_normuon_tp,
@@ -418,6 +452,7 @@ SCENARIOS = {
     "ident_gather": sc_ident_gather,
     "ident_owner": sc_ident_owner,
     "ident_local": sc_ident_local,
+    "sumsq_reuse": sc_sumsq_reuse,
 }
 
 
@@ -546,19 +581,24 @@ def _train(model, opt, rank_slice, n_total, steps=E2E_STEPS, tp=False, ns_counte
     return between
 
 
+@contextlib.contextmanager
 def _counting_ns(counter):
-    """The default orthogonalizer (Keller's triple, 5 steps, the CPU's fp32) as an ``orthogonalizer=``
-    callable that counts its calls in ``counter[0]``."""
+    """Count the optimizer's orthogonalizer calls (``functional.orthogonalize``, which the engine calls
+    through the module) in ``counter[0]``; the calls run unchanged (the momentum's Σu² included, so the
+    result stays the one process's)."""
     from fastortho.optim import functional as F
-    from fastortho.optim.defaults import MUON_DEFAULTS
 
-    cfg = F.OrthoConfig.from_group(dict(MUON_DEFAULTS, ns_steps=5))
+    real = F.orthogonalize
 
-    def counted(x):
+    def counted(*args, **kwargs):
         counter[0] += 1
-        return F.orthogonalize(x, cfg)
+        return real(*args, **kwargs)
 
-    return counted
+    F.orthogonalize = counted
+    try:
+        yield
+    finally:
+        F.orthogonalize = real
 
 
 def _fsdp_model(mesh):
@@ -578,8 +618,9 @@ def sc_e2e_fsdp(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     model = _fsdp_model(mesh)
     counter = [0]
-    opt = _opt(model.parameters(), orthogonalizer=_counting_ns(counter))
-    outside = _train(model, opt, slice(rank * PER, (rank + 1) * PER), world * PER, ns_counter=counter)
+    opt = _opt(model.parameters())
+    with _counting_ns(counter):
+        outside = _train(model, opt, slice(rank * PER, (rank + 1) * PER), world * PER, ns_counter=counter)
     equal, diff = _compare(model, _reference(world, world * PER))
     placements = sorted({str(p.placements) for p in model.parameters()})
     return dict(ok=True, equal=equal, max_diff=diff, ns_outside_step=outside,

@@ -46,9 +46,9 @@ NORMUON = ["ident_normuon_fsdp", "ident_normuon_tp", "ident_normuon_owner", "ide
 CAPT = ["ident_capturable", "ident_capturable_normuon", "ident_capturable_gather"]
 W2 = IDENT + PIPE + NORMUON + CAPT + ["ident_after_ortho", "host_read_guard", "ident_fan_in_first", "ident_svd_bf16",
                                       "normuon_unsupported", "bytes_even", "e2e_fsdp", "e2e_ddp", "e2e_tp", "dcp",
-                                      "dcp_normuon", "divergent_grads"]
+                                      "dcp_normuon", "divergent_grads", "sumsq_reuse"]
 W4 = ["ident_a2a_bf16", "ident_gather", "ident_owner", *PIPE, "ident_normuon_fsdp", "bytes_even", "e2e_fsdp",
-      "e2e_hsdp", "e2e_fsdp_tp"]
+      "e2e_hsdp", "e2e_fsdp_tp", "sumsq_reuse"]
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +195,27 @@ def test_bytes_match_closed_form(w2, w4, world):
     assert per_rank[0]["owner"]["mean_per_param"] == pytest.approx(2 * (W - 1) / W, rel=1e-12)
     # LPT on NS flops: 7 matrices on W ranks; the busiest rank within 1.5x of the mean
     assert per_rank[0]["a2a"]["max_flops"] <= 1.5 * per_rank[0]["a2a"]["mean_flops"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_whole_matrices_hand_their_sum_to_newton_schulz(w2, w4, world):
+    """Every orthogonalize call of whole matrices gets the whole matrices' Σu² (the all-reduced shard sums,
+    measured within 1.3e-16 relative of the float64 Σ of the assembled input; bound 1e-12), so NS runs no
+    norm pass: a2a on rows and on columns (on its owner), a gathered flattened conv kernel (on every rank).
+    The 3-D stack (one sum for 3 matrices) keeps the pass. One SUM all-reduce of a float64 per sharded
+    parameter carries the sums (and the non-finite check): 4 × 8 B × 2(W−1)/W per rank, one call."""
+    per_rank = _get(w2 if world == 2 else w4, "sumsq_reuse")
+    calls = [c for d in per_rank for c in d["calls"]]
+    assert sorted({shape for shape, _ in calls}) == [(1, 8, 27), (1, 16, 40), (1, 33, 16), (3, 6, 10)]
+    assert sum(shape == (1, 8, 27) for shape, _ in calls) == world  # gather: NS on every rank
+    for shape, rel in calls:
+        if shape[0] == 1:
+            assert rel is not None and rel <= 1e-12, (shape, rel)
+        else:
+            assert rel is None, shape
+    for d in per_rank:
+        assert d["strategies"] == ["a2a", "gather"]
+        assert d["flags"] == 4 * 8 * 2 * (world - 1) // world and d["flag_calls"] == 1
 
 
 @pytest.mark.parametrize("name", ["e2e_fsdp", "e2e_ddp"])

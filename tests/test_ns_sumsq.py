@@ -127,8 +127,9 @@ def _step(shapes, **kw):
 
 
 def test_optimizer_with_sumsq_equals_without_torch_backend(monkeypatch):
-    """Same step with the norms taken by newton_schulz (REUSE_SUMSQ off): parameters
-    within 4 fp32 ulps of their magnitude (measured: max |Δθ| = 2.4e-10 on |θ| ~ 1, lr = 0.02)."""
+    """The default step (sums handed over) against the step with the norms taken by newton_schulz
+    (REUSE_SUMSQ off): parameters within 4 fp32 ulps of their magnitude (measured: max |Δθ| = 2.4e-10
+    on |θ| ~ 1, lr = 0.02)."""
     from fastortho.optim import functional as F
 
     shapes = [(32, 48), (48, 32), (32, 48)]
@@ -140,7 +141,7 @@ def test_optimizer_with_sumsq_equals_without_torch_backend(monkeypatch):
         seen.append(q is not None)
         return q
 
-    monkeypatch.setattr(F, "REUSE_SUMSQ", True)
+    assert F.REUSE_SUMSQ  # the default
     monkeypatch.setattr(F, "bucket_sumsq", spy)
     with_q = _step(shapes, backend="torch")
     assert seen and all(seen)
@@ -160,7 +161,7 @@ def test_units_get_sumsq_only_when_the_sum_is_theirs():
     bufs = [torch.zeros_like(p) for p in ps]
     us, finite, sumsq = F.momentum_phase(ps, [p.grad for p in ps], bufs, momentum=0.9, nesterov=True,
                                          convention="ema", placement="before_ortho", ns_dtype=torch.float32,
-                                         nonfinite="skip", names=list("abcd"), backend="auto", reduce_finite=None)
+                                         nonfinite="skip", names=list("abcd"), backend="auto", reduce_sumsq=None)
     units = F.matrix_units(ps[:3], bufs[:3], us[:3], lr_scale="original", flatten=None, split_sizes=None,
                            fan_in_first=False, group_index=0, names=list("abc"), sumsqs=sumsq[:3])
     assert [u.sumsq is not None for u in units] == [True, False, True]
@@ -171,10 +172,9 @@ def test_units_get_sumsq_only_when_the_sum_is_theirs():
     assert [u.sumsq for u in split] == [None, None]
 
 
-def test_skip_policy_zeroes_the_sum_with_the_input(monkeypatch):
+def test_skip_policy_zeroes_the_sum_with_the_input():
     """nonfinite="skip" zeroes a non-finite u; its sum must become 0 too, or the NaN sum would turn
-    the zero update into a NaN one."""
-    monkeypatch.setattr(fastortho.optim.functional, "REUSE_SUMSQ", True)
+    the zero update into a NaN one (default configuration)."""
     ps = _params([(8, 12), (8, 12)])
     ps[1].grad[0, 0] = float("nan")
     before = ps[1].detach().clone()
@@ -182,6 +182,30 @@ def test_skip_policy_zeroes_the_sum_with_the_input(monkeypatch):
                          weight_decay=0.0)
     opt.step()
     assert torch.isfinite(ps[0]).all() and torch.equal(ps[1].detach(), before)
+
+
+def test_reduced_sums_are_the_norms_and_the_check():
+    """``reduce_sumsq`` (the distributed engine's all-reduce of shard sums) is applied before the
+    policy: the returned sums are the reduced ones, the finite mask is read from them (a NaN that only
+    another shard held skips this parameter), and "skip" zeroes the skipped sum and input."""
+    from fastortho.optim import functional as F
+
+    ps = _params([(8, 12), (8, 12), (6, 4)])
+    bufs = [torch.zeros_like(p) for p in ps]
+    other = torch.tensor([1.5, float("nan"), 0.0], dtype=torch.float64)  # "another rank's" shard sums
+    seen = []
+
+    def reduce(q):
+        seen.append(q.clone())
+        return q + other
+
+    us, finite, sumsq = F.momentum_phase(ps, [p.grad for p in ps], bufs, momentum=0.9, nesterov=True,
+                                         convention="ema", placement="before_ortho", ns_dtype=torch.float32,
+                                         nonfinite="skip", names=list("abc"), backend="auto", reduce_sumsq=reduce)
+    local = seen[0]
+    assert finite.tolist() == [True, False, True]
+    assert sumsq.tolist() == [local[0].item() + 1.5, 0.0, local[2].item()]
+    assert torch.equal(us[1], torch.zeros_like(us[1])) and torch.equal(bufs[1], torch.zeros_like(bufs[1]))
 
 
 @pytest.fixture
@@ -208,7 +232,6 @@ def launches(monkeypatch):
               "_sumsq_scale_kernel"):
         monkeypatch.setattr(launch, n, Stub(n))
     monkeypatch.setattr(launch, "SYM_TMA", "off", raising=False)
-    monkeypatch.setattr(fastortho.optim.functional, "REUSE_SUMSQ", True)
     monkeypatch.setattr(op, "interpreter_enabled", lambda: True)
     monkeypatch.setattr(fastortho.kernels, "interpreter_enabled", lambda: True)   # Muon's CPU check
     monkeypatch.setenv("FASTORTHO_NS_LINE3", "triton")
@@ -216,8 +239,9 @@ def launches(monkeypatch):
 
 
 def test_optimizer_step_launches_no_norm_pass(launches, monkeypatch):
-    """Two buckets of whole matrices: one sumsq launch each, no norm pass (2 launches a bucket with
-    REUSE_SUMSQ off, the default)."""
+    """Default configuration: two buckets of whole matrices, one sumsq launch each, no norm pass
+    (2 launches a bucket with the REUSE_SUMSQ escape hatch off)."""
+    assert fastortho.optim.functional.REUSE_SUMSQ
     _step([(256, 512), (256, 512), (512, 256)], backend="triton")
     assert launches.get("_sumsq_partial_kernel", 0) == 0 and launches.get("_scale_kernel", 0) == 0
     assert launches["_sumsq_scale_kernel"] == 2
