@@ -10,9 +10,10 @@ Two ways to get (s, p, t):
   number of programs per matrix) then ``_scale_kernel`` (their combination, one program per matrix);
   E is the binary exponent of max|G|, so max|G·p| ∈ [1, 2);
 * ``_sumsq_scale_kernel``, from a sum of squares the caller already has (the Muon momentum kernel
-  computes Σu² in float64 while it writes u): no read of G at all; E is the binary exponent of
-  ν = √sumsq, so max|G·p| ≤ ν·p < 2 (the same range bound; small entries sit lower, which the
-  power-of-two shift keeps exact while p·G stays normal).
+  computes Σu² in float64 while it writes u; the formula is ``_sumsq_scale``, which the single-program
+  small-matrix kernel of ``kernels/newton_schulz_small.py`` calls too): no read of G at all; E is
+  the binary exponent of ν = √sumsq, so max|G·p| ≤ ν·p < 2 (the same range bound; small entries sit
+  lower, which the power-of-two shift keeps exact while p·G stays normal).
 
 Both give the same s up to its last-bit rounding: the norm pass rounds ν, safety·ν and 1/d in fp32,
 the sumsq kernel forms 1/max(safety·√sumsq, eps) in float64 and rounds once.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["_pow2", "_exponent", "_sumsq_partial_kernel", "_scale_kernel", "_sumsq_scale_kernel"]
+__all__ = ["_pow2", "_exponent", "_sumsq_partial_kernel", "_scale_kernel", "_sumsq_scale", "_sumsq_scale_kernel"]
 
 
 @triton.jit
@@ -130,24 +131,37 @@ def _scale_kernel(PART, EXPO, PRE, SCALE, POW2, REST, SPLIT, safety, eps,
 
 
 @triton.jit
-def _sumsq_scale_kernel(SUMSQ, SCALE, POW2, REST, B, safety, eps, BLOCK: tl.constexpr):
-    """(s, p, t) of BLOCK matrices from their given sums of squares q = ‖G_b‖_F² (fp64 or fp32).
+def _sumsq_scale(q, safety, eps):
+    """(s, p, t) from a given sum of squares q = ‖G‖_F² (any float dtype; a scalar or a block):
 
-    In float64: ν = √q, d = max(safety·ν, eps), s = 1/d; E = the binary exponent of ν clamped to
+    in float64, ν = √q, d = max(safety·ν, eps), s = 1/d; E = the binary exponent of ν clamped to
     [-126, 126], p = 2^-E, t = s·2^E (exact in float64); s and t are each rounded once to fp32 (t is
-    normal even when s is subnormal, i.e. when safety·ν > 2^126). A NaN or Inf q gives NaN s and t
+    normal even when s is subnormal, i.e. when safety·ν > 2^126). ``safety`` and ``eps`` are taken
+    as fp32 numbers (what a kernel argument holds on a GPU; the interpreter passes Python floats, so
+    they are rounded here explicitly), then widened exactly. A NaN or Inf q gives NaN s and t
     (q − q is 0 for finite q and NaN otherwise), so the whole matrix comes out NaN, as a NaN/Inf G
-    does through the norm pass; q = 0 gives s = 1/eps (a zero matrix stays zero)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < B
-    q = tl.load(SUMSQ + offs, mask=ok, other=0.0).to(tl.float64)
+    does through the norm pass; q = 0 gives s = 1/eps (a zero matrix stays zero). Shared by
+    ``_sumsq_scale_kernel`` and the single-program small-matrix kernel, so both get the same bits."""
+    q = q.to(tl.float64)
+    sf = tl.full((), safety, tl.float32).to(tl.float64)
+    ef = tl.full((), eps, tl.float32).to(tl.float64)
     nu = tl.sqrt(q)
-    d = nu * safety                                     # float64 (safety, eps: fp32 arguments)
-    d = tl.where(d < eps, eps, d)                       # written so that NaN survives
+    d = nu * sf
+    d = tl.where(d < ef, ef, d)                         # written so that NaN survives
     s = 1.0 / d + (q - q)
     e = ((nu.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
     e = tl.minimum(tl.maximum(e, -126), 126).to(tl.int32)
     t = s * _pow2(e).to(tl.float64)
-    tl.store(SCALE + offs, s.to(tl.float32), mask=ok)
-    tl.store(POW2 + offs, _pow2(-e), mask=ok)
-    tl.store(REST + offs, t.to(tl.float32), mask=ok)
+    return s.to(tl.float32), _pow2(-e), t.to(tl.float32)
+
+
+@triton.jit
+def _sumsq_scale_kernel(SUMSQ, SCALE, POW2, REST, B, safety, eps, BLOCK: tl.constexpr):
+    """(s, p, t) of BLOCK matrices from their given sums of squares q = ‖G_b‖_F² (fp64 or fp32):
+    ``_sumsq_scale`` on each."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < B
+    s, p, t = _sumsq_scale(tl.load(SUMSQ + offs, mask=ok, other=0.0), safety, eps)
+    tl.store(SCALE + offs, s, mask=ok)
+    tl.store(POW2 + offs, p, mask=ok)
+    tl.store(REST + offs, t, mask=ok)

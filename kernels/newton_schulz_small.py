@@ -8,6 +8,7 @@ B in registers (padded to a power of two), and runs
 
     p = 2^-E,  E the clamped exponent of max|G|;  ν from Σ(G·p)² ("fro") or from X'X'ᵀ ("gram");
     t = 1 / max(safety·ν(G·p), eps·p);   X' = round(p·G);
+    (given sumsq = ‖G‖_F², "fro": p and t from ``_sumsq_scale``, the scale kernel's bits; no norm pass)
     A = round(t·t·X'X'ᵀ)            ("fro";  "gram": A = round(X'X'ᵀ·(t·t)), X'X'ᵀ kept in fp32)
     per step (a, b, c):  B = round(c·A·A + b·A),   X ← round(σ·(B·X + a·X))  (σ = t at step 0, else 1),
                          A = round(X·Xᵀ)  (before every step but the first),
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from . import interpreter_enabled
 from .newton_schulz import _round
-from .newton_schulz_norm import _exponent, _pow2
+from .newton_schulz_norm import _exponent, _pow2, _sumsq_scale
 from .newton_schulz_launch import dot_setup, tl_dtype
 
 __all__ = ["_ns_small_kernel", "ns_small", "small_eligible", "tiles", "MAX_K", "MAX_K_FP32", "MAX_L"]
@@ -49,12 +50,13 @@ def _sym_upper(A, r, c, ok):
 
 @triton.jit
 def _ns_small_kernel(
-    G, OUT, COEF,
+    G, OUT, COEF, SUMSQ,
     STEPS, K, L,
     sg_b, sg_r, sg_c,
     so_b, so_r, so_c,
     safety, eps,
     GRAM_NORM: tl.constexpr,     # ν = ‖GGᵀ‖_F^{1/2} ("gram") instead of ‖G‖_F ("fro")
+    HAS_SUMSQ: tl.constexpr,     # SUMSQ[b] = ‖G_b‖_F² given ("fro"): (p, t) from it, no norm pass
     CDT: tl.constexpr,           # storage dtype of X, A, B and the output
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -77,21 +79,25 @@ def _ns_small_kernel(
     g_rows = G + b * sg_b + rk[:, None].to(tl.int64) * sg_r
     o_rows = OUT + b * so_b + rk[:, None].to(tl.int64) * so_r
 
-    # Norm pass (``_sumsq_partial_kernel`` then ``_scale_kernel``, ROOT = 2): squares of x·2^-E with
-    # E the running clamped exponent of max|G|; a rise of E rescales the sum by an exact power of two.
-    ssq = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    e = tl.full((), -126, tl.int32)
-    for c0 in range(0, L, BLOCK_C):
-        cols = (c0 + cc).to(tl.int64)
-        m = row_ok[:, None] & (cols[None, :] < L)
-        x = tl.abs(tl.load(g_rows + cols[None, :] * sg_c, mask=m, other=0.0).to(tl.float32))
-        e_new = tl.maximum(e, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
-        r = _pow2(-tl.minimum(e_new - e, 63))
-        ssq = ssq * r * r
-        y = x * _pow2(-e_new)
-        ssq += y * y
-        e = e_new
-    p = _pow2(-e)
+    if HAS_SUMSQ:
+        # (p, t) from the given sum, the bits of ``_sumsq_scale_kernel`` (the same helper): no pass over G.
+        _, p, t = _sumsq_scale(tl.load(SUMSQ + b), safety, eps)
+    else:
+        # Norm pass (``_sumsq_partial_kernel`` then ``_scale_kernel``, ROOT = 2): squares of x·2^-E with
+        # E the running clamped exponent of max|G|; a rise of E rescales the sum by an exact power of two.
+        ssq = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        e = tl.full((), -126, tl.int32)
+        for c0 in range(0, L, BLOCK_C):
+            cols = (c0 + cc).to(tl.int64)
+            m = row_ok[:, None] & (cols[None, :] < L)
+            x = tl.abs(tl.load(g_rows + cols[None, :] * sg_c, mask=m, other=0.0).to(tl.float32))
+            e_new = tl.maximum(e, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
+            r = _pow2(-tl.minimum(e_new - e, 63))
+            ssq = ssq * r * r
+            y = x * _pow2(-e_new)
+            ssq += y * y
+            e = e_new
+        p = _pow2(-e)
 
     # X' = round(p·G) (``_scale_cast_kernel``) written to OUT; its Gram product accumulated.
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
@@ -110,12 +116,13 @@ def _ns_small_kernel(
         e2 = tl.maximum(tl.full((), -126, tl.int32), _exponent(tl.max(tl.max(za, axis=1), axis=0)))
         z = za * _pow2(-e2)
         nu = tl.sqrt(tl.sqrt(tl.sum(tl.sum(z * z, axis=1), axis=0)) * _pow2(e2))
-    else:
+    elif not HAS_SUMSQ:
         nu = tl.sqrt(tl.sum(tl.sum(ssq, axis=1), axis=0))
-    d = safety * nu
-    lim = eps * p
-    d = tl.where(d < lim, lim, d)                           # NaN survives: NaN < lim is false
-    t = 1.0 / d
+    if not HAS_SUMSQ:
+        d = safety * nu
+        lim = eps * p
+        d = tl.where(d < lim, lim, d)                       # NaN survives: NaN < lim is false
+        t = 1.0 / d
     if GRAM_NORM:
         A = raw * (t * t)
     else:
@@ -228,23 +235,30 @@ def ns_small(Gv: torch.Tensor, out: torch.Tensor, coefficients, *, normalize: st
              cdt: torch.dtype, fp32_first: bool = False, sumsq: torch.Tensor | None = None) -> torch.Tensor:
     """Standard Newton–Schulz of every matrix of the logical wide view Gv (B, k, L), one program each,
     into ``out`` (same logical view, dtype ``cdt``); the signature of ``ns_standard``. Callers check
-    :func:`small_eligible` first; ``fp32_first`` and ``sumsq`` are not supported (multi-kernel path)."""
-    if fp32_first or sumsq is not None:
-        raise ValueError("ns_small: fp32_first and sumsq run on the multi-kernel path (ns_standard)")
+    :func:`small_eligible` first; ``fp32_first`` is not supported (multi-kernel path). ``sumsq``: (B,)
+    contiguous float64/float32 ‖G_b‖_F² ("fro" only); the kernel forms (p, t) from it as
+    ``sumsq_norm_scale`` does, bit for bit, and skips its norm pass over G."""
+    if fp32_first:
+        raise ValueError("ns_small: fp32_first runs on the multi-kernel path (ns_standard)")
+    if sumsq is not None and normalize != "fro":
+        raise ValueError(f"sumsq is ‖G‖_F², the scale of normalize='fro' only, got normalize={normalize!r}")
     B, k, L = Gv.shape
     if B == 0:
         return out
     *_, meta = _launch_setup(k, L, normalize, cdt, Gv.device)
     co = coefficients if isinstance(coefficients, tuple) else tuple(coefficients)
-    _ns_small_kernel[(B,)](Gv, out, coef_tensor(co, Gv.device), len(co), k, L, *Gv.stride(), *out.stride(),
-                           float(safety), float(eps), **meta)
+    coef = coef_tensor(co, Gv.device)
+    # without a sum, SUMSQ is never read (HAS_SUMSQ=False compiles the load out): any pointer will do
+    _ns_small_kernel[(B,)](Gv, out, coef, coef if sumsq is None else sumsq, len(co), k, L, *Gv.stride(),
+                           *out.stride(), float(safety), float(eps), HAS_SUMSQ=sumsq is not None, **meta)
     return out
 
 
 def run(G: torch.Tensor, coefficients, *, safety: float, normalize: str, eps: float, cdt: torch.dtype,
-        out_dtype: torch.dtype) -> torch.Tensor:
+        out_dtype: torch.dtype, sumsq: torch.Tensor | None = None) -> torch.Tensor:
     """The whole small-matrix call for G (B, m, n) (``fastortho.ops.newton_schulz._impl``): allocate the
-    result, launch once on the short-side view, convert to ``out_dtype`` when it differs from ``cdt``.
+    result, launch once on the short-side view, convert to ``out_dtype`` when it differs from ``cdt``;
+    ``sumsq`` as in :func:`ns_small`.
 
     Triton launches on the current device: a tensor on another CUDA device gets a device guard (it then
     runs on that device's current stream); the guard is skipped when the device is already current."""
@@ -255,9 +269,9 @@ def run(G: torch.Tensor, coefficients, *, safety: float, normalize: str, eps: fl
     Gv, resv = (G.mT, res.mT) if tall else (G, res)
     if G.device.type == "cuda" and G.device.index != torch.cuda.current_device():
         with torch.cuda.device(G.device):
-            ns_small(Gv, resv, coefficients, normalize=normalize, safety=safety, eps=eps, cdt=cdt)
+            ns_small(Gv, resv, coefficients, normalize=normalize, safety=safety, eps=eps, cdt=cdt, sumsq=sumsq)
     else:
-        ns_small(Gv, resv, coefficients, normalize=normalize, safety=safety, eps=eps, cdt=cdt)
+        ns_small(Gv, resv, coefficients, normalize=normalize, safety=safety, eps=eps, cdt=cdt, sumsq=sumsq)
     if res is not out:
         out.copy_(res)
     return out

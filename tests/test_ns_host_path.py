@@ -13,7 +13,8 @@ from fastortho.kernels import HAS_TRITON, interpreter_enabled
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON or interpreter_enabled(), reason="needs triton, no interpreter")
 
-KERNELS = ("_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel", "_scale_cast_kernel")
+KERNELS = ("_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel", "_scale_cast_kernel",
+           "_sumsq_scale_kernel")
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -68,14 +69,14 @@ def multi_kernel(monkeypatch):
     monkeypatch.setattr(small, "ENABLED", False)
 
 
-def _call(shape, gram, monkeypatch, line3="triton"):
+def _call(shape, gram, monkeypatch, line3="triton", sumsq=None):
     from fastortho.coefficients import get_schedule
     from fastortho.ops.newton_schulz import _impl
 
     monkeypatch.setenv("FASTORTHO_NS_LINE3", line3)
     co, safety = get_schedule("polar_express")
     _impl(torch.zeros(shape), co, safety=safety, normalize="fro", eps=1e-7, compute_dtype=torch.bfloat16,
-          out_dtype=torch.bfloat16, fp32_first_gram=False, gram=gram)
+          out_dtype=torch.bfloat16, fp32_first_gram=False, gram=gram, sumsq=sumsq)
 
 
 def test_launches_per_call_small_matrices(launches, monkeypatch):
@@ -86,6 +87,18 @@ def test_launches_per_call_small_matrices(launches, monkeypatch):
     assert launches == {"_ns_small_kernel": 2}
     launches.clear()
     _public_call(monkeypatch, (64, 128, 128), normalize="gram")
+    assert launches == {"_ns_small_kernel": 1}
+
+
+@pytest.mark.parametrize("qdt", [torch.float64, torch.float32])
+def test_launches_per_call_small_matrices_with_sumsq(launches, monkeypatch, qdt):
+    """A given sum of squares (Muon's momentum kernel computes it) keeps small buckets on the one-launch
+    path: the kernel turns it into the scale itself (no norm pass, no separate scale kernel)."""
+    _call((64, 128, 128), False, monkeypatch, sumsq=torch.ones(64, dtype=qdt))
+    _call((64, 128, 96), None, monkeypatch, sumsq=torch.ones(64, dtype=qdt))
+    assert launches == {"_ns_small_kernel": 2}
+    launches.clear()
+    _public_call(monkeypatch, (64, 128, 128), sumsq=torch.ones(64, dtype=qdt))
     assert launches == {"_ns_small_kernel": 1}
 
 

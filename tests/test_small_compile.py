@@ -1,8 +1,9 @@
 """Ahead-of-time compile of the single-program small-matrix kernel (``kernels/newton_schulz_small.py``)
 for sm_80/86/89/90/100, as ``newton_schulz`` launches it (its launcher traced on fake CUDA tensors by
 ``fastortho.kernels.aot``): one launch per call, no spills, shared memory within each arch's limit,
-tensor-core MMA in the SASS. 64 × 128×128 and the largest padded variant (k = 100 → 128, tall, fp32 G,
-"gram") run by default; the 4-warp, fp32-storage and TF32 variants with ``-m slow``."""
+tensor-core MMA in the SASS. 64 × 128×128 (also with a given float64 sum of squares, as Muon passes
+it: the kernel forms the scale from it) and the largest padded variant (k = 100 → 128, tall, fp32 G,
+"gram") run by default; the 4-warp, fp32-storage, TF32 and float32-sum variants with ``-m slow``."""
 from __future__ import annotations
 
 import pytest
@@ -13,15 +14,19 @@ from fastortho.kernels import HAS_TRITON
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
 ARCHS = (80, 86, 89, 90, 100)
-# (shape (B, m, n), G dtype, storage dtype, normalize, allow_tf32)
-DEFAULT = [((64, 128, 128), torch.bfloat16, torch.bfloat16, "fro", False),
-           ((8, 1000, 100), torch.float32, torch.bfloat16, "gram", False)]
-SLOW = [((4, 48, 64), torch.bfloat16, torch.float16, "fro", False),
-        ((4, 32, 128), torch.float32, torch.float32, "fro", False),
-        ((4, 128, 20), torch.float32, torch.float32, "gram", True)]
+F64 = torch.float64
+# (shape (B, m, n), G dtype, storage dtype, normalize, allow_tf32, dtype of a given sumsq or None)
+DEFAULT = [((64, 128, 128), torch.bfloat16, torch.bfloat16, "fro", False, None),
+           ((64, 128, 128), torch.bfloat16, torch.bfloat16, "fro", False, F64),
+           ((8, 1000, 100), torch.float32, torch.bfloat16, "gram", False, None)]
+SLOW = [((4, 48, 64), torch.bfloat16, torch.float16, "fro", False, None),
+        ((4, 32, 128), torch.float32, torch.float32, "fro", False, None),
+        ((4, 128, 20), torch.float32, torch.float32, "gram", True, None),
+        ((8, 1000, 100), torch.float32, torch.bfloat16, "fro", False, torch.float32),
+        ((4, 32, 128), torch.float32, torch.float32, "fro", False, F64)]
 
 
-def _trace(arch, shape, gdt, cdt, normalize, tf32):
+def _trace(arch, shape, gdt, cdt, normalize, tf32, qdt=None):
     from fastortho.coefficients import get_schedule
     from fastortho.kernels.aot import trace_launches
     from fastortho.ops import newton_schulz as ns_op
@@ -32,8 +37,9 @@ def _trace(arch, shape, gdt, cdt, normalize, tf32):
     try:
         with trace_launches(arch) as recs:
             G = torch.empty(shape, device="cuda", dtype=gdt)
+            q = None if qdt is None else torch.empty(shape[0], device="cuda", dtype=qdt)
             ns_op._impl(G, co, safety=safety, normalize=normalize, eps=1e-7, compute_dtype=cdt, out_dtype=gdt,
-                        fp32_first_gram=False, gram=None)
+                        fp32_first_gram=False, gram=None, sumsq=q)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     return recs
@@ -42,16 +48,17 @@ def _trace(arch, shape, gdt, cdt, normalize, tf32):
 def _params(cases, marks=()):
     return [pytest.param(arch, *c, marks=marks,
                          id=f"sm{arch}-{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{str(c[2])[6:]}-{c[3]}"
-                            + ("-tf32" if c[4] else ""))
+                            + ("-tf32" if c[4] else "") + (f"-sumsq{str(c[5])[6:]}" if c[5] else ""))
             for c in cases for arch in ARCHS]
 
 
-@pytest.mark.parametrize("arch,shape,gdt,cdt,normalize,tf32", _params(DEFAULT) + _params(SLOW, pytest.mark.slow))
-def test_small_kernel_compiles_clean(arch, shape, gdt, cdt, normalize, tf32):
+@pytest.mark.parametrize("arch,shape,gdt,cdt,normalize,tf32,qdt", _params(DEFAULT) + _params(SLOW, pytest.mark.slow))
+def test_small_kernel_compiles_clean(arch, shape, gdt, cdt, normalize, tf32, qdt):
     from fastortho.kernels.aot import compile_launch, smem_limit
 
-    recs = _trace(arch, shape, gdt, cdt, normalize, tf32)
+    recs = _trace(arch, shape, gdt, cdt, normalize, tf32, qdt)
     assert [r.kernel for r in recs] == ["_ns_small_kernel"], [r.kernel for r in recs]
+    assert recs[0].kwargs["HAS_SUMSQ"] is (qdt is not None)
     r = compile_launch(recs[0], arch)
     s = r["sass"]
     assert r["spill_bytes"] == 0 and s["stl_ldl"] == 0, f"{r['spill_stores']} / {r['spill_loads']} B spilled"

@@ -18,9 +18,11 @@ No host synchronization: norms and scales stay on the device; a zero matrix give
 clamped by eps), NaN/Inf in G give NaN in that matrix's output. Each matrix is computed by the
 same programs whatever the batch, so outputs are bit-identical alone or batched.
 
-Host cost: a 5-step standard call is 18 kernel launches from Python (norm pass 2, cast 1, 10
-symmetric products, 5 applies; 17 with a given ``sumsq``: one launch turns it into the scale),
-which dominates small inputs (64 × 128×128). With
+Host cost: small inputs (short side k ≤ 128, 32 in fp32 storage; long side ≤ 1024; standard space,
+"fro" or "gram", with or without ``sumsq``; e.g. 64 × 128×128) run the whole iteration as one
+launch, one program per matrix (``fastortho.kernels.newton_schulz_small``). Larger inputs take the
+multi-kernel path: a 5-step standard call is 18 launches from Python (norm pass 2, cast 1, 10
+symmetric products, 5 applies; 17 with a given ``sumsq``: one launch turns it into the scale). With
 ``FASTORTHO_NS_CUDA_GRAPHS=1`` calls of at most ``GRAPH_MAX_NUMEL`` elements on CUDA replay one
 captured graph per call signature instead (copy in, replay, copy out), except while a graph is
 being captured or compiled (:func:`use_cuda_graph`). Opt-in until a GPU run measures it.
@@ -54,7 +56,8 @@ def use_gram(m: int, n: int) -> bool:
 
 
 #: Opt-in CUDA graphs for small calls: "1" replays one captured graph per (shape, strides, dtypes,
-#: coefficients, options, device) instead of launching ~18 kernels from Python; "0"/unset: never.
+#: coefficients, options, device) instead of launching the multi-kernel path's ~18 kernels (a small
+#: input's single launch) from Python; "0"/unset: never.
 GRAPHS_ENV = "FASTORTHO_NS_CUDA_GRAPHS"
 #: Largest input (elements) that is graphed: above it the kernels' run time hides the launch cost.
 GRAPH_MAX_NUMEL = 1 << 21
@@ -75,7 +78,7 @@ def use_cuda_graph(device_type: str, numel: int, *, capturing: bool, compiling: 
 
 def _graphed(G: Tensor, coefficients, kw: dict) -> Tensor:
     """_impl through one CUDA graph per call signature: copy G into the graph's static input,
-    replay (one launch for the ~18 kernels of a 5-step call), return a copy of the static output.
+    replay (one launch for the ~18 kernels of a 5-step multi-kernel call), return a copy of the static output.
     The first call of a signature runs _impl once on a side stream (Triton compiles, configs are
     chosen) and then captures it."""
     sumsq = kw.get("sumsq")          # a tensor input like G: a static copy, refilled at every replay
@@ -147,10 +150,11 @@ def _impl(G: Tensor, coefficients: Sequence[tuple[float, float, float]], *, safe
     # Small matrices (k ≤ 128): the whole standard iteration in one launch, one program per matrix
     # (kernels/newton_schulz_small.py); eligibility depends on the shape, options and dtypes only.
     small = _SMALL[0] or _small_module()
-    if (small.ENABLED and sumsq is None and not fp32_first_gram and not (use_gram(m, n) if gram is None else gram)
+    # A given sumsq stays on this path: the kernel forms the scale from it (the scale kernel's formula).
+    if (small.ENABLED and not fp32_first_gram and not (use_gram(m, n) if gram is None else gram)
             and small.small_eligible(min(m, n), max(m, n), normalize, len(coefficients), compute_dtype)):
         return small.run(G, coefficients, safety=safety, normalize=normalize, eps=eps, cdt=compute_dtype,
-                         out_dtype=out_dtype)
+                         out_dtype=out_dtype, sumsq=sumsq)
     from fastortho.kernels.newton_schulz_iteration import ns_gram, ns_standard
 
     out = torch.empty(B, m, n, device=G.device, dtype=out_dtype)

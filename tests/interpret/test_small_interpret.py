@@ -133,3 +133,116 @@ def test_extreme_scales(dt, cdt, normalize, label, launched):
     """2^k·G gives G's result bit for bit; decimal scales move it by the input rounding only."""
     assert small.small_eligible(min(_scales.SHAPE), max(_scales.SHAPE), normalize, _scales.STEPS, cdt)
     _check(dt, cdt, normalize, label)
+
+
+# ------------------------------------------------------------------------------------------------
+# a given sum of squares (newton_schulz(G, sumsq=…), what Muon passes): the kernel forms the scale
+# ------------------------------------------------------------------------------------------------
+def _sumsq(G):
+    return G.double().square().sum((-2, -1))
+
+
+def _scale_oracle(q, safety, eps):
+    """(s, p, t) of a given sum of squares in torch float64 (IEEE: correctly rounded sqrt, ×, ÷ on every
+    CPU), the formula of ``kernels/newton_schulz_norm._sumsq_scale``: s = 1/max(safety·√q, eps) + (q − q),
+    E = the clamped binary exponent of √q, p = 2^-E, t = s·2^E, s and t rounded once to fp32."""
+    q = q.double()
+    nu = q.sqrt()
+    d = nu * torch.tensor(safety, dtype=F32).double()
+    e32 = torch.tensor(eps, dtype=F32).double()
+    d = torch.where(d < e32, e32, d)
+    s = 1.0 / d + (q - q)
+    e = ((nu.view(torch.int64) >> 52) & 0x7FF) - 1023
+    e = e.clamp(-126, 126)
+    return s.float(), torch.ldexp(torch.ones_like(q), -e).float(), torch.ldexp(s, e).float()
+
+
+SUMSQ_CASES = torch.tensor([0.0, 1e-300, 3e-80, 1e-45, 1e-14, 0.37, 1.0, 2.0, 3.999, 4.0, 1e30, 7e76, 1e200,
+                            float("inf"), float("nan")], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("qdt", [torch.float64, torch.float32])
+def test_sumsq_scale_bits(qdt):
+    """The scale kernel's (s, p, t), through the shared ``_sumsq_scale`` helper, bit for bit against the
+    float64 formula, from q = 0 through subnormal s (safety·√q > 2^126) to NaN/Inf."""
+    from fastortho.kernels.newton_schulz_launch import sumsq_norm_scale
+
+    q = SUMSQ_CASES.to(qdt)
+    got = sumsq_norm_scale(q, safety=1.02, eps=1e-7)
+    for g, w, name in zip(got, _scale_oracle(q, 1.02, 1e-7), "spt"):
+        assert torch.equal(g.view(torch.int32), w.view(torch.int32)), f"{name}: {g} vs {w}"
+
+
+@pytest.mark.parametrize("qdt", [torch.float64, torch.float32])
+def test_small_kernel_sumsq_scale_bits(monkeypatch, launched, qdt):
+    """The small kernel's in-kernel (p, t) from sumsq are the scale kernel's bits: one step (a, b, c) =
+    (1, 0, 0) in fp32 storage makes B = 0 and X = round(t·round(p·G)) exactly, so the output shows p and t
+    bit for bit (against the float64 formula and the multi-kernel path with the same sums). Matrices at
+    2^±40 (q at 2^±80, inside fp32's range too) move p, and a sum 3× the true one moves t off 1/√q·2^E."""
+    from fastortho.kernels.newton_schulz_launch import sumsq_norm_scale
+    from fastortho.ops.newton_schulz import newton_schulz_triton
+
+    G = gen((4, 12, 40), seed=11)
+    G[1] *= 2.0 ** 40
+    G[2] *= 2.0 ** -40
+    q = (_sumsq(G) * torch.tensor([1.0, 1.0, 1.0, 3.0], dtype=torch.float64)).to(qdt)
+    kw = dict(safety=1.02, normalize="fro", eps=1e-7, compute_dtype=F32, out_dtype=F32, gram=False, sumsq=q)
+    launched.clear()
+    Y = newton_schulz_triton(G, [(1.0, 0.0, 0.0)], **kw)
+    assert launched == ["small"]
+    ns = sumsq_norm_scale(q, safety=1.02, eps=1e-7)
+    want = (G * ns.p[:, None, None]) * ns.t[:, None, None]
+    assert torch.equal(Y, want)
+    monkeypatch.setattr(small, "ENABLED", False)
+    assert torch.equal(Y, newton_schulz_triton(G, [(1.0, 0.0, 0.0)], **kw))
+
+
+@pytest.mark.parametrize("shape,cdts", SHAPES[:3], ids=["x".join(map(str, s)) for s, _ in SHAPES[:3]])
+def test_sumsq_matches_multi_kernel_path(monkeypatch, launched, shape, cdts):
+    """With the same given sums: one launch, and the multi-kernel path's result within the tolerances of
+    ``test_matches_multi_kernel_path_and_float64`` (same (s, p, t) bits; summation order only)."""
+    G = gen(shape, seed=8)
+    q = _sumsq(G)
+    ref = plain_loop(G, steps=3)
+    for cdt in cdts:
+        kw = dict(steps=3, cdt=cdt, gram=False, sumsq=q)
+        launched.clear()
+        Y = ns_triton(G, **kw)
+        assert launched == ["small"]
+        Z = _multi(monkeypatch, G, **kw)
+        d = (Y.double() - Z.double()).abs()
+        if cdt == F32:
+            assert d.max().item() <= 64 * torch.finfo(F32).eps
+        else:
+            assert d.max().item() <= 2.0 ** -8 and (d > 0).float().mean().item() <= 0.05
+        ey, ez = rel(Y, ref).max().item(), rel(Z, ref).max().item()
+        assert ey <= 1.25 * ez + 4 * torch.finfo(F32).eps, f"{cdt}: small {ey:.3g} vs multi {ez:.3g}"
+
+
+def test_sumsq_nonfinite_and_zero_like_the_multi_kernel_path(monkeypatch, launched):
+    """NaN or Inf sums give an all-NaN matrix (that one only), q = 0 with a zero matrix gives zeros, as on
+    the multi-kernel path; a finite sum with a NaN in G gives NaN there too."""
+    G = gen((5, 20, 36), seed=6)
+    G[3] = 0.0
+    G[4, 2, 5] = float("nan")
+    q = _sumsq(G)
+    q[1], q[2] = float("nan"), float("inf")
+    q[4] = 1.0
+    kw = dict(steps=2, cdt=BF, sumsq=q)
+    launched.clear()
+    Y = ns_triton(G, **kw)
+    assert launched == ["small"]
+    Z = _multi(monkeypatch, G, **kw)
+    assert Y.flatten(1).isnan().all(1).tolist() == [False, True, True, False, True]
+    assert torch.equal(Y[3], torch.zeros_like(Y[3])) and torch.equal(Z[3], Y[3])
+    assert torch.equal(torch.isnan(Y), torch.isnan(Z))
+    assert torch.equal(Y[0], ns_triton(G[:1], steps=2, cdt=BF, sumsq=q[:1])[0])
+
+
+@pytest.mark.parametrize("k", [50, -10])
+def test_sumsq_power_of_two_invariance(launched, k):
+    """G·2^k with sumsq·4^k gives G's result bit for bit (p absorbs 2^k exactly, t is unchanged)."""
+    G = gen((2, 24, 40), seed=2)
+    ref = ns_triton(G, cdt=BF, sumsq=_sumsq(G))
+    assert torch.equal(ns_triton(G * 2.0 ** k, cdt=BF, sumsq=_sumsq(G) * 4.0 ** k), ref)
+    assert set(launched) == {"small"}
