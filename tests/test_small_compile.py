@@ -67,3 +67,33 @@ def test_small_kernel_compiles_clean(arch, shape, gdt, cdt, normalize, tf32, qdt
         # wgmma needs 64-row tiles: k ≤ 32 on sm_90 runs mma.sync (HMMA), also tensor cores
         mma = s["hgmma"] + s["hmma"] + s["tcgen05"]
         assert mma > 0, f"no tensor-core MMA in the SASS on sm_{arch}: {s}"
+
+
+def test_sm90_small_kernel_waits_to_zero_by_design():
+    """On sm_90 the small kernel's products run on wgmma (HGMMA) and wait to 0 inside the loop
+    (``WARPGROUP.DEPBAR.LE gsb0, 0x0``): every product feeds the next (B from A·A, each X chunk from
+    B·X, then X·Xᵀ from that chunk), so no group can stay in flight. This is why the kernel is outside
+    the "a wgmma group in flight" check of tests/test_kernels_compile.py (which covers the pipelined
+    sym/apply kernels) and why bench/ns_model.py rates it as a synchronous chain (class "small"); a
+    change here means that rate must be revisited."""
+    from fastortho.kernels.aot import compile_launch
+
+    s = compile_launch(_trace(90, (64, 128, 128), torch.bfloat16, torch.bfloat16, "fro", False)[0], 90)["sass"]
+    assert s["hgmma"] > 0 and s["wgmma_waits_in_loop"] == [0], s
+
+
+def test_manifest_short_names():
+    """The AOT manifest names the single-program and AOL kernels short, like sym/apply/cast."""
+    from fastortho.coefficients import get_schedule
+    from fastortho.kernels.aot import _short, trace_launches, trace_newton_schulz
+    from fastortho.ops import newton_schulz as ns_op
+
+    assert [_short(r.kernel) for r in trace_newton_schulz((64, 128, 128), "bf16", 90)] == ["ns_small"]
+    co, _ = get_schedule("polar_express")
+    with trace_launches(90) as recs:
+        G = torch.empty(1, 512, 512, device="cuda", dtype=torch.bfloat16)
+        ns_op._impl(G, co, safety=1.0, normalize="aol", eps=1e-7, compute_dtype=torch.bfloat16,
+                    out_dtype=torch.bfloat16, fp32_first_gram=False, gram=None)
+    names = {_short(r.kernel) for r in recs}
+    assert {"aol_row_scale", "aol_apply"} <= names and not any(n.startswith("_") or n.endswith("_kernel")
+                                                               for n in names), names
