@@ -42,9 +42,12 @@ Owners and buckets depend only on the global shapes and the param-group order, s
 the same plan; it is rebuilt only when the set of parameters with gradients changes. Every rank must
 have gradients for the same parameters: the first step checks it across ranks (one
 ``all_gather_object`` per group), and ``FASTORTHO_DIST_CHECK=1`` (or ``engine.check_every_step``)
-checks at every step. Non-finite detection (``nonfinite="skip"|"raise"``) on sharded parameters combines the
-per-shard flags with one small ``all_reduce`` (MIN of an int32 per parameter), so every rank skips the
-same matrices as one process would.
+checks at every step. Sharded parameters combine the momentum kernel's per-shard float64 :math:`\sum u^2`
+with one small ``all_reduce`` (SUM, one float64 per parameter): the whole tensor's sum is the
+non-finite check (``nonfinite="skip"|"raise"``: every rank skips the same matrices as one process
+would) and the Frobenius norm NS takes for a whole matrix instead of its own pass over it (the
+update is one process's unless the float64 sums' order moves the fp32 scale across a rounding
+midpoint; see :func:`.plan.plan_units`).
 
 :attr:`Muon.comm_stats` describes the last step (bytes handed to the collectives by this rank,
 excluding what a rank sends itself; the analytic ideal; collective counts; NS flops).
@@ -60,8 +63,9 @@ Decisions (and why):
   wire.
 * Owners come from LPT on NS flops, not from round robin by count. Owner order is a pure function of
   global shapes and param-group order.
-* Non-finite flags are all-reduced. That is the only way a NaN in one shard can skip the whole matrix
-  on every rank.
+* Shard sums of squares are all-reduced. That is the only way a NaN in one shard can skip the whole
+  matrix on every rank, and it hands the owner the norm of the matrix it assembles, for the cost of
+  the int32 flag this replaced plus 4 bytes per parameter.
 * NorMuon (:mod:`.rowmoments`) normalizes the whole :math:`O` where it was orthogonalized and keeps
   the row moments replicated (the single-process state on every rank); the owner sends them with the
   slices.
