@@ -18,6 +18,8 @@ The scenarios live in ``tests/dist_scenarios.py``; each test asserts on one of t
   matrix moves θ by 3.7e-2 (measured: 3 steps at lr 0.02, random gradients), far outside the bound.
 * Bytes: ``comm_stats`` equals an independent count of what ``all_to_all_single`` was handed, and the
   mean over ranks equals the closed forms 4(W−1)/W² (a2a, bf16) and 2(W−1)/W (owner, bf16) per parameter.
+* Norms: whole matrices reach Newton–Schulz with their Σu² (the all-reduced float64 shard sums, which also
+  carry the non-finite check), so no norm pass runs; stacks keep it.
 * DCP: FSDP2 ``get_state_dict``/``dcp.save``/``dcp.load``/``set_state_dict`` resumes bit-identically;
   optimizer state keys are the same on every rank, before the first step too.
 """
