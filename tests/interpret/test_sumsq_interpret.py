@@ -135,7 +135,7 @@ def test_op_checks_sumsq():
 
 def test_optimizer_with_sumsq_equals_without(monkeypatch):
     """A Muon step on the Triton path with the momentum kernel's sums vs with the norm pass
-    (REUSE_SUMSQ off, the default): parameters within 4 fp32 ulps of their magnitude (measured: equal)."""
+    (REUSE_SUMSQ off; on is the default): parameters within 4 fp32 ulps of their magnitude (measured: equal)."""
     from fastortho.optim import functional as F
 
     def step():
