@@ -47,8 +47,29 @@ measured cuBLAS rate:
 * wave accounting: a one-tile-per-program launch is rounded up to whole waves of 132 programs;
   a persistent kernel (``N_PROG`` in its arguments) runs its tiles over a fixed grid, so its
   efficiency is tiles / (⌈tiles / programs⌉ · programs), the busiest program's share;
-* per launch a GPU floor of 3 µs (launch + tail of a small grid) and, without CUDA graphs, a host
-  cost of 12–24 µs per Triton launch (Python launch path; estimate).
+* ``small`` (``kernels/newton_schulz_small.py``: one program per matrix runs the whole iteration, the
+  eligible small inputs such as 64 × 128×128): executed FLOPs from its loop structure, per matrix
+  2·bk²·Lp (first Gram product over the column chunks) + steps·(2·bk³ (A·A) + 2·bk²·Lp (B·X, chunk by
+  chunk) + 2·bk²·Lp (X·Xᵀ, accumulated over the chunks, also after the last step)) with bk = BLOCK_K
+  (k padded to a power of two) and Lp = L rounded up to whole BLOCK_C chunks: 16 products of 2·128³
+  = 67.1 MFLOP per 128×128 matrix for 5 steps. Rate, per program (one SM each, 1 CTA/SM): **0.20–0.40
+  of the per-SM share of the cuBLAS rate** (789/132 = 5.98 TFLOP/s → 1.20–2.39 TFLOP/s), an
+  engineering estimate, no published measurement of a single-CTA chained-GEMM Triton kernel of this
+  kind was found. The nearest published Triton kernel that chains dependent dots inside one CTA,
+  the fused-attention tutorial, runs at 406.8 TFLOP/s on Hopper at N_CTX = 1024, d = 128
+  (facebookexperimental/triton PR #205, non-warp-specialized baseline) and 420–440 TFLOP/s
+  (triton-lang/triton PR #2444, H100): ≈ 0.52–0.56 × cuBLAS, a ceiling here, because that kernel
+  pipelines loads and the next QKᵀ across iterations with many CTAs per SM, while the small kernel
+  has num_stages = 1, one CTA per SM, wgmma waiting to 0 on every product (each feeds the next:
+  ``tests/test_small_compile.py``) and 16-column chunks (n16 MMAs for B·X). Cross-check by latency:
+  40 chunk round trips per 5 steps (L2 load, B·X, epilogue, store, barrier, X·Xᵀ; ≈ 1000–1500
+  cycles each, not overlapped) + 5 A·A + 2 passes over G from HBM ≈ 35–55 µs at 1.83 GHz, i.e.
+  ≈ 0.20–0.32 of that share. Programs beyond 132 run in further waves;
+* per launch a GPU floor of 3 µs (launch + tail of a small grid). Host cost without CUDA graphs:
+  the Python of a call as measured by ``bench/bench_ns_host.py`` (kernels stubbed, this 2-core CPU;
+  64 × 128×128: 18.7–19.4 µs with the single-program kernel, 283–346 µs = 15.7–19.2 µs per launch on
+  the multi-kernel path) plus 12–24 µs per Triton launch (Triton's own launch path, which the stubs
+  skip; estimate). Back-to-back calls overlap host and GPU, so a call costs max(host, GPU).
 
 Reference: a torch loop with the same coefficients on cuBLAS (A = XXᵀ; B = baddbmm(A, A, A, b, c);
 X = baddbmm(X, B, X, a)): naive FLOPs at 789 TFLOP/s scaled by the cuBLAS grid's wave efficiency
@@ -81,7 +102,13 @@ SYNC_FACTOR = (0.50, 0.65)
 NORM_TBS = (0.5, 1.0)
 CAST_TBS = (2.0, 3.0)
 GPU_FLOOR_US = 3.0
-HOST_US = (12.0, 24.0)
+HOST_US = (12.0, 24.0)          # Triton's own launch path per launch (estimate; the stubbed bench skips it)
+# Python per call measured by bench/bench_ns_host.py (kernels stubbed, 64 × 128×128, this CPU): the
+# single-program path per call, and the multi-kernel path per launch (283–346 µs / 18 launches).
+HOST_PY_SMALL_US = (18.7, 19.4)
+HOST_PY_PER_LAUNCH_US = (283.0 / 18, 346.0 / 18)
+# "small": fraction of the per-SM share of the cuBLAS rate one program reaches (module docstring).
+SMALL_SM_FRACTION = (0.20, 0.40)
 CUBLAS_FLOOR_US = 5.0
 
 # The four shapes of the goals: (B, m, n), steps, goal text, goal ms or None, goal ratio, ratio against.
@@ -96,7 +123,7 @@ SHAPES = [
 @dataclass
 class LaunchCost:
     kernel: str          # sym / apply / sumsq / scale
-    klass: str           # sym / sym-tma / sym-sync / apply / apply-tma / apply-sync / norm / cast / tiny
+    klass: str           # sym / sym-tma / sym-sync / apply / apply-tma / apply-sync / norm / cast / small / tiny
     flops: float         # executed
     bytes: float         # compulsory HBM traffic
     programs: int
@@ -154,6 +181,14 @@ def launch_costs(shape, input_dtype: str = "bf16", arch: int = 90, sass: bool = 
             Q, X, O = (arg[n] for n in ("Q", "X", "O"))
             nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (Q, X, O))
             klass = "apply-sync" if scaled else ("apply-tma" if persistent else "apply")
+        elif kern == "ns_small":
+            # the loop structure of _ns_small_kernel, per program (matrix): first Gram product over the
+            # column chunks, then per step A·A and, chunk by chunk, B·X and X·Xᵀ
+            bk, bc, L, steps = kw["BLOCK_K"], kw["BLOCK_C"], int(arg["L"]), int(arg["STEPS"])
+            lp = math.ceil(L / bc) * bc
+            flops = programs * (2.0 * bk * bk * lp + steps * (2.0 * bk ** 3 + 4.0 * bk * bk * lp))
+            nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (arg["G"], arg["OUT"]))
+            klass = "small"
         elif kern == "cast":
             flops = 0.0
             nbytes = sum(math.prod(t.shape) * _elem(t.dtype) for t in (arg["X"], arg["OUT"]))
@@ -192,6 +227,13 @@ def predict_fastortho(costs: list[LaunchCost], ctas_per_sm: int = 1, scenario: s
             eff = _wave_eff(c.programs, ctas_per_sm, c.tiles)
             t_best = max(c.flops / (hi * 1e12 * eff), mem)
             t_worst = max(c.flops / (lo * 1e12 * eff), mem)
+        elif c.klass == "small":
+            # one program per SM, all running at once; programs past one wave run in further waves
+            waves = math.ceil(c.programs / H100_SMS) if c.programs else 0
+            per_prog = c.flops / max(c.programs, 1)
+            sm = CUBLAS_TFLOPS * 1e12 / H100_SMS
+            t_best = max(waves * per_prog / (SMALL_SM_FRACTION[1] * sm), mem)
+            t_worst = max(waves * per_prog / (SMALL_SM_FRACTION[0] * sm), mem)
         elif c.klass == "norm":
             t_best, t_worst = c.bytes / (NORM_TBS[1] * 1e12), c.bytes / (NORM_TBS[0] * 1e12)
         elif c.klass == "cast":
@@ -201,7 +243,11 @@ def predict_fastortho(costs: list[LaunchCost], ctas_per_sm: int = 1, scenario: s
         best += max(t_best, GPU_FLOOR_US * 1e-6)
         worst += max(t_worst, GPU_FLOOR_US * 1e-6)
     n = len(costs)
-    host = (n * HOST_US[0] * 1e-6, n * HOST_US[1] * 1e-6)
+    if n == 1 and costs[0].klass == "small":
+        py = HOST_PY_SMALL_US
+    else:
+        py = (n * HOST_PY_PER_LAUNCH_US[0], n * HOST_PY_PER_LAUNCH_US[1])
+    host = ((py[0] + n * HOST_US[0]) * 1e-6, (py[1] + n * HOST_US[1]) * 1e-6)
     return dict(gpu_ms=(best * 1e3, worst * 1e3), host_ms=(host[0] * 1e3, host[1] * 1e3),
                 call_ms=(max(best, host[0]) * 1e3, max(worst, host[1]) * 1e3), launches=n,
                 executed_flops=sum(c.flops for c in costs), flops_by_class=by_class)
@@ -268,16 +314,17 @@ def _shape(s) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| shape (5 steps, bf16 G) | executed GFLOP (sym / sym-tma / sym-sync / apply / apply-tma / apply-sync) | launches | "
+    lines = ["| shape (5 steps, bf16 G) | executed GFLOP (sym / sym-tma / sym-sync / apply / apply-tma / apply-sync / small) | launches | "
              "predicted GPU ms | host ms (no graph) | predicted call ms | cuBLAS loop ms (pred.) | predicted ratio | goal | "
              "verdict (prediction) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fc = r["flops_by_class"]
-        cls = " / ".join(f"{fc.get(c, 0.0):.0f}" for c in ("sym", "sym-tma", "sym-sync", "apply", "apply-tma", "apply-sync"))
+        cls = " / ".join(f"{fc.get(c, 0.0):.3g}" if c == "small" else f"{fc.get(c, 0.0):.0f}"
+                         for c in ("sym", "sym-tma", "sym-sync", "apply", "apply-tma", "apply-sync", "small"))
         ref = r["cublas_per_matrix_loop_ms"] if r["ratio_against"] == "per-matrix loop" else r["cublas_loop_ms"]
         ratio = "—" if r["ratio_against"] is None else f"{r['ratio'][0]:.2f}–{r['ratio'][1]:.2f}× {r['ratio_against']}"
         fmt = (lambda a, b: f"{a * 1e3:.0f}–{b * 1e3:.0f} µs") if r["call_ms"][1] < 0.5 else (lambda a, b: f"{a:.2f}–{b:.2f}")
-        lines.append(f"| {_shape(r['shape'])} | {r['executed_gflop']:.1f} ({cls}) | {r['launches']} | "
+        lines.append(f"| {_shape(r['shape'])} | {r['executed_gflop']:.2f} ({cls}) | {r['launches']} | "
                      f"{fmt(*r['gpu_ms'])} | {fmt(*r['host_ms'])} | {fmt(*r['call_ms'])} | {ref:.3g} | {ratio} | "
                      f"{r['goal']} | {r['verdict']} |")
     return "\n".join(lines)

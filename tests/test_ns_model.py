@@ -112,3 +112,30 @@ def test_tma_classes_use_their_rates():
     lo, hi = ns_model.RATES["apply-tma"]
     eff = 512 / 528
     assert p["gpu_ms"] == pytest.approx((1e12 / (hi * 1e12 * eff) * 1e3, 1e12 / (lo * 1e12 * eff) * 1e3), rel=1e-12)
+
+
+def test_small_kernel_class_counts_its_loop():
+    """64 × 128×128, 5 steps: one launch of the single-program kernel (class "small"), executing per matrix
+    the first Gram product + 5 × (A·A, B·X, X·Xᵀ) = 16 products of 2·128³ (its loop forms X·Xᵀ after the
+    last step too). 100×1000 pads to BLOCK_K = 128 and 63 chunks of 16 columns (Lp = 1008)."""
+    costs = ns_model.launch_costs((64, 128, 128))
+    assert [(c.kernel, c.klass, c.programs) for c in costs] == [("ns_small", "small", 64)]
+    assert costs[0].flops == 64 * 16 * 2 * 128 ** 3
+    assert costs[0].bytes == 2 * 64 * 128 * 128 * 2            # G read once, the output written once
+    (c,) = ns_model.launch_costs((8, 100, 1000))
+    assert c.flops == 8 * (2 * 128 ** 2 * 1008 + 5 * (2 * 128 ** 3 + 4 * 128 ** 2 * 1008))
+
+
+def test_small_kernel_time_and_host():
+    """GPU: each program runs on its own SM at SMALL_SM_FRACTION of the per-SM cuBLAS share, whole waves
+    of 132 programs; host: the measured Python of a one-launch call plus one Triton launch."""
+    sm = ns_model.CUBLAS_TFLOPS * 1e12 / ns_model.H100_SMS
+    per = 16 * 2 * 128 ** 3
+    lo, hi = ns_model.SMALL_SM_FRACTION
+    for B, waves in ((64, 1), (132, 1), (133, 2)):
+        p = ns_model.predict_fastortho([ns_model.LaunchCost("ns_small", "small", B * per, 0.0, B)])
+        assert p["gpu_ms"] == pytest.approx((waves * per / (hi * sm) * 1e3, waves * per / (lo * sm) * 1e3), rel=1e-12)
+    py, tr = ns_model.HOST_PY_SMALL_US, ns_model.HOST_US
+    assert p["host_ms"] == pytest.approx(((py[0] + tr[0]) / 1e3, (py[1] + tr[1]) / 1e3), rel=1e-12)
+    row = [r for r in ns_model.predictions() if r["shape"] == (64, 128, 128)][0]
+    assert row["launches"] == 1 and row["executed_gflop"] == pytest.approx(64 * per / 1e9)
