@@ -56,9 +56,10 @@ measured cuBLAS rate:
   of the per-SM share of the cuBLAS rate** (789/132 = 5.98 TFLOP/s → 1.20–2.39 TFLOP/s), an
   engineering estimate, no published measurement of a single-CTA chained-GEMM Triton kernel of this
   kind was found. The nearest published Triton kernel that chains dependent dots inside one CTA,
-  the fused-attention tutorial, runs at 406.8 TFLOP/s on Hopper at N_CTX = 1024, d = 128
-  (facebookexperimental/triton PR #205, non-warp-specialized baseline) and 420–440 TFLOP/s
-  (triton-lang/triton PR #2444, H100): ≈ 0.52–0.56 × cuBLAS, a ceiling here, because that kernel
+  the fused-attention tutorial, runs at 420–440 TFLOP/s forward on H100 (triton-lang/triton PR #2444,
+  "Better tuning for H100 flash attention") and 406.8 TFLOP/s at N_CTX = 1024, d = 128
+  (facebookexperimental/triton PR #205, its non-warp-specialized baseline; the card is not named, the
+  PR's kernels target Hopper): ≈ 0.52–0.56 × cuBLAS, a ceiling here, because that kernel
   pipelines loads and the next QKᵀ across iterations with many CTAs per SM, while the small kernel
   has num_stages = 1, one CTA per SM, wgmma waiting to 0 on every product (each feeds the next:
   ``tests/test_small_compile.py``) and 16-column chunks (n16 MMAs for B·X). Cross-check by latency:
