@@ -20,38 +20,18 @@ import torch
 
 @contextlib.contextmanager
 def stubbed_kernels(count: dict):
-    """Every JITFunction of the NS launcher modules becomes a stub that counts its launches."""
-    import importlib
-
-    from triton.runtime.jit import JITFunction
-
+    """Every kernel of the NS launcher modules becomes a counting stub (``kernels.launch_stubs``), and the
+    op's CUDA-only device check is told this is the interpreter (the kernels see the real value)."""
     import fastortho.ops.newton_schulz as op
+    from fastortho.kernels.launch_stubs import counting_stubs
 
-    class Stub:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def run(*a, **k):
-                count[self.name] = count.get(self.name, 0) + 1
-            return run
-
-    saved = []
-    mods = [importlib.import_module(f"fastortho.kernels.{m}") for m in
-            ("newton_schulz_launch", "newton_schulz_small", "newton_schulz_tma_launch", "newton_schulz_aol")
-            if importlib.util.find_spec(f"fastortho.kernels.{m}")]
-    for mod in mods:
-        for name, obj in list(vars(mod).items()):
-            if isinstance(obj, JITFunction):
-                saved.append((mod, name, obj))
-                setattr(mod, name, Stub(name))
-    saved.append((op, "interpreter_enabled", op.interpreter_enabled))
-    op.interpreter_enabled = lambda: True       # the op's CPU check only; kernels see the real value
+    saved = op.interpreter_enabled
+    op.interpreter_enabled = lambda: True
     try:
-        yield count
+        with counting_stubs(count):
+            yield count
     finally:
-        for mod, name, obj in reversed(saved):
-            setattr(mod, name, obj)
+        op.interpreter_enabled = saved
 
 
 def measure(shape, *, small: bool, calls: int, repeats: int) -> tuple[dict, float]:

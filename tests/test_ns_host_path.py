@@ -13,9 +13,6 @@ from fastortho.kernels import HAS_TRITON, interpreter_enabled
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON or interpreter_enabled(), reason="needs triton, no interpreter")
 
-KERNELS = ("_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel", "_scale_cast_kernel",
-           "_sumsq_scale_kernel")
-
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("k,L", [(512, 512), (512, 2048), (768, 3072), (1024, 1024)])
@@ -39,26 +36,13 @@ def test_small_outputs_keep_64_tiles(k, L):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches per kernel name; the kernels never run."""
+    """Counts kernel launches per kernel name; the kernels never run (``kernels.launch_stubs``)."""
     import fastortho.kernels.newton_schulz_launch as launch
-    import fastortho.kernels.newton_schulz_small as small
+    from fastortho.kernels.launch_stubs import counting_stubs
 
-    count: dict[str, int] = {}
-
-    class Stub:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def run(*a, **k):
-                count[self.name] = count.get(self.name, 0) + 1
-            return run
-
-    for n in KERNELS:
-        monkeypatch.setattr(launch, n, Stub(n))
-    monkeypatch.setattr(small, "_ns_small_kernel", Stub("_ns_small_kernel"))
     monkeypatch.setattr(launch, "SYM_TMA", "off", raising=False)
-    return count
+    with counting_stubs() as count:
+        yield count
 
 
 @pytest.fixture

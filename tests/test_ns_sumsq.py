@@ -216,26 +216,14 @@ def launches(monkeypatch):
         pytest.skip("needs triton, no interpreter")
     import fastortho.kernels.newton_schulz_launch as launch
     import fastortho.ops.newton_schulz as op
+    from fastortho.kernels.launch_stubs import counting_stubs
 
-    count: dict[str, int] = {}
-
-    class Stub:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def run(*a, **k):
-                count[self.name] = count.get(self.name, 0) + 1
-            return run
-
-    for n in ("_sym_mm_kernel", "_apply_kernel", "_sumsq_partial_kernel", "_scale_kernel", "_scale_cast_kernel",
-              "_sumsq_scale_kernel"):
-        monkeypatch.setattr(launch, n, Stub(n))
     monkeypatch.setattr(launch, "SYM_TMA", "off", raising=False)
     monkeypatch.setattr(op, "interpreter_enabled", lambda: True)
     monkeypatch.setattr(fastortho.kernels, "interpreter_enabled", lambda: True)   # Muon's CPU check
     monkeypatch.setenv("FASTORTHO_NS_LINE3", "triton")
-    return count
+    with counting_stubs() as count:
+        yield count
 
 
 def test_optimizer_step_launches_no_norm_pass(launches, monkeypatch):

@@ -221,26 +221,13 @@ class _LaunchCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.fixture
 def stub_kernels(monkeypatch):
-    """Every Triton kernel of the path replaced by a counting stub (nothing runs)."""
-    import fastortho.kernels.newton_schulz_aol as aol
+    """Every Triton kernel of the path replaced by a counting stub (nothing runs; ``kernels.launch_stubs``)."""
     import fastortho.kernels.newton_schulz_launch as launch
-
-    count: dict[str, int] = {}
-
-    class Stub:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def run(*a, **k):
-                count[self.name] = count.get(self.name, 0) + 1
-            return run
+    from fastortho.kernels.launch_stubs import counting_stubs
 
     monkeypatch.setattr(launch, "SYM_TMA", "off")
-    monkeypatch.setattr(launch, "_sym_mm_kernel", Stub("_sym_mm_kernel"))
-    for n in ("_aol_row_scale_kernel", "_aol_apply_kernel"):
-        monkeypatch.setattr(aol, n, Stub(n))
-    return count
+    with counting_stubs() as count:
+        yield count
 
 
 @pytest.mark.parametrize("cdt", [torch.float32, torch.bfloat16])
