@@ -77,6 +77,46 @@ def _round(x, DT: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(t, TILES_M, TILES_N, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of the t-th output tile when tiles are taken GROUP_M tile-rows at a
+    time, so consecutive programs share X column panels in L2 (Triton tutorial 03)."""
+    width = GROUP_M * TILES_N
+    first_m = (t // width) * GROUP_M
+    gsize = tl.minimum(TILES_M - first_m, GROUP_M)
+    return first_m + (t % width) % gsize, (t % width) // gsize
+
+
+@triton.jit
+def _sym_epilogue(acc, b, ti, tj, rows, cols, K_OUT, Y, C, SCALE,
+                  sy_b, sy_r, sy_c, sc_b, sc_r, sc_c, alpha, beta,
+                  HAS_SCALE: tl.constexpr, HAS_Y: tl.constexpr, OUT_ROUND: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Tile (ti, tj) of C[b] (b int64; rows, cols its int64 indices) = α·σ_b²·acc + β·Y[b], formed in
+    fp32 and rounded once, stored with its mirror (σ_b = SCALE[b] with HAS_SCALE, else 1).
+
+    Off-diagonal tiles store the tile and its transpose; a diagonal tile stores one tile whose lower
+    triangle is the transpose of its upper one, so C is exactly symmetric (Gram-space NS forms Q·Zᵀ
+    and Z·RZᵀ, equal to the products it needs only for exactly symmetric factors; a rounding
+    asymmetry would compound from step to step). Every store is masked by the bounds only, uniform
+    along the contiguous axis, so the compiler emits 128-bit stores."""
+    if HAS_SCALE:
+        s = tl.load(SCALE + b)
+        out = acc * (alpha * s) * s     # two products: σ² alone may leave fp32's range
+    else:
+        out = acc * alpha
+    mask = (rows[:, None] < K_OUT) & (cols[None, :] < K_OUT)
+    if HAS_Y:
+        y = tl.load(Y + b * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
+        out += beta * y.to(tl.float32)
+    out = _round(out, OUT_ROUND, SOFT_BF16)
+    c_base = C + b * sc_b
+    if ti != tj:
+        tl.store(c_base + cols[:, None] * sc_r + rows[None, :] * sc_c, tl.trans(out), mask=tl.trans(mask))
+    else:
+        out = tl.where(rows[:, None] <= cols[None, :], out, tl.trans(out))
+    tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask)
+
+
+@triton.jit
 def _sym_mm_kernel(
     # pointers: P, S operands (logical k×L), Y addend and C output (k×k), per-matrix scale
     P, S, Y, C, SCALE,
@@ -129,27 +169,8 @@ def _sym_mm_kernel(
         p_ptrs += step_k * sp_c
         s_ptrs += step_k * ss_c
 
-    if HAS_SCALE:
-        s = tl.load(SCALE + pid_b)
-        out = acc * (alpha * s) * s     # two products: σ² alone may leave fp32's range
-    else:
-        out = acc * alpha
-    mask = row_ok[:, None] & col_ok[None, :]
-    if HAS_Y:
-        y = tl.load(Y + pid_b * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
-        out += beta * y.to(tl.float32)
-    out = _round(out, OUT_ROUND, SOFT_BF16)
-    # Off-diagonal tiles store the tile and its transpose; a diagonal tile stores one tile whose
-    # lower triangle is the transpose of its upper one, so C is exactly symmetric (Gram-space NS
-    # forms Q·Zᵀ and Z·RZᵀ, equal to the products it needs only for exactly symmetric factors;
-    # a rounding asymmetry would compound from step to step). Every store is masked by the bounds
-    # only, uniform along the contiguous axis, so the compiler emits 128-bit stores.
-    c_base = C + pid_b * sc_b
-    if ti != tj:
-        tl.store(c_base + cols[:, None] * sc_r + rows[None, :] * sc_c, tl.trans(out), mask=tl.trans(mask))
-    else:
-        out = tl.where(rows[:, None] <= cols[None, :], out, tl.trans(out))
-    tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask)
+    _sym_epilogue(acc, pid_b, ti, tj, rows, cols, K_OUT, Y, C, SCALE, sy_b, sy_r, sy_c, sc_b, sc_r, sc_c,
+                  alpha, beta, HAS_SCALE, HAS_Y, OUT_ROUND, SOFT_BF16)
 
 
 @triton.jit
@@ -176,19 +197,11 @@ def _apply_kernel(
     GROUP_M: tl.constexpr,
 ):
     """O[b] = σ_b·(Q[b]·X[b] + a·X[b]) (σ_b = SCALE[b] with HAS_SCALE, else 1), fp32
-    accumulation, a·X added and σ applied in fp32, one rounding.
-
-    Programs are grouped GROUP_M tile-rows at a time so consecutive programs share X column
-    panels in L2 (Triton tutorial 03)."""
+    accumulation, a·X added and σ applied in fp32, one rounding; tiles in ``_grouped_tile`` order."""
     pid = tl.program_id(0)
     per_b = TILES_M * TILES_N
     pid_b = (pid // per_b).to(tl.int64)
-    t = pid % per_b
-    width = GROUP_M * TILES_N
-    first_m = (t // width) * GROUP_M
-    gsize = tl.minimum(TILES_M - first_m, GROUP_M)
-    tm = first_m + (t % width) % gsize
-    tn = (t % width) // gsize
+    tm, tn = _grouped_tile(pid % per_b, TILES_M, TILES_N, GROUP_M)
 
     rows = tm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .newton_schulz import _round, _triangle_tile
+from .newton_schulz import _grouped_tile, _round, _sym_epilogue, _triangle_tile
 
 __all__ = ["_sym_mm_tma_kernel", "_apply_tma_kernel"]
 
@@ -105,26 +105,10 @@ def _sym_mm_tma_kernel(
             q = _load_kmajor(s_desc, b, c0, k0, S_T, BLOCK_M, BLOCK_K)
             acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-        b64 = b.to(tl.int64)
-        if HAS_SCALE:
-            s = tl.load(SCALE + b64)
-            out = acc * (alpha * s) * s     # two products: σ² alone may leave fp32's range
-        else:
-            out = acc * alpha
         rows = r0.to(tl.int64) + tl.arange(0, BLOCK_M)
         cols = c0.to(tl.int64) + tl.arange(0, BLOCK_M)
-        mask = (rows[:, None] < K_OUT) & (cols[None, :] < K_OUT)
-        if HAS_Y:
-            y = tl.load(Y + b64 * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c, mask=mask, other=0.0)
-            out += beta * y.to(tl.float32)
-        out = _round(out, OUT_ROUND, SOFT_BF16)
-        # Masked by the bounds only (uniform along the contiguous axis: 128-bit stores).
-        c_base = C + b64 * sc_b
-        if ti != tj:
-            tl.store(c_base + cols[:, None] * sc_r + rows[None, :] * sc_c, tl.trans(out), mask=tl.trans(mask))
-        else:
-            out = tl.where(rows[:, None] <= cols[None, :], out, tl.trans(out))
-        tl.store(c_base + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=mask)
+        _sym_epilogue(acc, b.to(tl.int64), ti, tj, rows, cols, K_OUT, Y, C, SCALE, sy_b, sy_r, sy_c,
+                      sc_b, sc_r, sc_c, alpha, beta, HAS_SCALE, HAS_Y, OUT_ROUND, SOFT_BF16)
 
 
 @triton.jit
@@ -179,14 +163,11 @@ def _apply_tma_kernel(
         o_desc = tl.make_tensor_descriptor(O, shape=[N_BATCH, K_IN, L], strides=[so_b, so_r, 1],
                                            block_shape=[1, BLOCK_M, BLOCK_N])
     per_b = TILES_M * TILES_N
-    width = GROUP_M * TILES_N
     for g in tl.range(tl.program_id(0), N_BATCH * per_b, N_PROG):
         b = g // per_b
-        t = g % per_b
-        first_m = (t // width) * GROUP_M
-        gsize = tl.minimum(TILES_M - first_m, GROUP_M)
-        r0 = (first_m + (t % width) % gsize) * BLOCK_M
-        c0 = ((t % width) // gsize) * BLOCK_N
+        tm, tn = _grouped_tile(g % per_b, TILES_M, TILES_N, GROUP_M)
+        r0 = tm * BLOCK_M
+        c0 = tn * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K_IN, BLOCK_K):
             q = tl.trans(_load_kmajor(q_desc, b, r0, k0, Q_T, BLOCK_M, BLOCK_K))
