@@ -48,6 +48,28 @@ def _exponent(x):
 
 
 @triton.jit
+def _add_scaled_squares(acc, e_run, x):
+    """One tile of the scaled sum of squares: with |x| the tile (fp32) and E = max(e_run, clamped
+    exponent of max|x|), returns (acc·2^-2(E − e_run) + (|x|·2^-E)², E). The old sum is rescaled by
+    an exact power of two (E − e_run capped at 63: older terms below 2^-126 of the new maximum are
+    negligible), so every square is of a number below 4 in magnitude: no overflow or underflow."""
+    e_new = tl.maximum(e_run, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
+    r = _pow2(-tl.minimum(e_new - e_run, 63))
+    y = x * _pow2(-e_new)
+    return acc * r * r + y * y, e_new
+
+
+@triton.jit
+def _rest_scale(nu, p, safety, eps):
+    """t = 1 / max(safety·ν, eps·p), with ν = ν(G·p): the epilogue factor once G is shifted by p.
+    Written so that NaN survives (NaN < eps·p is false); Inf gives t = 0."""
+    d = safety * nu
+    lim = eps * p
+    d = tl.where(d < lim, lim, d)
+    return 1.0 / d
+
+
+@triton.jit
 def _sumsq_partial_kernel(
     X, PART, EXPO,
     R, N, SPLIT, TILES_C, N_TILES,
@@ -80,13 +102,7 @@ def _sumsq_partial_kernel(
         cols = ((t % TILES_C) * BLOCK_C + cc).to(tl.int64)
         m = (rows[:, None] < R) & (cols[None, :] < N)
         x = tl.load(base + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=m, other=0.0)
-        x = tl.abs(x.to(tl.float32))
-        e_new = tl.maximum(e_run, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
-        r = _pow2(-tl.minimum(e_new - e_run, 63))
-        acc = acc * r * r
-        y = x * _pow2(-e_new)
-        acc += y * y
-        e_run = e_new
+        acc, e_run = _add_scaled_squares(acc, e_run, tl.abs(x.to(tl.float32)))
     tl.store(PART + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
     tl.store(EXPO + pid, e_run)
 
@@ -121,10 +137,7 @@ def _scale_kernel(PART, EXPO, PRE, SCALE, POW2, REST, SPLIT, safety, eps,
     else:
         p = tl.load(PRE + b)
         nu = tl.sqrt(tl.sqrt(total) * _pow2(e))
-    d = safety * nu
-    lim = eps * p
-    d = tl.where(d < lim, lim, d)
-    t = 1.0 / d
+    t = _rest_scale(nu, p, safety, eps)
     tl.store(SCALE + b, p * t)
     tl.store(POW2 + b, p)
     tl.store(REST + b, t)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import interpreter_enabled
 from .newton_schulz import _round
-from .newton_schulz_norm import _exponent, _pow2, _sumsq_scale
+from .newton_schulz_norm import _add_scaled_squares, _exponent, _pow2, _rest_scale, _sumsq_scale
 from .newton_schulz_launch import dot_setup, tl_dtype
 
 __all__ = ["_ns_small_kernel", "ns_small", "small_eligible", "tiles", "MAX_K", "MAX_K_FP32", "MAX_L"]
@@ -91,12 +91,7 @@ def _ns_small_kernel(
             cols = (c0 + cc).to(tl.int64)
             m = row_ok[:, None] & (cols[None, :] < L)
             x = tl.abs(tl.load(g_rows + cols[None, :] * sg_c, mask=m, other=0.0).to(tl.float32))
-            e_new = tl.maximum(e, _exponent(tl.max(tl.max(x, axis=1), axis=0)))
-            r = _pow2(-tl.minimum(e_new - e, 63))
-            ssq = ssq * r * r
-            y = x * _pow2(-e_new)
-            ssq += y * y
-            e = e_new
+            ssq, e = _add_scaled_squares(ssq, e, x)
         p = _pow2(-e)
 
     # X' = round(p·G) (``_scale_cast_kernel``) written to OUT; its Gram product accumulated.
@@ -119,10 +114,7 @@ def _ns_small_kernel(
     elif not HAS_SUMSQ:
         nu = tl.sqrt(tl.sum(tl.sum(ssq, axis=1), axis=0))
     if not HAS_SUMSQ:
-        d = safety * nu
-        lim = eps * p
-        d = tl.where(d < lim, lim, d)                       # NaN survives: NaN < lim is false
-        t = 1.0 / d
+        t = _rest_scale(nu, p, safety, eps)
     if GRAM_NORM:
         A = raw * (t * t)
     else:
