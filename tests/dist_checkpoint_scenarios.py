@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import traceback
 import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -476,24 +474,8 @@ def _worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> 
 
 def run_world(world: int, names: list[str], ckpt_dir: str) -> dict[str, list[dict]]:
     """Run ``names`` in one spawn of ``world`` gloo processes, checkpoints under ``ckpt_dir``."""
-    import pickle
-
-    import torch.distributed.checkpoint  # noqa: F401  (imported before forking, as dist_scenarios does)
-    import torch.distributed.fsdp  # noqa: F401
-    import torch.distributed.tensor.parallel  # noqa: F401
-
-    import fastortho  # noqa: F401
-
     os.environ[CKPT_ENV] = ckpt_dir
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(world, S._free_port(), d, names), nprocs=world, join=True,
-                           start_method=method)
-        per_rank = []
-        for r in range(world):
-            with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
-                per_rank.append(pickle.load(f))
-    return {n: [pr[n] for pr in per_rank] for n in names}
+    return S.run_world(world, names, worker=_worker)
 
 
 def one_process(name: str, how: str) -> dict:

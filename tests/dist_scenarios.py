@@ -60,8 +60,10 @@ def _worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> 
         dist.destroy_process_group()
 
 
-def run_world(world: int, names: list[str]) -> dict[str, list[dict]]:
-    """Run ``names`` in one spawn of ``world`` gloo processes; returns name -> per-rank result dicts."""
+def run_world(world: int, names: list[str], worker=None) -> dict[str, list[dict]]:
+    """Run ``names`` in one spawn of ``world`` gloo processes; returns name -> per-rank result dicts.
+    ``worker``: a module-level function with ``_worker``'s signature (default ``_worker``; another
+    harness passes one that registers its own scenarios first)."""
     # fork after importing what every worker needs: a spawned worker re-imports torch, DTensor and FSDP
     # (seconds each on a busy 2-core machine); the workers use one thread, so forking is safe
     import torch.distributed.checkpoint  # noqa: F401
@@ -72,7 +74,7 @@ def run_world(world: int, names: list[str]) -> dict[str, list[dict]]:
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(world, _free_port(), d, names), nprocs=world, join=True,
+        mp.start_processes(worker or _worker, args=(world, _free_port(), d, names), nprocs=world, join=True,
                            start_method=method)
         per_rank = []
         for r in range(world):
