@@ -29,6 +29,15 @@ from torch import Tensor
 __all__ = ["adamw_step_"]
 
 
+def _update_moments(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor],
+                    beta1: float, beta2: float) -> list[Tensor]:
+    """m ← β₁·m + (1 − β₁)·g, v ← β₂·v + (1 − β₂)·g² in place; returns √v (new tensors)."""
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    return torch._foreach_sqrt(exp_avg_sqs)
+
+
 def adamw_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -78,10 +87,7 @@ def adamw_step_(
                 torch.mul(grads[i], grads[i], out=exp_avg_sqs[i])
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    denom = _update_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
     if bias_correction:
         step_size = [-(lr / (1 - beta1**ti)) for ti in t]
         torch._foreach_div_(denom, [(1 - beta2**ti) ** 0.5 for ti in t])
@@ -108,10 +114,7 @@ def _adamw_capturable(
             v.copy_(torch.where(first, g * g, v))
     if isinstance(weight_decay, Tensor) or weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr_t * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    denom = _update_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
     if bias_correction:
         # step size −lr/(1 − β₁ᵗ) and √(1 − β₂ᵗ), per parameter, as device tensors
         bc1 = torch._foreach_sub(torch._foreach_pow(beta1, steps), 1)  # −(1 − β₁ᵗ)
